@@ -1,0 +1,28 @@
+"""mapsim: extract, compare and summarise the activation maps of convolutional networks."""
+
+from mapsim.core.hookspecs import hookimpl
+from mapsim.core.plugin_api import (
+    Aggregator,
+    Architecture,
+    Dataset,
+    Extractor,
+    ImageItem,
+    Metric,
+    MetricInfo,
+    Params,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aggregator",
+    "Architecture",
+    "Dataset",
+    "Extractor",
+    "ImageItem",
+    "Metric",
+    "MetricInfo",
+    "Params",
+    "__version__",
+    "hookimpl",
+]

@@ -1,0 +1,189 @@
+"""The base classes a plugin subclasses: one per registry.
+
+Every plugin is a class with a ``name`` and a pydantic ``Params`` model (``extra="forbid"``);
+mapsim builds the spec schema from those models and constructs the plugin as
+``PluginClass(params)``. A plugin module registers its classes from a hook implementation::
+
+    from mapsim import hookimpl
+
+    @hookimpl
+    def register_metrics(register):
+        register(MyMetric)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from mapsim.core.errors import MapsimError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    import torch
+    from torch import nn
+
+    from mapsim.core.moments import Moments
+    from mapsim.core.similarity import SimilarityMatrix
+
+
+class MetricPathError(MapsimError):
+    """A metric was asked for a computation path it does not implement."""
+
+
+class Params(BaseModel):
+    """Base of every plugin's parameter model: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Plugin(ABC):
+    """Common shape of every registered thing."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, params: Params | None = None) -> None:
+        self.params = params if params is not None else type(self).Params()
+
+
+# --------------------------------------------------------------------------- architectures
+class Architecture(Plugin):
+    """Builds an ``nn.Module`` from its parameters (weights are loaded by the core)."""
+
+    @abstractmethod
+    def build(self) -> nn.Module:
+        """Abstract."""
+
+    def in_channels(self) -> int:
+        """Number of input channels the built model expects."""
+        return 1
+
+
+# --------------------------------------------------------------------------- extractors
+class Extractor(Plugin):
+    """Captures the outputs of named layers of a model for a batch of inputs."""
+
+    @abstractmethod
+    def layer_names(self, model: nn.Module) -> list[str]:
+        """Every layer path this extractor can capture, in model order."""
+
+    @abstractmethod
+    def extract(
+        self, model: nn.Module, layers: Sequence[str], inputs: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Return ``{layer path: detached output}`` for the exact paths in ``layers``."""
+
+
+# --------------------------------------------------------------------------- datasets
+@dataclass
+class ImageItem:
+    """One input image, ready for a model.
+
+    ``image`` is float32 with shape (channels, height, width), already normalised;
+    ``label`` is an optional boolean (height, width) mask (used for ROI restriction).
+    """
+
+    id: str
+    image: np.ndarray
+    label: np.ndarray | None = None
+    source: str = ""
+
+
+class Dataset(Plugin):
+    """A finite, ordered, deterministic collection of images."""
+
+    def __init__(self, params: Params | None = None, base_dir: Path | None = None) -> None:
+        super().__init__(params)
+        self.base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Abstract."""
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[ImageItem]:
+        """Abstract."""
+
+
+# --------------------------------------------------------------------------- metrics
+@dataclass(frozen=True)
+class MetricInfo:
+    """What a metric promises; aggregators and the contract tests rely on it.
+
+    granularity: ``"map"`` returns a (C_a, C_b) matrix per layer pair; ``"layer"`` one value.
+    higher_is_more_similar: False for distances (the best partner is then the minimum).
+    value_range: inclusive bounds of the values (``float("inf")`` where unbounded).
+    invariances: names such as ``"scale"``, ``"shift"``, ``"sign"``, ``"orthogonal"``.
+    """
+
+    granularity: Literal["map", "layer"] = "map"
+    higher_is_more_similar: bool = True
+    symmetric: bool = True
+    value_range: tuple[float, float] = (0.0, 1.0)
+    invariances: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Metric(Plugin):
+    """A similarity (or distance) between maps.
+
+    A moment-based metric implements :meth:`from_moments` and is served by the one matrix
+    product per image; any metric may implement :meth:`from_maps` (the generic path, which
+    receives the maps themselves). Values that are undefined (dead maps) are NaN here; the
+    engine flags them and applies the spec's dead-map policy.
+    """
+
+    info: ClassVar[MetricInfo] = MetricInfo()
+    uses_moments: ClassVar[bool] = True
+    #: values the original library used for (both dead, one dead); None: no such rule.
+    dead_fill: ClassVar[tuple[float, float] | None] = None
+
+    def dead(self, moments: Moments, dead_std: float) -> torch.Tensor:
+        """Boolean flag per map: True where the metric is undefined for that map."""
+        return moments.variance() <= dead_std**2
+
+    def from_moments(self, moments: Moments, rows: slice, cols: slice) -> torch.Tensor:
+        """Values between maps ``rows`` and ``cols`` of the stacked maps, from their moments."""
+        raise MetricPathError(f"metric {self.name!r} has no moments path (uses_moments=False)")
+
+    def from_maps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Values between the rows of ``x`` (C_a, P) and of ``y`` (C_b, P): the generic path."""
+        raise MetricPathError(f"metric {self.name!r} has no generic path (from_maps)")
+
+    def describe(self) -> dict[str, Any]:
+        """Name, parameters and metadata, as recorded in run.json."""
+        info = self.info
+        return {
+            "name": self.name,
+            "params": self.params.model_dump(mode="json"),
+            "granularity": info.granularity,
+            "higher_is_more_similar": info.higher_is_more_similar,
+            "symmetric": info.symmetric,
+            "value_range": list(info.value_range),
+            "invariances": list(info.invariances),
+        }
+
+
+# --------------------------------------------------------------------------- aggregators
+class Aggregator(Plugin):
+    """Turns one similarity matrix into rows of named tables.
+
+    Aggregators run in a fixed order (``order``), so that e.g. ``threshold`` can annotate the
+    ``max`` table before ``pivot`` reads it. ``requires`` names aggregators that must run too
+    (the runner adds them with default parameters). ``summarise`` maps a table name to its key
+    columns; the numeric columns of such tables get a mean and std across images.
+    """
+
+    order: ClassVar[int] = 100
+    requires: ClassVar[tuple[str, ...]] = ()
+    summarise: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @abstractmethod
+    def aggregate(self, sim: SimilarityMatrix, context: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """Abstract."""
