@@ -59,7 +59,7 @@ class Architecture(Plugin):
 
     @abstractmethod
     def build(self) -> nn.Module:
-        """Abstract."""
+        """A new model with freshly initialised weights."""
 
     def in_channels(self) -> int:
         """Number of input channels the built model expects."""
@@ -105,11 +105,11 @@ class Dataset(Plugin):
 
     @abstractmethod
     def __len__(self) -> int:
-        """Abstract."""
+        """Number of images."""
 
     @abstractmethod
     def __iter__(self) -> Iterator[ImageItem]:
-        """Abstract."""
+        """The images in a fixed order, read lazily."""
 
 
 # --------------------------------------------------------------------------- metrics
@@ -185,5 +185,11 @@ class Aggregator(Plugin):
     summarise: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @abstractmethod
-    def aggregate(self, sim: SimilarityMatrix, context: dict[str, Any]) -> dict[str, pd.DataFrame]:
-        """Abstract."""
+    def aggregate(
+        self, sim: SimilarityMatrix, tables: dict[str, pd.DataFrame]
+    ) -> dict[str, pd.DataFrame]:
+        """Return the tables this aggregator adds or updates for one similarity matrix.
+
+        ``tables`` holds what earlier aggregators produced for the same matrix (read-only:
+        copy a table before changing it).
+        """

@@ -1,0 +1,183 @@
+"""The ``mapsim`` command line: parses arguments, calls the API, prints. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mapsim.core.errors import MapsimError, SpecError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mapsim.core.runner import run
+    from mapsim.core.spec import load_spec
+
+    spec = load_spec(args.spec)
+    result = run(
+        spec,
+        base_dir=Path(args.spec).resolve().parent,
+        out_dir=args.out,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(f"{result.n_images} image(s) on {result.info['device']}; results in {result.out_dir}")
+    print("tables: " + ", ".join(f"{t}.csv" for t in result.tables) + ", summary.csv, run.json")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from mapsim.core.spec import load_spec
+
+    spec = load_spec(args.spec)
+    print(
+        f"{args.spec} is valid: {len(spec.models)} model(s), "
+        f"{len(spec.pairs())} comparison(s), metrics: "
+        + ", ".join(m.label or m.name for m in spec.metrics)
+    )
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from mapsim.core.spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.out:
+        from mapsim.core.results import atomic_write_text
+
+        atomic_write_text(Path(args.out), text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from mapsim.core.plugins import load_registry
+
+    rows = [(e.kind, e.name, f"{e.provider.distribution} {e.provider.version}",
+             e.provider.entry_point) for e in load_registry().entries()]
+    header = ("kind", "name", "provided by", "entry point")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _model_spec_from(arg: str, model: str | None) -> tuple[str, Any, Path]:
+    """Read MODEL_SPEC: a run spec file, a model spec file, or inline YAML/JSON."""
+    from mapsim.core.spec import parse_document, read_document, spec_model
+
+    path = Path(arg)
+    if path.suffix.lower() in (".yaml", ".yml", ".json", ".toml") and path.exists():
+        data, base = read_document(path), path.resolve().parent
+    else:
+        data, base = parse_document(arg, "yaml", "MODEL_SPEC"), Path.cwd()
+    if "models" in data:  # a whole run spec
+        models = data["models"]
+        if not isinstance(models, dict) or not models:
+            raise SpecError(f"{arg}: 'models' must be a non-empty mapping")
+        name = model or next(iter(models))
+        if name not in models:
+            from mapsim.core.errors import UnknownNameError
+
+            raise UnknownNameError("model", name, models)
+        data = models[name]
+    else:
+        name = model or "model"
+    ModelSpec = spec_model().model_fields["models"].annotation.__args__[1]
+    from pydantic import ValidationError
+
+    from mapsim.core.spec import format_validation_error
+
+    try:
+        return name, ModelSpec.model_validate(data), base
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, arg)) from None
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from mapsim.core.extraction import describe_layers, format_layers
+    from mapsim.core.models import build_model
+    from mapsim.core.plugins import load_registry
+
+    registry = load_registry()
+    name, mspec, base = _model_spec_from(args.model_spec, args.model)
+    architecture = None
+    if mspec.architecture is not None:
+        architecture = registry.create("architecture", mspec.architecture.name,
+                                       mspec.architecture.model_dump(exclude={"name"}))
+    loaded = build_model(name, architecture=architecture, python=mspec.python,
+                         kwargs=mspec.kwargs, torchscript=mspec.torchscript,
+                         weights=mspec.weights, seed=mspec.seed, base_dir=base)
+    extractor = registry.create("extractor", mspec.extractor.name,
+                                mspec.extractor.model_dump(exclude={"name"}))
+    channels = mspec.in_channels or loaded.in_channels or 1
+    height, width = args.input_size
+    infos = describe_layers(loaded.module, extractor, (channels, height, width))
+    print(f"model {name!r}, input 1 x {channels} x {height} x {width}")
+    print(format_layers(infos))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``mapsim`` command."""
+    import mapsim
+
+    parser = argparse.ArgumentParser(
+        prog="mapsim",
+        description="Extract, compare and summarise the activation maps of CNNs.",
+    )
+    parser.add_argument("--version", action="version", version=f"mapsim {mapsim.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a spec and write its results directory")
+    p.add_argument("spec", help="run spec (.yaml, .yml, .toml or .json)")
+    p.add_argument("--out", help="results directory (default: the spec's output.dir)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the spec's device)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results in a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("validate", help="check a spec without running it")
+    p.add_argument("spec")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("schema", help="print (or write) the JSON Schema of run specs")
+    p.add_argument("--out", help="write the schema to this file")
+    p.set_defaults(func=_cmd_schema)
+
+    p = sub.add_parser("plugins", help="list registered plugins and who provides them")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("layers", help="list a model's layers with output shapes")
+    p.add_argument("model_spec", metavar="MODEL_SPEC",
+                   help="a run spec, a model spec file, or inline YAML such as "
+                   "'{architecture: {name: fcn, depth: 6}}'")
+    p.add_argument("--model", help="which model of a run spec (default: the first)")
+    p.add_argument("--input-size", nargs=2, type=int, default=(64, 64), metavar=("H", "W"),
+                   help="input height and width for the trial forward pass (default 64 64)")
+    p.set_defaults(func=_cmd_layers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mapsim`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MapsimError as exc:
+        print(f"mapsim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mapsim: interrupted; no results were written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

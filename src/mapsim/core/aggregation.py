@@ -1,0 +1,182 @@
+"""The study's tables from a similarity matrix: best/worst partners, threshold, pivot, summary.
+
+Semantics (DESIGN.md section 5):
+
+* best partner of map i of layer a in layer b: the highest value (lowest for distances) over
+  the live maps of b; within one model and the same layer, i is never its own partner;
+* a map is *well correlated* with layer b when its best value passes the threshold
+  (>= for similarities, <= for distances);
+* the pivot per (model a, layer a, model b, layer b) counts, and summarises the best values of
+  the live maps and of those that pass the threshold; percentages are of all n_maps of layer a
+  (the study's count / 64 x 100); std is the sample std (ddof=1, as pandas computes it) and is
+  empty when fewer than two values exist.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from mapsim.core.similarity import SimilarityMatrix
+
+PARTNER_COLUMNS = [
+    "metric", "model_a", "layer_a", "map_a", "model_b", "layer_b", "map_b", "value",
+    "dead_a", "dead_b",
+]
+PIVOT_KEYS = ("metric", "model_a", "layer_a", "model_b", "layer_b")
+
+
+def partners(sim: SimilarityMatrix, best: bool = True) -> pd.DataFrame:
+    """For each map of A and each layer of B: its best (or worst) partner and the value.
+
+    A map with no eligible partner (it is dead, or every map of b is) gets an empty partner
+    and value; its ``dead_a`` flag says why.
+    """
+    prefer_high = sim.higher_is_more_similar == best
+    frames = []
+    for ba in sim.blocks_a:
+        for bb in sim.blocks_b:
+            sub = sim.values[ba.start:ba.stop, bb.start:bb.stop].copy()
+            if sim.same_model and ba.layer == bb.layer:
+                np.fill_diagonal(sub, np.nan)
+            valid = ~np.isnan(sub)
+            filler = -np.inf if prefer_high else np.inf
+            scored = np.where(valid, sub, filler)
+            idx = scored.argmax(axis=1) if prefer_high else scored.argmin(axis=1)
+            has = valid.any(axis=1)
+            value = np.where(has, sub[np.arange(sub.shape[0]), idx], np.nan)
+            partner = pd.array(np.where(has, idx, 0), dtype="Int64")
+            partner[~has] = pd.NA
+            dead_b = sim.dead_b[bb.start:bb.stop]
+            frames.append(pd.DataFrame({
+                "metric": sim.metric,
+                "model_a": sim.model_a,
+                "layer_a": ba.layer,
+                "map_a": np.arange(ba.n_maps),
+                "model_b": sim.model_b,
+                "layer_b": bb.layer,
+                "map_b": partner,
+                "value": value,
+                "dead_a": sim.dead_a[ba.start:ba.stop],
+                "dead_b": pd.array(np.where(has, dead_b[idx], False), dtype="boolean"),
+            }))
+    table = pd.concat(frames, ignore_index=True)
+    table.loc[table["map_b"].isna(), "dead_b"] = pd.NA
+    return table
+
+
+def passes(values: pd.Series, threshold: float, higher_is_more_similar: bool) -> pd.Series:
+    """Whether each best value passes ``threshold`` (NaN never passes)."""
+    ok = values >= threshold if higher_is_more_similar else values <= threshold
+    return ok.fillna(False).astype(bool)
+
+
+def _stats(values: np.ndarray) -> tuple[float, float, float]:
+    if values.size == 0:
+        return math.nan, math.nan, math.nan
+    std = float(np.std(values, ddof=1)) if values.size > 1 else math.nan
+    return float(np.mean(values)), float(np.median(values)), std
+
+
+def pivot(best: pd.DataFrame, threshold: float, higher_is_more_similar: bool) -> pd.DataFrame:
+    """The study's Table 3 from a best-partner table (one row per layer pair)."""
+    rows = []
+    for key, group in best.groupby(list(PIVOT_KEYS), sort=False):
+        values = group["value"].to_numpy(dtype=float)
+        live = values[~np.isnan(values)]
+        well = live[passes(pd.Series(live), threshold, higher_is_more_similar).to_numpy()]
+        n_maps = len(group)
+        b_mean, b_median, b_std = _stats(live)
+        w_mean, w_median, w_std = _stats(well)
+        rows.append({
+            **dict(zip(PIVOT_KEYS, key)),
+            "threshold": threshold,
+            "n_maps": n_maps,
+            "n_dead": int(group["dead_a"].sum()),
+            "n_live": int(live.size),
+            "best_mean": b_mean,
+            "best_median": b_median,
+            "best_std": b_std,
+            "n_well": int(well.size),
+            "pct_well": 100.0 * well.size / n_maps,
+            "well_mean": w_mean,
+            "well_median": w_median,
+            "well_std": w_std,
+        })
+    return pd.DataFrame(rows)
+
+
+class SummaryAccumulator:
+    """Mean and sample std of numeric columns across images, streamed (Welford, float64).
+
+    Memory is O(rows of one image's table), whatever the number of images. A value that is
+    undefined for an image (NaN) is skipped; ``n_images`` counts the images that had one.
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = list(keys)
+        self._state: dict[tuple, list[float]] = {}  # (key..., stat) -> [n, mean, m2]
+        self._order: list[tuple] = []
+
+    def add(self, table: pd.DataFrame, skip: Iterable[str] = ()) -> None:
+        """Add one image's table (one row per key)."""
+        skip = set(skip) | set(self.keys)
+        stats = [c for c in table.columns
+                 if c not in skip and pd.api.types.is_numeric_dtype(table[c])
+                 and not pd.api.types.is_bool_dtype(table[c])]
+        for record in table.to_dict("records"):
+            key = tuple(record[k] for k in self.keys)
+            for stat in stats:
+                value = record[stat]
+                slot = key + (stat,)
+                state = self._state.get(slot)
+                if state is None:
+                    state = self._state[slot] = [0, 0.0, 0.0]
+                    self._order.append(slot)
+                if value is None or pd.isna(value):
+                    continue
+                n, mean, m2 = state
+                n += 1
+                delta = float(value) - mean
+                mean += delta / n
+                m2 += delta * (float(value) - mean)
+                state[:] = [n, mean, m2]
+
+    def table(self) -> pd.DataFrame:
+        """Long form: keys, statistic, mean, std (ddof=1; empty below two images), n_images."""
+        rows = []
+        for slot in self._order:
+            n, mean, m2 = self._state[slot]
+            rows.append({
+                **dict(zip(self.keys, slot[:-1])),
+                "statistic": slot[-1],
+                "mean": mean if n else math.nan,
+                "std": math.sqrt(m2 / (n - 1)) if n > 1 else math.nan,
+                "n_images": n,
+            })
+        return pd.DataFrame(rows, columns=[*self.keys, "statistic", "mean", "std", "n_images"])
+
+
+def pairs_table(sim: SimilarityMatrix) -> pd.DataFrame:
+    """The study's Table 1: every map pair, long form."""
+    frames = []
+    for ba in sim.blocks_a:
+        for bb in sim.blocks_b:
+            sub = sim.values[ba.start:ba.stop, bb.start:bb.stop]
+            ia, ib = np.meshgrid(np.arange(ba.n_maps), np.arange(bb.n_maps), indexing="ij")
+            frames.append(pd.DataFrame({
+                "metric": sim.metric,
+                "model_a": sim.model_a,
+                "layer_a": ba.layer,
+                "map_a": ia.ravel(),
+                "model_b": sim.model_b,
+                "layer_b": bb.layer,
+                "map_b": ib.ravel(),
+                "value": sub.ravel(),
+                "dead_a": np.repeat(sim.dead_a[ba.start:ba.stop], bb.n_maps),
+                "dead_b": np.tile(sim.dead_b[bb.start:bb.stop], ba.n_maps),
+            }))
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,151 @@
+"""Layer names: resolving a spec's layer patterns and listing a model's layers.
+
+A layer is named by its module path, as ``model.named_modules()`` gives it (``blocks.0``,
+``blocks.0.conv``, ``head``). A spec names layers with exact paths or shell-style wildcards,
+matched with :func:`fnmatch.fnmatchcase` against the whole path:
+
+- ``*`` matches any characters *including dots*, so ``blocks.*`` matches ``blocks.0`` and also
+  ``blocks.0.conv``, ``blocks.0.bn``, ...;
+- ``?`` matches exactly one character, so ``blocks.?`` matches ``blocks.0`` to ``blocks.9`` only;
+- ``[...]`` matches one character of a set, e.g. ``blocks.[0246]``.
+
+To select only the outputs of conv modules, write ``blocks.?`` (and ``blocks.??`` for ten or
+more modules) or list the paths explicitly.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mapsim.core.errors import ExtractionError, LayerNotFoundError
+from mapsim.core.plugin_api import Extractor
+
+
+class LayerOutputError(ExtractionError):
+    """A layer whose output cannot be captured as one tensor (e.g. it returns a tuple).
+
+    ``layer`` is the offending path; extractors raise this (rather than a bare
+    :class:`ExtractionError`) so that :func:`describe_layers` can list such layers anyway.
+    """
+
+    def __init__(self, layer: str, message: str) -> None:
+        self.layer = layer
+        super().__init__(message)
+
+
+def resolve_layers(available: list[str], patterns: str | list[str], model_name: str) -> list[str]:
+    """The layer paths of ``available`` that match ``patterns``, in model order.
+
+    :param available: every layer path of the model, in model order.
+    :param patterns: one pattern or a list; each is an exact path or an fnmatch wildcard
+        (``*`` also matches dots: ``blocks.*`` includes ``blocks.0.conv``; use ``blocks.?``
+        for the direct children only).
+    :param model_name: the model's name in the spec, used in error messages.
+    :raises LayerNotFoundError: a pattern matches no layer (the message lists the closest paths).
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    selected: set[str] = set()
+    for pattern in patterns:
+        if pattern in available:
+            selected.add(pattern)
+            continue
+        matches = [path for path in available if fnmatch.fnmatchcase(path, pattern)]
+        if not matches:
+            raise LayerNotFoundError(
+                "layer",
+                pattern,
+                available,
+                hint=(
+                    f"No layer of model {model_name!r} matches {pattern!r}. Use exact module "
+                    "paths or wildcards (* ? [..]); `mapsim layers` lists a model's layers."
+                ),
+            )
+        selected.update(matches)
+    return [path for path in available if path in selected]
+
+
+@dataclass
+class LayerInfo:
+    """One layer of a model: its path, module type and output for a given input shape.
+
+    ``output_shape`` is None when the output is not a single tensor; ``n_maps`` is the number
+    of maps (``output_shape[1]``) for 4-D outputs, else None.
+    """
+
+    path: str
+    type: str
+    output_shape: tuple[int, ...] | None
+    n_maps: int | None
+
+
+def describe_layers(
+    model: nn.Module, extractor: Extractor, input_shape: tuple[int, int, int]
+) -> list[LayerInfo]:
+    """Every layer of ``model`` with its output shape for one input of ``input_shape``.
+
+    Runs a forward pass of zeros of shape ``(1, C, H, W)`` through ``extractor``. A layer
+    whose output is not one tensor is listed with ``output_shape=None``.
+
+    :param input_shape: ``(channels, height, width)`` of one image.
+    """
+    channels, height, width = input_shape
+    names = extractor.layer_names(model)
+    modules = dict(model.named_modules())
+    inputs = torch.zeros(1, channels, height, width)
+    pending = list(names)
+    outputs: dict[str, torch.Tensor] = {}
+    # A layer that cannot be captured as one tensor is dropped and the pass repeated; CNNs
+    # rarely have any, so this is normally a single forward pass.
+    while pending:
+        try:
+            outputs = extractor.extract(model, pending, inputs)
+            break
+        except LayerOutputError as exc:
+            if exc.layer not in pending:
+                raise
+            pending.remove(exc.layer)
+    infos = []
+    for name in names:
+        output = outputs.get(name)
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+        n_maps = shape[1] if shape is not None and len(shape) == 4 else None
+        module = modules.get(name)
+        type_name = _type_name(module) if module is not None else "?"
+        infos.append(LayerInfo(name, type_name, shape, n_maps))
+    return infos
+
+
+def _type_name(module: nn.Module) -> str:
+    """The module's class name; for TorchScript modules the original class name."""
+    if isinstance(module, torch.jit.ScriptModule):
+        qualified = getattr(module, "original_name", None)
+        if isinstance(qualified, str) and qualified:
+            return qualified
+    return type(module).__name__
+
+
+def format_layers(infos: list[LayerInfo]) -> str:
+    """An aligned text table of layers (path, type, output shape, maps) for the terminal."""
+    header = ("layer", "type", "output shape", "maps")
+    rows = [
+        (
+            info.path,
+            info.type,
+            "x".join(str(d) for d in info.output_shape) if info.output_shape else "-",
+            str(info.n_maps) if info.n_maps is not None else "-",
+        )
+        for info in infos
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        left = [cell.ljust(w) for cell, w in zip(row[:3], widths[:3])]
+        return "  ".join([*left, row[3].rjust(widths[3])]).rstrip()
+
+    separator = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), separator, *(line(row) for row in rows)])

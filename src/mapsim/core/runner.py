@@ -1,0 +1,432 @@
+"""Run a validated spec: models -> images -> maps -> moments -> metrics -> tables -> files."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+import mapsim
+from mapsim.core import aggregation
+from mapsim.core.errors import ExtractionError, ImageError, MapsimError, SpecError
+from mapsim.core.extraction import resolve_layers
+from mapsim.core.images import roi_mask
+from mapsim.core.models import LoadedModel, build_model
+from mapsim.core.moments import Moments, compute_moments
+from mapsim.core.plugin_api import Aggregator, Extractor, ImageItem, Metric
+from mapsim.core.plugins import Registry, load_registry
+from mapsim.core.similarity import (
+    LayerValue,
+    MapStack,
+    comparison_groups,
+    layer_similarity,
+    map_similarity,
+    stack_maps,
+)
+
+POOLED_IMAGE = "pooled"
+
+
+@dataclass
+class PreparedModel:
+    """A loaded model with its extractor and the layers to capture (label -> path)."""
+
+    loaded: LoadedModel
+    extractor: Extractor
+    layers: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+
+@dataclass
+class RunResult:
+    """What a run produced."""
+
+    out_dir: Path
+    n_images: int
+    tables: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; an unavailable device is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise MapsimError(
+            f"device {requested!r} was requested but CUDA is not available here; "
+            "use --device cpu or device: auto"
+        )
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise MapsimError("device 'mps' was requested but is not available; use device: auto")
+    return torch.device(requested)
+
+
+def layer_labels(spec_layers: Any, available: list[str], model: str) -> dict[str, str]:
+    """``{label: module path}`` from a spec's layers entry (list, pattern or mapping)."""
+    if isinstance(spec_layers, dict):
+        paths = resolve_layers(available, list(spec_layers.values()), model)
+        if len(paths) != len(spec_layers):
+            raise SpecError(
+                f"layers.{model}: a {{label: path}} mapping needs exact paths, one per label"
+            )
+        ordered = {p: label for label, p in spec_layers.items()}
+        return {ordered[p]: p for p in paths}
+    paths = resolve_layers(available, spec_layers, model)
+    return {p: p for p in paths}
+
+
+class Runner:
+    """Executes one validated run spec. Use :func:`run` unless you need the pieces."""
+
+    def __init__(self, spec: Any, base_dir: Path, device: str | None = None,
+                 registry: Registry | None = None) -> None:
+        self.spec = spec
+        self.base_dir = Path(base_dir)
+        self.registry = registry or load_registry()
+        self.device = resolve_device(device or spec.device)
+        self.comparisons = spec.pairs()
+        self.groups = comparison_groups(self.comparisons)
+        self.metrics: list[Metric] = [self._metric(m) for m in spec.metrics]
+        self.aggregators: list[Aggregator] = self._aggregators(spec.aggregators)
+        self.timings: dict[str, float] = defaultdict(float)
+        self.dead_counts: dict[tuple[str, str, str], list[int]] = {}
+        self.pooled: dict[int, Moments] = {}
+        self.pooled_stacks: dict[int, MapStack] = {}
+        self.models: dict[str, PreparedModel] = {}
+
+    # ------------------------------------------------------------------ setup
+    def _metric(self, choice: Any) -> Metric:
+        params = choice.model_dump(exclude={"name", "label"})
+        metric = self.registry.create("metric", choice.name, params)
+        metric.label = choice.label or choice.name
+        if self.spec.engine.dead_maps == "original" and metric.dead_fill is None:
+            raise SpecError(
+                f"engine.dead_maps: 'original' is not defined for metric {choice.name!r}; "
+                "use 'exclude'"
+            )
+        return metric
+
+    def _aggregators(self, choices: list[Any]) -> list[Aggregator]:
+        chosen = {c.name: c.model_dump(exclude={"name"}) for c in choices}
+        pending = list(chosen)
+        while pending:  # add what the chosen aggregators require, with default parameters
+            name = pending.pop()
+            for needed in self.registry.get("aggregator", name).cls.requires:
+                if needed not in chosen:
+                    chosen[needed] = {}
+                    pending.append(needed)
+        self.added_aggregators = sorted(set(chosen) - {c.name for c in choices})
+        aggs = [self.registry.create("aggregator", n, p) for n, p in chosen.items()]
+        return sorted(aggs, key=lambda a: (a.order, a.name))
+
+    def prepare_models(self) -> None:
+        """Build every compared model, move it to the device and resolve its layers."""
+        used = dict.fromkeys(m for pair in self.comparisons for m in pair)
+        for name in used:
+            mspec = self.spec.models[name]
+            architecture = None
+            if mspec.architecture is not None:
+                architecture = self.registry.create(
+                    "architecture", mspec.architecture.name,
+                    mspec.architecture.model_dump(exclude={"name"}),
+                )
+            loaded = build_model(
+                name,
+                architecture=architecture,
+                python=mspec.python,
+                kwargs=mspec.kwargs,
+                torchscript=mspec.torchscript,
+                weights=mspec.weights,
+                seed=mspec.seed,
+                base_dir=self.base_dir,
+            )
+            if mspec.in_channels is not None:
+                loaded.in_channels = mspec.in_channels
+            loaded.module.to(self.device).eval()
+            extractor = self.registry.create(
+                "extractor", mspec.extractor.name, mspec.extractor.model_dump(exclude={"name"})
+            )
+            available = extractor.layer_names(loaded.module)
+            layers = layer_labels(self.spec.layers[name], available, name)
+            self.models[name] = PreparedModel(loaded, extractor, layers)
+
+    # ------------------------------------------------------------------ per image
+    def extract(self, item: ImageItem) -> dict[str, dict[str, torch.Tensor]]:
+        """Capture the chosen layers of every model for one image: {model: {label: (C,H,W)}}."""
+        image = torch.from_numpy(np.ascontiguousarray(item.image)).to(self.device)[None]
+        out = {}
+        for name, model in self.models.items():
+            expected = model.loaded.in_channels
+            if expected is not None and image.shape[1] != expected:
+                raise ImageError(
+                    f"image {item.id} has {image.shape[1]} channel(s) but model {name!r} expects "
+                    f"{expected}; set the dataset's 'color' (e.g. rgb or luminance)."
+                )
+            captured = model.extractor.extract(model.loaded.module, list(model.layers.values()),
+                                               image)
+            maps = {}
+            for label, path in model.layers.items():
+                tensor = captured[path]
+                if tensor.dim() != 4 or tensor.shape[0] != 1:
+                    raise ExtractionError(
+                        f"layer {path!r} of model {name!r} gives an output of shape "
+                        f"{tuple(tensor.shape)}; mapsim compares maps of shape "
+                        "(1, channels, height, width). Choose convolutional layers "
+                        "(see `mapsim layers`)."
+                    )
+                maps[label] = tensor[0]
+            out[name] = maps
+        return out
+
+    def mask_for(self, item: ImageItem) -> torch.Tensor | None:
+        """The ROI mask of an image, if the spec asks for one."""
+        roi = self.spec.engine.roi
+        if roi is None:
+            return None
+        if item.label is None:
+            raise ImageError(
+                f"engine.roi needs a label for image {item.id}, but the dataset gave none; "
+                "add 'labels' to the images entry or remove engine.roi"
+            )
+        return torch.from_numpy(roi_mask(item.label, roi.dilate, source=item.source))
+
+    def similarities(self, image_id: str, stack: MapStack, moments: Moments,
+                     group_models: list[str], sink: Callable[[str, pd.DataFrame], None]) -> None:
+        """Every metric and aggregator for the comparisons of one stacked group."""
+        engine = self.spec.engine
+        for metric in self.metrics:
+            for a, b in self.comparisons:
+                if a not in group_models:
+                    continue
+                if metric.info.granularity == "layer":
+                    values = layer_similarity(metric, stack, moments, a, b)
+                    sink("layer_similarity", _layer_frame(image_id, values))
+                    continue
+                sim = map_similarity(metric, stack, moments, a, b,
+                                     dead_policy=engine.dead_maps, dead_std=engine.dead_std)
+                directions = [sim]
+                if a != b:  # inter-network: keep both directions
+                    directions.append(
+                        sim.transposed() if metric.info.symmetric
+                        else map_similarity(metric, stack, moments, b, a,
+                                            dead_policy=engine.dead_maps,
+                                            dead_std=engine.dead_std)
+                    )
+                for direction in directions:
+                    self._aggregate(image_id, direction, sink)
+
+    def _aggregate(self, image_id: str, sim: Any, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        start = time.perf_counter()
+        tables: dict[str, pd.DataFrame] = {}
+        for aggregator in self.aggregators:
+            tables.update(aggregator.aggregate(sim, tables))
+        if self.spec.output.pairs:
+            tables["pairs"] = aggregation.pairs_table(sim)
+        for name, frame in tables.items():
+            sink(name, _with_image(frame, image_id))
+        self.timings["aggregate"] += time.perf_counter() - start
+
+    def _count_dead(self, image_id: str, stack: MapStack, moments: Moments) -> pd.DataFrame:
+        rows = []
+        for metric in self.metrics:
+            dead = metric.dead(moments, self.spec.engine.dead_std).cpu().numpy()
+            for block in stack.blocks:
+                n_dead = int(dead[block.start:block.stop].sum())
+                key = (metric.label, block.model, block.layer)
+                total = self.dead_counts.setdefault(key, [0, 0])
+                total[0] += n_dead
+                total[1] += 1
+                rows.append({"image": image_id, "metric": metric.label, "model": block.model,
+                             "layer": block.layer, "n_maps": block.n_maps, "n_dead": n_dead})
+        return pd.DataFrame(rows)
+
+    def process(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        """Everything for one image."""
+        start = time.perf_counter()
+        acts = self.extract(item)
+        mask = self.mask_for(item)
+        self._sync()
+        self.timings["forward"] += time.perf_counter() - start
+        for index, models in enumerate(self.groups):
+            start = time.perf_counter()
+            stack = stack_maps(acts, models, None if mask is None else mask.to(self.device))
+            moments = compute_moments(stack.z, chunk_pixels=self.spec.engine.chunk_pixels)
+            self._sync()
+            self.timings["moments"] += time.perf_counter() - start
+            start = time.perf_counter()
+            sink("dead_maps", self._count_dead(item.id, stack, moments))
+            self.similarities(item.id, stack, moments, models, sink)
+            self.timings["similarity"] += time.perf_counter() - start
+            if self.spec.engine.pooled:
+                previous = self.pooled.get(index)
+                self.pooled[index] = moments if previous is None else previous.merge(moments)
+                if index not in self.pooled_stacks:  # blocks only; no pixel data kept
+                    self.pooled_stacks[index] = MapStack(stack.z[:, :0], stack.blocks, models)
+        del acts
+
+    def pooled_tables(self, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        """Tables from the moments merged over all images (moment-based metrics only)."""
+        for index, models in enumerate(self.groups):
+            moments = self.pooled.get(index)
+            if moments is None:
+                continue
+            stack = self.pooled_stacks[index]
+            saved = self.metrics
+            self.metrics = [m for m in saved if m.uses_moments]
+            try:
+                self.similarities(POOLED_IMAGE, stack, moments, models,
+                                  lambda name, frame: sink(f"pooled/{name}", frame))
+            finally:
+                self.metrics = saved
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _with_image(frame: pd.DataFrame, image_id: str) -> pd.DataFrame:
+    frame = frame.copy()
+    frame.insert(0, "image", image_id)
+    return frame
+
+
+def _layer_frame(image_id: str, values: list[LayerValue]) -> pd.DataFrame:
+    frame = pd.DataFrame([v.__dict__ for v in values])
+    frame.insert(0, "image", image_id)
+    return frame
+
+
+def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = None,
+        device: str | None = None, overwrite: bool = False, progress: bool = True,
+        registry: Registry | None = None) -> RunResult:
+    """Run a validated spec and write its results directory.
+
+    Relative paths inside the spec resolve against ``base_dir`` (the spec file's folder);
+    ``out_dir`` defaults to the spec's ``output.dir``, else ``results/<name>``.
+    """
+    from mapsim.core.results import ResultsWriter
+
+    started = time.perf_counter()
+    base_dir = Path(base_dir)
+    target = Path(out_dir) if out_dir is not None else (
+        base_dir / spec.output.dir if spec.output.dir else Path("results") / spec.name
+    )
+    runner = Runner(spec, base_dir, device=device, registry=registry)
+    writer = ResultsWriter(target, overwrite=overwrite)
+    try:
+        start = time.perf_counter()
+        runner.prepare_models()
+        dataset = runner.registry.create(
+            "dataset", spec.images.name, spec.images.model_dump(exclude={"name"}),
+            base_dir=base_dir,
+        )
+        runner.timings["setup"] = time.perf_counter() - start
+        summaries: dict[str, aggregation.SummaryAccumulator] = {}
+        for aggregator in runner.aggregators:
+            for table, keys in aggregator.summarise.items():
+                summaries[table] = aggregation.SummaryAccumulator(keys)
+
+        def sink(name: str, frame: pd.DataFrame) -> None:
+            t = time.perf_counter()
+            writer.append(name, frame)
+            if name in summaries:
+                summaries[name].add(frame, skip=("image",))
+            runner.timings["write"] += time.perf_counter() - t
+
+        n_images = 0
+        ids: set[str] = set()
+        for item in tqdm(dataset, total=len(dataset), desc=spec.name, unit="image",
+                         disable=not progress):
+            if item.id in ids:
+                raise ImageError(f"two images have the id {item.id!r}; image ids must be unique")
+            ids.add(item.id)
+            runner.process(item, sink)
+            n_images += 1
+        if n_images == 0:
+            raise ImageError("the images entry gave no images")
+        if spec.engine.pooled:
+            runner.pooled_tables(writer.append)
+        for table, accumulator in summaries.items():
+            name = "summary" if table == "pivot" else f"{table}_summary"
+            writer.write_table(name, accumulator.table())
+        info = run_info(spec, runner, n_images, time.perf_counter() - started)
+        writer.write_json("run.json", info)
+        tables = writer.tables()
+        out = writer.publish()
+    except BaseException:
+        writer.discard()
+        raise
+    return RunResult(out, n_images, tables, info)
+
+
+def run_info(spec: Any, runner: Runner, n_images: int, seconds: float) -> dict[str, Any]:
+    """The contents of run.json."""
+    providers = runner.registry.providers()
+    used = {
+        "metrics": {m.name: providers["metric"][m.name] for m in runner.metrics},
+        "aggregators": {a.name: providers["aggregator"][a.name] for a in runner.aggregators},
+        "datasets": {spec.images.name: providers["dataset"][spec.images.name]},
+        "extractors": {
+            m.extractor.name: providers["extractor"][m.extractor.name]
+            for m in runner.models.values()
+        },
+        "architectures": {
+            s.architecture.name: providers["architecture"][s.architecture.name]
+            for n, s in spec.models.items() if s.architecture is not None and n in runner.models
+        },
+    }
+    return {
+        "mapsim_version": mapsim.__version__,
+        "spec": spec.model_dump(mode="json"),
+        "spec_sha256": spec.digest(),
+        "n_images": n_images,
+        "comparisons": [list(p) for p in runner.comparisons],
+        "models": {
+            name: {"source": m.loaded.source, "layers": m.layers,
+                   "parameters": sum(p.numel() for p in m.loaded.module.parameters())}
+            for name, m in runner.models.items()
+        },
+        "metrics": [m.describe() | {"label": m.label} for m in runner.metrics],
+        "aggregators": [
+            {"name": a.name, "params": a.params.model_dump(mode="json"),
+             "added_as_requirement": a.name in runner.added_aggregators}
+            for a in runner.aggregators
+        ],
+        "plugins_used": used,
+        "plugins_registered": providers,
+        "device": str(runner.device),
+        "precision": {
+            "activations": "float32",
+            "products": "float32 chunks over pixels, TF32 disabled",
+            "accumulation": "float64",
+            "merge_across_images": "float64, Chan et al. update",
+        },
+        "dead_maps": {
+            "policy": spec.engine.dead_maps,
+            "dead_std": spec.engine.dead_std,
+            "counts": [
+                {"metric": k[0], "model": k[1], "layer": k[2], "dead_total": v[0], "images": v[1]}
+                for k, v in runner.dead_counts.items()
+            ],
+        },
+        "timings_s": {**{k: round(v, 4) for k, v in runner.timings.items()},
+                      "total": round(seconds, 4)},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "pandas": pd.__version__,
+        },
+    }

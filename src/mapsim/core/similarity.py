@@ -1,0 +1,261 @@
+"""The engine: from the captured maps of one image to similarity matrices.
+
+Per image the selected maps of every model in a comparison group are stacked into one matrix Z
+(C_total maps x P pixels); one call to :func:`mapsim.core.moments.compute_moments` gives the
+moments every moment-based metric reads, and each comparison's blocks are read off them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mapsim.core.errors import MapsimError, ShapeMismatchError
+from mapsim.core.moments import Moments, compute_moments
+from mapsim.core.plugin_api import Metric
+
+DEAD_POLICIES = ("exclude", "original")
+
+
+@dataclass(frozen=True)
+class Block:
+    """The maps of one layer of one model: rows ``start:stop`` of a stacked matrix."""
+
+    model: str
+    layer: str
+    start: int
+    stop: int
+    shape: tuple[int, int]
+
+    @property
+    def n_maps(self) -> int:
+        return self.stop - self.start
+
+    def shifted(self, offset: int) -> Block:
+        """The same block with rows counted from ``offset``."""
+        return Block(self.model, self.layer, self.start - offset, self.stop - offset, self.shape)
+
+
+@dataclass
+class SimilarityMatrix:
+    """Values of one metric between every map of model A and every map of model B.
+
+    ``values[i, j]`` compares map i of A (rows, grouped by ``blocks_a``) with map j of B.
+    NaN marks a pair excluded because a map is dead (``dead_a``/``dead_b``).
+    """
+
+    metric: str
+    model_a: str
+    model_b: str
+    values: np.ndarray
+    blocks_a: list[Block]
+    blocks_b: list[Block]
+    dead_a: np.ndarray
+    dead_b: np.ndarray
+    higher_is_more_similar: bool = True
+
+    @property
+    def same_model(self) -> bool:
+        """True within one network: a map is then never its own partner."""
+        return self.model_a == self.model_b
+
+    def transposed(self) -> SimilarityMatrix:
+        """The B -> A view (valid for symmetric metrics)."""
+        return SimilarityMatrix(
+            self.metric, self.model_b, self.model_a, self.values.T, self.blocks_b,
+            self.blocks_a, self.dead_b, self.dead_a, self.higher_is_more_similar,
+        )
+
+
+@dataclass
+class LayerValue:
+    """One value of a layer-granularity metric for a layer pair."""
+
+    metric: str
+    model_a: str
+    layer_a: str
+    model_b: str
+    layer_b: str
+    value: float
+
+
+@dataclass
+class MapStack:
+    """The stacked maps of one image for a group of models that are compared together."""
+
+    z: torch.Tensor
+    blocks: list[Block]
+    models: list[str] = field(default_factory=list)
+
+    def rows(self, model: str) -> slice:
+        """Rows of ``model`` in ``z``."""
+        own = [b for b in self.blocks if b.model == model]
+        return slice(own[0].start, own[-1].stop)
+
+    def blocks_of(self, model: str) -> list[Block]:
+        """Blocks of ``model`` with rows counted from the model's first row."""
+        offset = self.rows(model).start
+        return [b.shifted(offset) for b in self.blocks if b.model == model]
+
+
+def comparison_groups(comparisons: Sequence[tuple[str, str]]) -> list[list[str]]:
+    """Models linked by comparisons, as groups (each group shares one stacked matrix)."""
+    parent: dict[str, str] = {}
+
+    def find(m: str) -> str:
+        parent.setdefault(m, m)
+        while parent[m] != m:
+            m = parent[m]
+        return m
+
+    for a, b in comparisons:
+        parent[find(a)] = find(b)
+    groups: dict[str, list[str]] = {}
+    for model in dict.fromkeys(m for pair in comparisons for m in pair):
+        groups.setdefault(find(model), []).append(model)
+    return list(groups.values())
+
+
+def stack_maps(
+    activations: Mapping[str, Mapping[str, torch.Tensor]],
+    models: Sequence[str],
+    mask: torch.Tensor | None = None,
+) -> MapStack:
+    """Stack the maps of ``models`` into one (C_total, P) matrix.
+
+    ``activations[model][layer]`` is a (C, H, W) tensor. All layers must share H x W;
+    ``mask`` (H, W bool) keeps only the pixels inside it.
+    """
+    blocks: list[Block] = []
+    parts: list[torch.Tensor] = []
+    first: Block | None = None
+    row = 0
+    for model in models:
+        for layer, maps in activations[model].items():
+            if maps.dim() != 3:
+                raise ShapeMismatchError(
+                    f"layer {layer!r} of model {model!r} gives an output of shape "
+                    f"{tuple(maps.shape)}; mapsim compares maps of shape (channels, height, width)."
+                    " Choose convolutional layers (see `mapsim layers`)."
+                )
+            shape = (int(maps.shape[1]), int(maps.shape[2]))
+            block = Block(model, layer, row, row + int(maps.shape[0]), shape)
+            if first is not None and shape != first.shape:
+                raise ShapeMismatchError(
+                    f"maps compared with each other must share a spatial size: layer "
+                    f"{first.layer!r} of model {first.model!r} is {_hw(first.shape)} but layer "
+                    f"{layer!r} of model {model!r} is {_hw(shape)}. Compare layers of equal "
+                    "resolution, or feed inputs that give equal sizes."
+                )
+            first = first or block
+            blocks.append(block)
+            parts.append(maps.reshape(maps.shape[0], -1))
+            row = block.stop
+    z = torch.cat(parts, dim=0)
+    if mask is not None:
+        if tuple(mask.shape) != first.shape:
+            raise ShapeMismatchError(
+                f"the ROI mask is {_hw(tuple(mask.shape))} but the maps are {_hw(first.shape)}."
+            )
+        z = z[:, mask.reshape(-1).to(z.device)]
+    return MapStack(z, blocks, list(models))
+
+
+def _hw(shape: tuple[int, ...]) -> str:
+    return " x ".join(str(s) for s in shape)
+
+
+def apply_dead_policy(
+    values: torch.Tensor,
+    dead_a: torch.Tensor,
+    dead_b: torch.Tensor,
+    policy: str,
+    fill: tuple[float, float] | None,
+) -> torch.Tensor:
+    """Mark (``exclude``) or fill (``original``: both dead, one dead) the pairs of dead maps."""
+    values = values.clone()
+    one_dead = dead_a[:, None] | dead_b[None, :]
+    if policy == "exclude":
+        values[one_dead] = torch.nan
+    elif policy == "original":
+        if fill is None:
+            raise MapsimError("this metric has no original dead-map rule; use dead_maps: exclude")
+        both_dead = dead_a[:, None] & dead_b[None, :]
+        values[one_dead] = fill[1]
+        values[both_dead] = fill[0]
+    else:
+        raise MapsimError(f"unknown dead-map policy {policy!r}; use one of {DEAD_POLICIES}")
+    return values
+
+
+def map_similarity(
+    metric: Metric,
+    stack: MapStack,
+    moments: Moments,
+    model_a: str,
+    model_b: str,
+    *,
+    dead_policy: str = "exclude",
+    dead_std: float = 1e-10,
+) -> SimilarityMatrix:
+    """The (C_A x C_B) matrix of a map-granularity metric between two models of a stack."""
+    rows, cols = stack.rows(model_a), stack.rows(model_b)
+    if metric.uses_moments:
+        values = metric.from_moments(moments, rows, cols)
+    else:
+        values = metric.from_maps(stack.z[rows], stack.z[cols])
+    values = values.to(torch.float64)
+    dead = metric.dead(moments, dead_std)
+    dead_a, dead_b = dead[rows], dead[cols]
+    undefined = torch.isnan(values) & ~(dead_a[:, None] | dead_b[None, :])
+    if bool(undefined.any()):
+        i, j = (int(k) for k in torch.nonzero(undefined)[0])
+        raise MapsimError(
+            f"metric {metric.name!r} returned an undefined value (NaN) for live maps "
+            f"{model_a} map {i} and {model_b} map {j}; this is a bug in the metric plugin."
+        )
+    values = apply_dead_policy(values, dead_a, dead_b, dead_policy, metric.dead_fill)
+    return SimilarityMatrix(
+        metric=_label(metric),
+        model_a=model_a,
+        model_b=model_b,
+        values=values.cpu().numpy(),
+        blocks_a=stack.blocks_of(model_a),
+        blocks_b=stack.blocks_of(model_b),
+        dead_a=dead_a.cpu().numpy(),
+        dead_b=dead_b.cpu().numpy(),
+        higher_is_more_similar=metric.info.higher_is_more_similar,
+    )
+
+
+def layer_similarity(
+    metric: Metric, stack: MapStack, moments: Moments, model_a: str, model_b: str
+) -> list[LayerValue]:
+    """One value per (layer of A, layer of B) for a layer-granularity metric."""
+    out = []
+    for ba in stack.blocks:
+        if ba.model != model_a:
+            continue
+        for bb in stack.blocks:
+            if bb.model != model_b:
+                continue
+            ra, rb = slice(ba.start, ba.stop), slice(bb.start, bb.stop)
+            if metric.uses_moments:
+                value = metric.from_moments(moments, ra, rb)
+            else:
+                value = metric.from_maps(stack.z[ra], stack.z[rb])
+            out.append(LayerValue(_label(metric), model_a, ba.layer, model_b, bb.layer,
+                                  float(value)))
+    return out
+
+
+def _label(metric: Metric) -> str:
+    return getattr(metric, "label", None) or metric.name
+
+
+def compute_stack_moments(stack: MapStack, chunk_pixels: int | None = None) -> Moments:
+    """Moments of every map of a stack (the one matrix product per image)."""
+    return compute_moments(stack.z, chunk_pixels=chunk_pixels)

@@ -1,0 +1,331 @@
+"""Run specs: pydantic models built from the registry, read from YAML, TOML or JSON.
+
+Every plugin choice in a spec (architecture, extractor, dataset, metric, aggregator) is a tagged
+union keyed by ``name`` whose members are the registered plugins' ``Params`` models, so a
+plugin's parameters are validated exactly like the core's. A bare string stands for
+``{name: <string>}``; ``images`` also accepts a path or glob string (the ``files`` dataset).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+
+from mapsim.core.errors import SpecError, closest_matches
+from mapsim.core.plugins import Registry, load_registry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SPEC_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class StrictModel(BaseModel):
+    """Base of the spec's own models: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _choice_validator(kind: str, registry: Registry, string_field: str | None = None):
+    """Turn ``"name"`` into ``{"name": "name"}`` and explain unknown names."""
+    known = registry.names(kind)
+
+    def validate(value: Any) -> Any:
+        if isinstance(value, str):
+            if value in known or string_field is None:
+                value = {"name": value}
+            else:
+                value = {"name": "files", string_field: value}
+        if isinstance(value, BaseModel):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a {kind} name or a mapping with 'name'")
+        name = value.get("name")
+        if name is None:
+            raise ValueError(f"missing 'name': one of {', '.join(known)}")
+        if name not in known:
+            matches = closest_matches(str(name), known)
+            near = f" Closest: {', '.join(matches)}." if matches else ""
+            raise ValueError(
+                f"unknown {kind} {name!r}.{near} Registered {kind}s: {', '.join(known) or '(none)'}"
+                " (install a plugin to add one; see `mapsim plugins`)"
+            )
+        return value
+
+    return validate
+
+
+def _choice_type(kind: str, registry: Registry, labelled: bool = False,
+                 string_field: str | None = None) -> Any:
+    """The tagged union of every registered plugin of ``kind``."""
+    members = []
+    for entry in registry.entries(kind):
+        fields: dict[str, Any] = {"name": (Literal[entry.name], ...)}
+        if labelled:
+            fields["label"] = (
+                str | None,
+                Field(None, pattern=NAME_PATTERN,
+                      description="Name used in the tables (default: the plugin name)."),
+            )
+        model = create_model(
+            f"{kind.capitalize()}_{entry.name.replace('-', '_')}",
+            __base__=entry.cls.Params,
+            __doc__=(entry.cls.__doc__ or "").strip().splitlines()[0] if entry.cls.__doc__ else None,
+            **fields,
+        )
+        members.append(model)
+    if not members:
+        union: Any = dict
+    elif len(members) == 1:
+        union = members[0]
+    else:
+        union = Annotated[Union[tuple(members)], Field(discriminator="name")]  # noqa: UP007
+    return Annotated[union, BeforeValidator(_choice_validator(kind, registry, string_field))]
+
+
+class RoiSpec(StrictModel):
+    """Restrict the compared pixels to each image's label mask."""
+
+    dilate: int = Field(0, ge=0, description="Dilate the mask by this many pixels (disk).")
+
+
+class EngineSpec(StrictModel):
+    """How similarities are computed."""
+
+    dead_maps: Literal["exclude", "original"] = Field(
+        "exclude",
+        description="exclude: dead maps are flagged and left out of maxima and statistics; "
+        "original: the original library's rule (both dead -> 1.0, one dead -> 0.0).",
+    )
+    dead_std: float = Field(1e-10, ge=0, description="A map whose std is <= this is dead.")
+    chunk_pixels: int | None = Field(
+        None, gt=0, description="Pixels multiplied at a time (default: automatic)."
+    )
+    roi: RoiSpec | None = None
+    pooled: bool = Field(
+        False, description="Also compute the tables from moments pooled over all images."
+    )
+
+
+class OutputSpec(StrictModel):
+    """Where and what to write."""
+
+    dir: str | None = Field(None, description="Results directory (default: results/<name>).")
+    pairs: bool = Field(False, description="Also write every map pair (pairs.csv; large).")
+
+
+def _pair(value: Any) -> Any:
+    if isinstance(value, str) and "," in value:
+        return [part.strip() for part in value.split(",")]
+    return value
+
+
+@functools.lru_cache(maxsize=8)
+def _spec_models(registry: Registry) -> type[BaseModel]:
+    Architecture = _choice_type("architecture", registry)
+    Extractor = _choice_type("extractor", registry)
+    Images = _choice_type("dataset", registry, string_field="paths")
+    Metric = _choice_type("metric", registry, labelled=True)
+    Aggregator = _choice_type("aggregator", registry)
+
+    class ModelSpec(StrictModel):
+        """One network: an architecture, a python factory or a TorchScript file."""
+
+        architecture: Architecture | None = None  # type: ignore[valid-type]
+        python: str | None = Field(
+            None, description="'package.module:factory' returning an nn.Module."
+        )
+        kwargs: dict[str, Any] = Field(default_factory=dict,
+                                       description="Keyword arguments of the python factory.")
+        torchscript: str | None = Field(None, description="Path of a TorchScript file.")
+        weights: str | None = Field(
+            None,
+            description="A .safetensors file, a state_dict file (loaded with weights_only=True) "
+            "or pretrained:NAME. Default: seeded random initialisation.",
+        )
+        seed: int = Field(0, description="Seed of the random initialisation without weights.")
+        in_channels: int | None = Field(
+            None, ge=1, description="Input channels (default: the architecture's, else 1)."
+        )
+        extractor: Extractor = "hooks"  # type: ignore[valid-type]
+
+        @model_validator(mode="after")
+        def _one_source(self) -> ModelSpec:
+            given = [k for k in ("architecture", "python", "torchscript") if getattr(self, k)]
+            if len(given) != 1:
+                raise ValueError(
+                    "give exactly one of 'architecture', 'python' or 'torchscript'"
+                    + (f" (got {', '.join(given)})" if given else "")
+                )
+            if self.kwargs and not self.python:
+                raise ValueError("'kwargs' is only used with 'python'")
+            if self.torchscript and self.weights:
+                raise ValueError("a TorchScript file carries its weights; drop 'weights'")
+            return self
+
+    LayerList = Annotated[list[str], Field(min_length=1)] | str | dict[str, str]
+
+    class RunSpec(StrictModel):
+        """A mapsim run: models, their layers, images, comparisons, metrics and aggregators."""
+
+        name: str = Field("mapsim-run", pattern=NAME_PATTERN)
+        models: dict[str, ModelSpec] = Field(min_length=1)
+        layers: dict[str, LayerList] = Field(  # type: ignore[valid-type]
+            description="Per model: layer paths or shell-style patterns (a list or one string), "
+            "or a mapping {label: path} to name layers in the tables."
+        )
+        images: Images  # type: ignore[valid-type]
+        comparisons: list[Annotated[tuple[str, str], BeforeValidator(_pair)]] | None = Field(
+            None, description="Pairs [model_a, model_b]; default: each model with itself."
+        )
+        metrics: list[Metric] = Field(  # type: ignore[valid-type]
+            default_factory=lambda: ["pearson"], min_length=1
+        )
+        aggregators: list[Aggregator] = Field(  # type: ignore[valid-type]
+            default_factory=lambda: ["max", "threshold", "pivot"]
+        )
+        engine: EngineSpec = Field(default_factory=EngineSpec)
+        output: OutputSpec = Field(default_factory=OutputSpec)
+        device: str = Field("auto", pattern=DEVICE_PATTERN)
+
+        @model_validator(mode="after")
+        def _consistent(self) -> RunSpec:
+            models = list(self.models)
+            for name in models:
+                if not _valid_name(name):
+                    raise ValueError(f"model name {name!r} must match {NAME_PATTERN}")
+            for name in self.layers:
+                if name not in self.models:
+                    raise ValueError(_unknown_model("layers", name, models))
+            for pair in self.pairs():
+                for name in pair:
+                    if name not in self.models:
+                        raise ValueError(_unknown_model("comparisons", name, models))
+                    if name not in self.layers:
+                        raise ValueError(f"model {name!r} is compared but has no entry in 'layers'")
+            labels = [m.label or m.name for m in self.metrics]
+            duplicates = sorted({x for x in labels if labels.count(x) > 1})
+            if duplicates:
+                raise ValueError(
+                    f"metric {duplicates[0]!r} is listed twice; give each a distinct 'label'"
+                )
+            aggs = [a.name for a in self.aggregators]
+            if len(set(aggs)) != len(aggs):
+                raise ValueError("each aggregator may be listed once")
+            return self
+
+        def pairs(self) -> list[tuple[str, str]]:
+            """The comparisons, defaulting to each model with itself."""
+            if self.comparisons is None:
+                return [(m, m) for m in self.models]
+            return list(dict.fromkeys(tuple(p) for p in self.comparisons))
+
+        def digest(self) -> str:
+            """sha256 of the canonical JSON of the validated spec."""
+            text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+            return hashlib.sha256(text.encode()).hexdigest()
+
+    return RunSpec
+
+
+def _valid_name(name: str) -> bool:
+    import re
+
+    return re.match(NAME_PATTERN, name) is not None
+
+
+def _unknown_model(where: str, name: str, models: list[str]) -> str:
+    matches = closest_matches(name, models)
+    near = f" Closest: {', '.join(matches)}." if matches else ""
+    return f"'{where}' names the model {name!r}, which is not in 'models' ({', '.join(models)}).{near}"
+
+
+def spec_model(registry: Registry | None = None) -> type[BaseModel]:
+    """The ``RunSpec`` pydantic model for the plugins in ``registry`` (default: installed)."""
+    return _spec_models(registry or load_registry())
+
+
+def json_schema(registry: Registry | None = None) -> dict[str, Any]:
+    """The JSON Schema of run specs."""
+    return spec_model(registry).model_json_schema()
+
+
+def read_document(path: str | Path) -> dict[str, Any]:
+    """Read a YAML, TOML or JSON file into a mapping (format by suffix)."""
+    path = Path(path)
+    kind = SPEC_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise SpecError(
+            f"{path}: unknown spec format {path.suffix!r}; use one of {', '.join(SPEC_SUFFIXES)}"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"cannot read the spec {path}: {exc.strerror or exc}") from exc
+    return parse_document(text, kind, str(path))
+
+
+def parse_document(text: str, kind: str, source: str = "<spec>") -> dict[str, Any]:
+    """Parse spec text of ``kind`` ('yaml', 'toml' or 'json')."""
+    try:
+        if kind == "yaml":
+            data = yaml.safe_load(text)
+        elif kind == "toml":
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"{source}: not valid {kind.upper()}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a spec must be a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: the field's path, what was wrong, what was given."""
+    lines = [f"{source}: the spec is not valid ({error.error_count()} problem(s)):"]
+    for item in error.errors(include_url=False):
+        loc = ".".join(str(p) for p in item["loc"] if not _is_union_tag(p)) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        given = item.get("input")
+        shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+        lines.append(f"  {loc}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the chosen union member's tag into the error path; hide it
+    return isinstance(part, str) and part[:1].isupper() and "_" in part
+
+
+def validate_spec(data: dict[str, Any], source: str = "<spec>",
+                  registry: Registry | None = None) -> BaseModel:
+    """Validate a mapping as a run spec; errors become a :class:`SpecError` with field paths."""
+    try:
+        return spec_model(registry).model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, source)) from None
+
+
+def load_spec(path: str | Path, registry: Registry | None = None) -> BaseModel:
+    """Read and validate the run spec in ``path``."""
+    return validate_spec(read_document(path), str(path), registry)

@@ -1,0 +1,81 @@
+"""Built-in aggregators: ``max``, ``min``, ``threshold`` and ``pivot`` (the study's tables)."""
+
+from __future__ import annotations
+
+import pandas as pd
+from pydantic import Field
+
+from mapsim.core import aggregation
+from mapsim.core.hookspecs import hookimpl
+from mapsim.core.plugin_api import Aggregator, Params
+from mapsim.core.similarity import SimilarityMatrix
+
+Tables = dict[str, pd.DataFrame]
+
+
+class MaxAggregator(Aggregator):
+    """``max.csv``: each map's best partner in every layer (highest similarity, lowest distance)."""
+
+    name = "max"
+    order = 10
+
+    def aggregate(self, sim: SimilarityMatrix, tables: Tables) -> Tables:
+        return {"max": aggregation.partners(sim, best=True)}
+
+
+class MinAggregator(Aggregator):
+    """``min.csv``: each map's least similar partner in every layer."""
+
+    name = "min"
+    order = 20
+
+    def aggregate(self, sim: SimilarityMatrix, tables: Tables) -> Tables:
+        return {"min": aggregation.partners(sim, best=False)}
+
+
+class ThresholdParams(Params):
+    """Parameters of ``threshold``."""
+
+    value: float = 0.8
+    """A map is well correlated when its best value is >= this (<= for a distance)."""
+    per_metric: dict[str, float] = Field(default_factory=dict)
+    """Thresholds for particular metrics (by metric label), overriding ``value``."""
+
+
+class ThresholdAggregator(Aggregator):
+    """Adds ``threshold`` and ``well_correlated`` columns to ``max.csv``."""
+
+    name = "threshold"
+    Params = ThresholdParams
+    order = 30
+    requires = ("max",)
+
+    def aggregate(self, sim: SimilarityMatrix, tables: Tables) -> Tables:
+        threshold = self.params.per_metric.get(sim.metric, self.params.value)
+        best = tables["max"].copy()
+        best["threshold"] = threshold
+        best["well_correlated"] = aggregation.passes(
+            best["value"], threshold, sim.higher_is_more_similar
+        )
+        return {"max": best}
+
+
+class PivotAggregator(Aggregator):
+    """``pivot.csv``: the study's per-layer-pair statistics (Table 3); summarised across images."""
+
+    name = "pivot"
+    order = 40
+    requires = ("max", "threshold")
+    summarise = {"pivot": aggregation.PIVOT_KEYS}
+
+    def aggregate(self, sim: SimilarityMatrix, tables: Tables) -> Tables:
+        best = tables["max"]
+        threshold = float(best["threshold"].iloc[0])
+        return {"pivot": aggregation.pivot(best, threshold, sim.higher_is_more_similar)}
+
+
+@hookimpl
+def register_aggregators(register) -> None:
+    """Register the built-in aggregators."""
+    for cls in (MaxAggregator, MinAggregator, ThresholdAggregator, PivotAggregator):
+        register(cls)

@@ -1,0 +1,206 @@
+"""The default extractor ``hooks``: forward hooks on named modules.
+
+For an ordinary (eager) PyTorch model, a forward hook is registered on every requested module,
+the model runs once under ``torch.inference_mode()``, and each module's output is kept
+(detached and copied, so that a later in-place operation such as ``ReLU(inplace=True)``
+cannot change it). The hooks are always removed afterwards, even when the forward pass fails.
+
+TorchScript models (``torch.jit.load``) cannot be hooked. For them the requested outputs are
+computed by *chain replay*: the model's children are called one after the other, descending into
+a child where a nested path is requested (``blocks.0.relu``), and at every level the replayed
+chain must reproduce the module's own output. This works for sequential networks such as the
+``fcn`` architecture and fails with a clear message for anything else (e.g. residual blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import mapsim
+from mapsim.core.errors import ExtractionError, LayerNotFoundError
+from mapsim.core.extraction import LayerOutputError
+from mapsim.core.hookspecs import hookimpl
+
+
+class HooksExtractor(mapsim.Extractor):
+    """Capture module outputs with forward hooks (chain replay for TorchScript models)."""
+
+    name = "hooks"
+
+    class Params(mapsim.Params):
+        """``hooks`` has no parameters."""
+
+    def layer_names(self, model: nn.Module) -> list[str]:
+        """Every module path of ``model`` except the root, in ``named_modules()`` order."""
+        return [name for name, _ in model.named_modules() if name]
+
+    def extract(
+        self, model: nn.Module, layers: Sequence[str], inputs: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Return ``{path: detached output}`` of the modules named in ``layers``.
+
+        :raises LayerNotFoundError: a path is not a module of ``model``.
+        :raises LayerOutputError: a layer's output is not one tensor, or it ran more than once.
+        :raises ExtractionError: the forward pass failed (e.g. the input has the wrong number
+            of channels), or a TorchScript model is not a plain chain of its children.
+        """
+        modules = dict(model.named_modules())
+        known = [name for name in modules if name]
+        for layer in layers:
+            if layer not in known:
+                raise LayerNotFoundError(
+                    "layer", layer, known, hint="`mapsim layers` lists a model's layers."
+                )
+        if isinstance(model, torch.jit.ScriptModule):
+            return _replay_script(model, list(layers), inputs)
+        return _extract_with_hooks(model, modules, list(layers), inputs)
+
+
+def _describe_type(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(type(v).__name__ for v in value[:4])
+        more = ", ..." if len(value) > 4 else ""
+        return f"{type(value).__name__} ({inner}{more})"
+    return type(value).__name__
+
+
+def _non_tensor_error(layer: str, value: Any) -> LayerOutputError:
+    return LayerOutputError(
+        layer,
+        f"layer {layer!r} outputs a {_describe_type(value)}, not a tensor; mapsim can only "
+        "compare layers whose output is one tensor of maps. Choose a module inside it or "
+        "after it instead.",
+    )
+
+
+def _forward_error(inputs: torch.Tensor, exc: Exception) -> ExtractionError:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ExtractionError(
+        f"the model failed on an input of shape {tuple(inputs.shape)} "
+        f"(batch, channels, height, width): {message}. Check that the images have the number "
+        "of channels the model expects and a size it accepts."
+    )
+
+
+def _extract_with_hooks(
+    model: nn.Module, modules: dict[str, nn.Module], layers: list[str], inputs: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(layer: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not isinstance(output, torch.Tensor):
+                raise _non_tensor_error(layer, output)
+            if layer in captured:
+                raise LayerOutputError(
+                    layer,
+                    f"layer {layer!r} ran more than once in one forward pass (the module is "
+                    "reused), so its output is ambiguous. Choose another layer, e.g. the "
+                    "module that contains it.",
+                )
+            # clone: a later in-place op (ReLU(inplace=True)) must not change what we keep
+            captured[layer] = output.detach().clone()
+
+        return hook
+
+    try:
+        for layer in layers:
+            module = modules[layer]
+            if isinstance(module, torch.jit.ScriptModule):
+                raise ExtractionError(
+                    f"layer {layer!r} is a TorchScript module, which cannot be hooked. Choose "
+                    "a layer outside it, or load the model through a python factory instead."
+                )
+            handles.append(module.register_forward_hook(make_hook(layer)))
+        with torch.inference_mode():
+            try:
+                model(inputs)
+            except (RuntimeError, ValueError) as exc:
+                raise _forward_error(inputs, exc) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    missing = [layer for layer in layers if layer not in captured]
+    if missing:
+        raise ExtractionError(
+            f"layer(s) {', '.join(repr(m) for m in missing)} did not run during the forward "
+            "pass (the model's forward never calls them, or calls them inside TorchScript "
+            "code, which cannot be hooked). Choose layers that the forward pass uses."
+        )
+    return {layer: captured[layer] for layer in layers}
+
+
+def _not_a_chain(path: str, reason: str) -> ExtractionError:
+    where = f"module {path!r}" if path else "the model"
+    return ExtractionError(
+        f"TorchScript modules cannot be hooked, so mapsim replays their children in order; "
+        f"but the forward of {where} is not a plain chain of its children ({reason}). Load "
+        "the model through a python factory (`python: package.module:factory`) or an "
+        "architecture with a weights file instead."
+    )
+
+
+def _replay_script(
+    model: torch.jit.ScriptModule, layers: list[str], inputs: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    with torch.inference_mode():
+        try:
+            output = model(inputs)
+        except (RuntimeError, ValueError) as exc:
+            raise _forward_error(inputs, exc) from None
+        captured: dict[str, torch.Tensor] = {}
+        _replay_chain(model, "", inputs, output, set(layers), captured)
+    return {layer: captured[layer] for layer in layers}
+
+
+def _replay_chain(
+    module: nn.Module,
+    path: str,
+    inputs: torch.Tensor,
+    expected: Any,
+    wanted: set[str],
+    captured: dict[str, torch.Tensor],
+) -> None:
+    """Call ``module``'s children in order on ``inputs``, storing wanted outputs.
+
+    ``expected`` is ``module(inputs)``; the chain's final output must match it.
+    """
+    children = list(module.named_children())
+    if not children:
+        raise _not_a_chain(path, "it has no children to replay")
+    value: Any = inputs
+    for name, child in children:
+        child_path = f"{path}.{name}" if path else name
+        if not isinstance(value, torch.Tensor):
+            raise _not_a_chain(path, f"the child before {child_path!r} does not return a tensor")
+        try:
+            result = child(value)
+        except Exception as exc:  # e.g. "Trace submodules cannot be called."
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise _not_a_chain(path, f"calling child {child_path!r} failed: {first}") from None
+        if any(layer.startswith(child_path + ".") for layer in wanted):
+            _replay_chain(child, child_path, value, result, wanted, captured)
+        if child_path in wanted:
+            if not isinstance(result, torch.Tensor):
+                raise _non_tensor_error(child_path, result)
+            captured[child_path] = result.detach().clone()
+        value = result
+    if not (
+        isinstance(value, torch.Tensor)
+        and isinstance(expected, torch.Tensor)
+        and value.shape == expected.shape
+        and torch.allclose(value, expected, rtol=1e-4, atol=1e-5)
+    ):
+        raise _not_a_chain(path, "calling its children in order gives a different output")
+
+
+@hookimpl
+def register_extractors(register) -> None:
+    """Register the ``hooks`` extractor."""
+    register(HooksExtractor)

@@ -1,0 +1,99 @@
+"""The study's network, architecture ``fcn``."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+import torch
+
+from mapsim.core.plugins import load_registry
+from mapsim.plugins.fcn import FCN, ConvModule, FCNArchitecture
+
+
+def _block_params(depth: int) -> int:
+    model = FCN(depth=depth, width=64, kernel_size=7)
+    return sum(p.numel() for p in model.blocks.parameters())
+
+
+@pytest.mark.parametrize(
+    ("depth", "expected"),
+    # The study reports 3.3K, 1.01M and 1.81M: 3,328 + (depth - 1) * 200,896.
+    [(1, 3_328), (6, 1_007_808), (10, 1_811_392)],
+)
+def test_parameter_counts_match_the_study(depth: int, expected: int) -> None:
+    first = 1 * 64 * 7 * 7 + 64 + 2 * 64  # conv weight + bias + batch-norm weight and bias
+    further = 64 * 64 * 7 * 7 + 64 + 2 * 64
+    assert (first, further) == (3_328, 200_896)
+    assert expected == first + (depth - 1) * further
+    assert _block_params(depth) == expected
+
+
+def test_module_paths() -> None:
+    model = FCN(depth=2, width=4)
+    names = [name for name, _ in model.named_modules() if name]
+    assert names == [
+        "blocks",
+        "blocks.0",
+        "blocks.0.conv",
+        "blocks.0.bn",
+        "blocks.0.relu",
+        "blocks.1",
+        "blocks.1.conv",
+        "blocks.1.bn",
+        "blocks.1.relu",
+        "head",
+    ]
+    block = model.blocks[0]
+    assert isinstance(block, ConvModule)
+    assert isinstance(block.conv, torch.nn.Conv2d) and block.conv.bias is not None
+    assert isinstance(block.bn, torch.nn.BatchNorm2d)
+    assert isinstance(block.relu, torch.nn.ReLU)
+    assert model.blocks[1].conv.in_channels == 4
+
+
+@pytest.mark.parametrize(("height", "width"), [(9, 9), (8, 10), (7, 12), (1, 1)])
+@pytest.mark.parametrize("kernel_size", [1, 3, 7])
+def test_output_keeps_the_input_size(height: int, width: int, kernel_size: int) -> None:
+    model = FCN(depth=2, width=3, kernel_size=kernel_size, in_channels=2, classes=5).eval()
+    out = model(torch.randn(2, 2, height, width))
+    assert out.shape == (2, 5, height, width)
+    assert model.blocks(torch.randn(1, 2, height, width)).shape == (1, 3, height, width)
+
+
+def test_architecture_builds_from_params() -> None:
+    arch = FCNArchitecture(FCNArchitecture.Params(depth=3, width=5, in_channels=3, classes=4))
+    model = arch.build()
+    assert isinstance(model, FCN)
+    assert len(model.blocks) == 3
+    assert model.blocks[0].conv.in_channels == 3
+    assert model.head.out_channels == 4
+    assert arch.in_channels() == 3
+
+
+def test_params_defaults() -> None:
+    params = FCNArchitecture.Params(depth=1)
+    assert (params.width, params.kernel_size, params.in_channels, params.classes) == (64, 3, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({}, "depth"),
+        ({"depth": 0}, "depth"),
+        ({"depth": 2, "width": 0}, "width"),
+        ({"depth": 2, "kernel_size": 4}, "kernel_size must be odd"),
+        ({"depth": 2, "kernel_size": 0}, "kernel_size"),
+        ({"depth": 2, "colour": "red"}, "colour"),
+    ],
+)
+def test_invalid_params_are_refused(values: dict, fragment: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=fragment):
+        FCNArchitecture.Params.model_validate(values)
+
+
+def test_found_through_the_registry() -> None:
+    entry = load_registry().get("architecture", "fcn")
+    assert entry.cls is FCNArchitecture
+    assert entry.provider.distribution == "mapsim"
+    arch = load_registry().create("architecture", "fcn", {"depth": 2, "width": 4})
+    assert isinstance(arch.build(), FCN)
