@@ -277,7 +277,7 @@ def _weights_format(path: Path) -> str:
 def _weights_path(weights: str | Path, base: Path) -> tuple[Path, dict[str, Any]]:
     """The file behind ``weights`` and its run.json record."""
     text = str(weights)
-    if isinstance(weights, str) and text.startswith(PRETRAINED_PREFIX):
+    if text.startswith(PRETRAINED_PREFIX):
         pretrained = text[len(PRETRAINED_PREFIX) :]
         path = pretrained_path(pretrained)
         return path, {

@@ -166,7 +166,7 @@ def _spec_models(registry: Registry) -> type[BaseModel]:
         in_channels: int | None = Field(
             None, ge=1, description="Input channels (default: the architecture's, else 1)."
         )
-        extractor: Extractor = "hooks"  # type: ignore[valid-type]
+        extractor: Extractor = Field("hooks", validate_default=True)  # type: ignore[valid-type]
 
         @model_validator(mode="after")
         def _one_source(self) -> ModelSpec:
@@ -198,10 +198,10 @@ def _spec_models(registry: Registry) -> type[BaseModel]:
             None, description="Pairs [model_a, model_b]; default: each model with itself."
         )
         metrics: list[Metric] = Field(  # type: ignore[valid-type]
-            default_factory=lambda: ["pearson"], min_length=1
+            default_factory=lambda: ["pearson"], min_length=1, validate_default=True
         )
         aggregators: list[Aggregator] = Field(  # type: ignore[valid-type]
-            default_factory=lambda: ["max", "threshold", "pivot"]
+            default_factory=lambda: ["max", "threshold", "pivot"], validate_default=True
         )
         engine: EngineSpec = Field(default_factory=EngineSpec)
         output: OutputSpec = Field(default_factory=OutputSpec)

@@ -66,7 +66,7 @@ class PivotAggregator(Aggregator):
     name = "pivot"
     order = 40
     requires = ("max", "threshold")
-    summarise = {"pivot": aggregation.PIVOT_KEYS}
+    summarise = {"pivot": (*aggregation.PIVOT_KEYS, "threshold")}
 
     def aggregate(self, sim: SimilarityMatrix, tables: Tables) -> Tables:
         best = tables["max"]
