@@ -62,20 +62,27 @@ def test_resolve_single_string() -> None:
     assert resolve_layers(FCN3, "blocks.1.bn", "m") == ["blocks.1.bn"]
 
 
-def test_star_also_matches_nested_paths() -> None:
-    got = resolve_layers(FCN3, "blocks.*", "m")
+def test_star_stays_within_one_path_component() -> None:
+    assert resolve_layers(FCN3, "blocks.*", "m") == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_double_star_crosses_dots() -> None:
+    got = resolve_layers(FCN3, "blocks.**", "m")
     assert got == [name for name in FCN3 if name.startswith("blocks.")]
     assert "blocks.0.conv" in got
+    assert resolve_layers(FCN3, "**.conv", "m") == ["blocks.0.conv", "blocks.1.conv",
+                                                     "blocks.2.conv"]
 
 
 def test_question_mark_and_sets_select_direct_children() -> None:
     assert resolve_layers(FCN3, "blocks.?", "m") == ["blocks.0", "blocks.1", "blocks.2"]
     assert resolve_layers(FCN3, "blocks.[02]", "m") == ["blocks.0", "blocks.2"]
     relus = ["blocks.0.relu", "blocks.1.relu", "blocks.2.relu"]
-    assert resolve_layers(FCN3, "*.relu", "m") == relus
+    assert resolve_layers(FCN3, "blocks.*.relu", "m") == relus
+    assert resolve_layers(FCN3, "blocks.[!0]", "m") == ["blocks.1", "blocks.2"]
 
 
-def test_fnmatch_is_case_sensitive() -> None:
+def test_wildcards_are_case_sensitive() -> None:
     with pytest.raises(LayerNotFoundError):
         resolve_layers(FCN3, "HEAD", "m")
 

@@ -28,10 +28,13 @@ def closest_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[st
 class UnknownNameError(MapsimError, KeyError):
     """A name (plugin, layer, model, ...) that is not registered or does not exist."""
 
+    #: list the known names in the order given (True) or sorted (False)
+    keep_order = False
+
     def __init__(self, kind: str, name: str, known: Iterable[str], hint: str = "") -> None:
         self.kind = kind
         self.name = name
-        self.known = sorted(known)
+        self.known = list(known) if self.keep_order else sorted(known)
         self.matches = closest_matches(name, self.known)
         lines = [f"unknown {kind} {name!r}."]
         if self.matches:
@@ -70,7 +73,9 @@ class WeightsError(ModelError):
 
 
 class LayerNotFoundError(UnknownNameError):
-    """A layer name or pattern that matches no module of the model."""
+    """A layer name or pattern that matches no module of the model (layers listed in model order)."""
+
+    keep_order = True
 
 
 class ImageError(MapsimError):

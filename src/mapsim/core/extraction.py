@@ -1,21 +1,20 @@
 """Layer names: resolving a spec's layer patterns and listing a model's layers.
 
 A layer is named by its module path, as ``model.named_modules()`` gives it (``blocks.0``,
-``blocks.0.conv``, ``head``). A spec names layers with exact paths or shell-style wildcards,
-matched with :func:`fnmatch.fnmatchcase` against the whole path:
+``blocks.0.conv``, ``head``). A spec names layers with exact paths or shell-style wildcards
+matched against the whole path, with the dot as the separator (like ``/`` in file paths):
 
-- ``*`` matches any characters *including dots*, so ``blocks.*`` matches ``blocks.0`` and also
-  ``blocks.0.conv``, ``blocks.0.bn``, ...;
-- ``?`` matches exactly one character, so ``blocks.?`` matches ``blocks.0`` to ``blocks.9`` only;
-- ``[...]`` matches one character of a set, e.g. ``blocks.[0246]``.
-
-To select only the outputs of conv modules, write ``blocks.?`` (and ``blocks.??`` for ten or
-more modules) or list the paths explicitly.
+- ``*`` matches within one path component, so ``blocks.*`` matches ``blocks.0`` ...
+  ``blocks.9`` but not ``blocks.0.conv``;
+- ``**`` matches across components, so ``blocks.**`` also matches ``blocks.0.conv`` and
+  ``**.conv`` every module called ``conv``;
+- ``?`` matches one character other than a dot; ``[...]`` one character of a set
+  (``blocks.[0246]``).
 """
 
 from __future__ import annotations
 
-import fnmatch
+import re
 from dataclasses import dataclass
 
 import torch
@@ -37,13 +36,45 @@ class LayerOutputError(ExtractionError):
         super().__init__(message)
 
 
+def layer_pattern(pattern: str) -> re.Pattern[str]:
+    """Compile a layer wildcard: ``**`` any characters, ``*`` and ``?`` no dot, ``[..]`` a set."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append(r"[^.]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append(r"[^.]")
+            i += 1
+        elif pattern[i] == "[":
+            j = i + 1
+            j += pattern[j:j + 1] == "!"
+            j += pattern[j:j + 1] == "]"
+            close = pattern.find("]", j)
+            if close == -1:  # no closing bracket: a literal "["
+                out.append(re.escape("["))
+                i += 1
+                continue
+            body = pattern[i + 1:close]
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = close + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
 def resolve_layers(available: list[str], patterns: str | list[str], model_name: str) -> list[str]:
     """The layer paths of ``available`` that match ``patterns``, in model order.
 
     :param available: every layer path of the model, in model order.
-    :param patterns: one pattern or a list; each is an exact path or an fnmatch wildcard
-        (``*`` also matches dots: ``blocks.*`` includes ``blocks.0.conv``; use ``blocks.?``
-        for the direct children only).
+    :param patterns: one pattern or a list; each is an exact path or a wildcard (see the
+        module docstring: ``*`` stays within a path component, ``**`` crosses dots).
     :param model_name: the model's name in the spec, used in error messages.
     :raises LayerNotFoundError: a pattern matches no layer (the message lists the closest paths).
     """
@@ -54,7 +85,8 @@ def resolve_layers(available: list[str], patterns: str | list[str], model_name: 
         if pattern in available:
             selected.add(pattern)
             continue
-        matches = [path for path in available if fnmatch.fnmatchcase(path, pattern)]
+        regex = layer_pattern(pattern)
+        matches = [path for path in available if regex.fullmatch(path)]
         if not matches:
             raise LayerNotFoundError(
                 "layer",
