@@ -25,8 +25,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(f"{result.n_images} image(s) on {result.info['device']}; results in {result.out_dir}")
-    print("tables: " + ", ".join(f"{t}.csv" for t in result.tables) + ", summary.csv, run.json")
+    print("files: " + ", ".join(sorted(p.relative_to(result.out_dir).as_posix()
+                                      for p in result.out_dir.rglob("*") if p.is_file())))
+    findings = findings_table(result.out_dir)
+    if findings:
+        print(findings)
     return 0
+
+
+def findings_table(out_dir: Path) -> str:
+    """Per model, metric and layer (compared with itself): mean best value and % well correlated."""
+    import pandas as pd
+
+    path = out_dir / "summary.csv"
+    if not path.exists():
+        return ""
+    summary = pd.read_csv(path)
+    own = summary[(summary.model_a == summary.model_b) & (summary.layer_a == summary.layer_b)]
+    wide = own.pivot_table(index=["metric", "model_a", "layer_a"], columns="statistic",
+                           values="mean", sort=False)
+    if wide.empty or not {"best_mean", "pct_well"} <= set(wide.columns):
+        return ""
+    lines = ["", "Within each layer (mean over images):",
+             f"  {'metric':<10} {'model':<12} {'layer':<16} {'mean best':>9} {'% well':>7}"]
+    for (metric, model, layer), row in wide.iterrows():
+        lines.append(f"  {metric:<10} {model:<12} {layer:<16} {row.best_mean:>9.3f} "
+                     f"{row.pct_well:>7.1f}")
+    return "\n".join(lines)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
