@@ -121,7 +121,7 @@ def _model_spec_from(arg: str, model: str | None) -> tuple[str, Any, Path]:
     try:
         return name, ModelSpec.model_validate(data), base
     except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, arg)) from None
+        raise SpecError(format_validation_error(exc, arg, data)) from None
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:

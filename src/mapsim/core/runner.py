@@ -254,6 +254,15 @@ class Runner:
 
     def process(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> None:
         """Everything for one image."""
+        try:
+            self._process(item, sink)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise MapsimError(
+                f"out of GPU memory on image {item.id} ({self.device}): fewer layers or models "
+                "per run, a smaller engine.chunk_pixels, or --device cpu will fit"
+            ) from exc
+
+    def _process(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> None:
         start = time.perf_counter()
         acts = self.extract(item)
         mask = self.mask_for(item)
@@ -412,6 +421,13 @@ def run_info(spec: Any, runner: Runner, n_images: int, seconds: float) -> dict[s
             "products": "float32 chunks over pixels, TF32 disabled",
             "accumulation": "float64",
             "merge_across_images": "float64, Chan et al. update",
+        },
+        "pooled": {
+            "enabled": spec.engine.pooled,
+            "metrics": [m.label for m in runner.metrics if m.uses_moments],
+            "left_out": [m.label for m in runner.metrics if not m.uses_moments],
+            "note": "pooled tables are computed from moments merged over all images; metrics "
+                    "without a moments path are left out",
         },
         "dead_maps": {
             "policy": spec.engine.dead_maps,

@@ -300,20 +300,48 @@ def parse_document(text: str, kind: str, source: str = "<spec>") -> dict[str, An
     return data
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
-    """One line per problem: the field's path, what was wrong, what was given."""
+def format_validation_error(error: ValidationError, source: str, data: Any = None) -> str:
+    """One line per problem: the field's path, what was wrong, what was given.
+
+    ``data`` (the validated input) lets the path leave out the tags pydantic inserts for
+    tagged unions (``aggregators.0.threshold.value`` -> ``aggregators.0.value``).
+    """
     lines = [f"{source}: the spec is not valid ({error.error_count()} problem(s)):"]
     for item in error.errors(include_url=False):
-        loc = ".".join(str(p) for p in item["loc"] if not _is_union_tag(p)) or "(top level)"
+        loc = ".".join(str(p) for p in _visible_loc(item["loc"], data)) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         given = item.get("input")
         shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+        if shown and repr(given) in message:  # the message already quotes it
+            shown = ""
         lines.append(f"  {loc}: {message}{shown}")
     return "\n".join(lines)
 
 
+def _visible_loc(loc: tuple[Any, ...], data: Any) -> list[Any]:
+    """``loc`` without union tags: parts that name no key of the input but its plugin name."""
+    if data is None:  # no input to compare with: hide what looks like a generated model name
+        return [p for p in loc if not _is_union_tag(p)]
+    shown: list[Any] = []
+    current: Any = data
+    for part in loc:
+        if isinstance(current, dict) and part in current:
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+            current = current[part]
+        elif isinstance(current, dict) and current.get("name") == part:
+            continue  # the tag of the chosen union member
+        elif isinstance(current, str) and part in (current, "files"):
+            current = None  # the tag of a string shorthand: the plugin name, or 'files'
+            continue
+        else:
+            current = None
+        shown.append(part)
+    return shown
+
+
 def _is_union_tag(part: Any) -> bool:
-    # pydantic puts the chosen union member's tag into the error path; hide it
+    # left-to-right unions put the member's class name (Kind_name) into the error path
     return isinstance(part, str) and part[:1].isupper() and "_" in part
 
 
@@ -323,7 +351,7 @@ def validate_spec(data: dict[str, Any], source: str = "<spec>",
     try:
         return spec_model(registry).model_validate(data)
     except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, source)) from None
+        raise SpecError(format_validation_error(exc, source, data)) from None
 
 
 def load_spec(path: str | Path, registry: Registry | None = None) -> BaseModel:
