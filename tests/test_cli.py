@@ -47,7 +47,7 @@ def test_validate_reports_errors_with_status_2(tmp_path: Path,
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith(f"mapsim: error: {path}: the spec is not valid")
-    assert "metircs: Extra inputs are not permitted" in err
+    assert "metircs: unknown field; did you mean 'metrics'?" in err
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -185,3 +185,18 @@ def test_console_script_validate() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.startswith("mapsim: error: cannot read the spec no-such-spec.yaml")
+
+
+def test_validate_deep_builds_models_and_finds_layers_and_images(capsys) -> None:
+    from mapsim.cli import main
+
+    assert main(["validate", str(QUICKSTART), "--deep"]) == 0
+    out = capsys.readouterr().out
+    assert "models built, 7 layer(s) resolved, 3 image(s) found" in out
+    invalid = QUICKSTART.parent / "invalid" / "unknown-layer.yaml"
+    assert main(["validate", str(invalid)]) == 0
+    assert "add --deep" in capsys.readouterr().out
+    assert main(["validate", str(invalid), "--deep"]) == 2
+    captured = capsys.readouterr()
+    assert "is valid" not in captured.out
+    assert "unknown layer 'block.1'" in captured.err and "Closest matches: blocks.1" in captured.err

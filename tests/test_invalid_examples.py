@@ -21,7 +21,7 @@ EXPECTED: dict[str, tuple[str, list[str]]] = {
     "typo-in-field.yaml": (
         "validate",
         ["typo-in-field.yaml: the spec is not valid (1 problem(s)):",
-         "  metircs: Extra inputs are not permitted"],
+         "  metircs: unknown field; did you mean 'metrics'?"],
     ),
     "unknown-metric.yaml": (
         "validate",
@@ -35,7 +35,7 @@ EXPECTED: dict[str, tuple[str, list[str]]] = {
     "unknown-model-in-comparisons.toml": (
         "validate",
         ["unknown-model-in-comparisons.toml: the spec is not valid",
-         "'comparisons' names the model 'cnn5', which is not in 'models' (cnn4, cnn6)."],
+         "comparisons: the model 'cnn5' is not in 'models' (cnn4, cnn6)."],
     ),
     "unknown-layer.yaml": (
         "run",

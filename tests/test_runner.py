@@ -262,3 +262,20 @@ def test_specs_in_yaml_run_from_their_own_folder(tmp_path):
     out = run(load_spec(spec_file), base_dir=tmp_path, out_dir=tmp_path / "o",
               progress=False).out_dir
     assert pd.read_csv(out / "max.csv").image.unique().tolist() == ["x"]
+
+
+def test_layer_label_mapping_needs_one_exact_path_per_label(tmp_path):
+    from mapsim.core.errors import SpecError
+    from mapsim.core.runner import layer_labels
+
+    available = ["blocks", "blocks.0", "blocks.0.conv", "blocks.1", "head"]
+    assert layer_labels({"last": "blocks.1", "first": "blocks.0"}, available, "m") == {
+        "first": "blocks.0", "last": "blocks.1"}
+    with pytest.raises(SpecError, match=r"layers\.m\.all: .*'blocks\.\*' is a pattern matching 2"):
+        layer_labels({"all": "blocks.*"}, available, "m")
+    with pytest.raises(SpecError, match="given two labels"):
+        layer_labels({"a": "head", "b": "head"}, available, "m")
+    from mapsim.core.errors import LayerNotFoundError
+
+    with pytest.raises(LayerNotFoundError, match="Closest matches: blocks.1"):
+        layer_labels({"x": "block.1"}, available, "m")

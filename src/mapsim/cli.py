@@ -58,11 +58,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from mapsim.core.spec import load_spec
 
     spec = load_spec(args.spec)
+    deep = ""
+    if args.deep:
+        from mapsim.core.runner import Runner
+
+        base = Path(args.spec).resolve().parent
+        runner = Runner(spec, base, device="cpu")
+        dataset = runner.check(base)
+        layers = sum(len(m.layers) for m in runner.models.values())
+        deep = f"; models built, {layers} layer(s) resolved, {len(dataset)} image(s) found"
     print(
         f"{args.spec} is valid: {len(spec.models)} model(s), "
         f"{len(spec.pairs())} comparison(s), metrics: "
-        + ", ".join(m.label or m.name for m in spec.metrics)
+        + ", ".join(m.label or m.name for m in spec.metrics) + deep
     )
+    if not args.deep:
+        print("(fields only: add --deep to also build the models, resolve the layers and find "
+              "the images)")
     return 0
 
 
@@ -170,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a spec without running it")
     p.add_argument("spec")
+    p.add_argument("--deep", action="store_true",
+                   help="also build the models, resolve the layers and find the images")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("schema", help="print (or write) the JSON Schema of run specs")

@@ -37,14 +37,14 @@ class UnknownNameError(MapsimError, KeyError):
         self.known = list(known) if self.keep_order else sorted(known)
         self.matches = closest_matches(name, self.known)
         lines = [f"unknown {kind} {name!r}."]
+        if hint:
+            lines.append(hint)
         if self.matches:
             lines.append(f"Closest matches: {', '.join(self.matches)}.")
         listing = ", ".join(self.known) if self.known else "(none)"
         if len(self.known) > 60:
             listing = ", ".join(self.known[:60]) + f", ... ({len(self.known)} in all)"
         lines.append(f"Known {kind}s: {listing}.")
-        if hint:
-            lines.append(hint)
         self.message = " ".join(lines)
         super().__init__(self.message)
 

@@ -94,7 +94,7 @@ def resolve_layers(available: list[str], patterns: str | list[str], model_name: 
                 available,
                 hint=(
                     f"No layer of model {model_name!r} matches {pattern!r}. Use exact module "
-                    "paths or wildcards (* ? [..]); `mapsim layers` lists a model's layers."
+                    "paths or wildcards (* within a name, ** across dots, ? [..]); `mapsim layers` lists a model's layers."
                 ),
             )
         selected.update(matches)

@@ -59,15 +59,16 @@ def _expand_one(entry: str, base_dir: Path, what: str) -> list[Path]:
             pattern = os.path.join(glob.escape(str(base_dir)), text)
         matches = [Path(m) for m in glob.glob(pattern, recursive=True)]
         files = [m for m in matches if m.is_file()]
+        shown = os.path.normpath(os.path.join(base_dir, text))
         if not files:
             raise ImageError(
-                f"the {what} pattern {entry!r} (resolved to {pattern}) matches no file. "
+                f"the {what} pattern {entry!r} (resolved to {shown}) matches no file. "
                 "Check the pattern and the folder it is relative to."
             )
         supported = [f for f in files if _supported(f)]
         if not supported:
             raise ImageError(
-                f"the {what} pattern {entry!r} (resolved to {pattern}) matches {len(files)} "
+                f"the {what} pattern {entry!r} (resolved to {shown}) matches {len(files)} "
                 f"file(s), none with a supported suffix ({_supported_list()}). "
                 "Narrow the pattern to image files, e.g. '*.png'."
             )
@@ -78,21 +79,21 @@ def _expand_one(entry: str, base_dir: Path, what: str) -> list[Path]:
         path = base_dir / path
     if not path.exists():
         raise ImageError(
-            f"the {what} path {entry!r} does not exist (resolved to {path.absolute()}). "
+            f"the {what} path {entry!r} does not exist (resolved to {os.path.normpath(path.absolute())}). "
             "Check the spelling and the folder it is relative to."
         )
     if path.is_dir():
         files = [p for p in path.iterdir() if p.is_file() and _supported(p)]
         if not files:
             raise ImageError(
-                f"the {what} folder {path.absolute()} contains no file with a supported suffix "
+                f"the {what} folder {os.path.normpath(path.absolute())} contains no file with a supported suffix "
                 f"({_supported_list()}). Put the {what}s directly in that folder, or give a "
                 "recursive pattern such as 'folder/**/*.png'."
             )
         return files
     if not _supported(path):
         raise ImageError(
-            f"the {what} file {path.absolute()} has the unsupported suffix {path.suffix!r}. "
+            f"the {what} file {os.path.normpath(path.absolute())} has the unsupported suffix {path.suffix!r}. "
             f"Supported suffixes: {_supported_list()}. Convert the file to one of them."
         )
     return [path]

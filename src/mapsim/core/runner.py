@@ -76,13 +76,20 @@ def resolve_device(requested: str) -> torch.device:
 def layer_labels(spec_layers: Any, available: list[str], model: str) -> dict[str, str]:
     """``{label: module path}`` from a spec's layers entry (list, pattern or mapping)."""
     if isinstance(spec_layers, dict):
-        paths = resolve_layers(available, list(spec_layers.values()), model)
-        if len(paths) != len(spec_layers):
-            raise SpecError(
-                f"layers.{model}: a {{label: path}} mapping needs exact paths, one per label"
-            )
-        ordered = {p: label for label, p in spec_layers.items()}
-        return {ordered[p]: p for p in paths}
+        labels = {}
+        for label, path in spec_layers.items():
+            if path not in available:
+                matched = resolve_layers(available, path, model)  # unknown: lists the closest
+                raise SpecError(
+                    f"layers.{model}.{label}: a {{label: path}} entry needs one exact module "
+                    f"path, but {path!r} is a pattern matching {len(matched)} layers "
+                    f"({', '.join(matched[:5])}{', ...' if len(matched) > 5 else ''})"
+                )
+            if path in labels.values():
+                raise SpecError(f"layers.{model}: the layer {path!r} is given two labels")
+            labels[label] = path
+        order = {p: i for i, p in enumerate(available)}
+        return dict(sorted(labels.items(), key=lambda item: order[item[1]]))
     paths = resolve_layers(available, spec_layers, model)
     return {p: p for p in paths}
 
@@ -130,6 +137,17 @@ class Runner:
         self.added_aggregators = sorted(set(chosen) - {c.name for c in choices})
         aggs = [self.registry.create("aggregator", n, p) for n, p in chosen.items()]
         return sorted(aggs, key=lambda a: (a.order, a.name))
+
+    def check(self, base_dir: Path) -> Any:
+        """Everything short of running: build models, resolve layers, find the images.
+
+        Returns the dataset, so a run can go on with it.
+        """
+        self.prepare_models()
+        return self.registry.create(
+            "dataset", self.spec.images.name, self.spec.images.model_dump(exclude={"name"}),
+            base_dir=base_dir,
+        )
 
     def prepare_models(self) -> None:
         """Build every compared model, move it to the device and resolve its layers."""
@@ -336,11 +354,7 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
     writer = ResultsWriter(target, overwrite=overwrite)
     try:
         start = time.perf_counter()
-        runner.prepare_models()
-        dataset = runner.registry.create(
-            "dataset", spec.images.name, spec.images.model_dump(exclude={"name"}),
-            base_dir=base_dir,
-        )
+        dataset = runner.check(base_dir)
         runner.timings["setup"] = time.perf_counter() - start
         summaries: dict[str, aggregation.SummaryAccumulator] = {}
         for aggregator in runner.aggregators:

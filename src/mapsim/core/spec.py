@@ -37,6 +37,12 @@ else:  # pragma: no cover
 SPEC_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+NAME_RULE = "must start with a letter or digit and use only letters, digits, '_', '.' and '-'"
+#: plain-language explanations of the spec's patterns, used in error messages
+PATTERN_HINTS = {
+    DEVICE_PATTERN: "use auto, cpu, cuda, cuda:N or mps",
+    NAME_PATTERN: NAME_RULE,
+}
 
 
 class StrictModel(BaseModel):
@@ -99,7 +105,13 @@ def _choice_type(kind: str, registry: Registry, labelled: bool = False,
         union = members[0]
     else:
         union = Annotated[Union[tuple(members)], Field(discriminator="name")]  # noqa: UP007
-    return Annotated[union, BeforeValidator(_choice_validator(kind, registry, string_field))]
+    names = tuple(registry.names(kind))
+    accepted: Any = union
+    if names:
+        shorthand: Any = Literal[names] if string_field is None else str
+        accepted = Union[shorthand, union]  # noqa: UP007
+    return Annotated[union, BeforeValidator(_choice_validator(kind, registry, string_field),
+                                            json_schema_input_type=accepted)]
 
 
 class RoiSpec(StrictModel):
@@ -135,7 +147,28 @@ class OutputSpec(StrictModel):
 
 def _pair(value: Any) -> Any:
     if isinstance(value, str) and "," in value:
-        return [part.strip() for part in value.split(",")]
+        value = [part.strip() for part in value.split(",")]
+    if isinstance(value, (list, tuple)) and len(value) != 2:
+        raise ValueError(
+            f"a comparison is a pair [model_a, model_b] (the same model twice for intra-network); "
+            f"got {len(value)} name(s)"
+        )
+    return value
+
+
+def _layer_choice(value: Any) -> Any:
+    """One model's layers: a path or pattern, a non-empty list of them, or {label: path}."""
+    ok = (
+        (isinstance(value, str) and value)
+        or (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value))
+        or (isinstance(value, dict) and value
+            and all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()))
+    )
+    if not ok:
+        raise ValueError(
+            "expected a layer path or pattern ('blocks.*'), a non-empty list of them, or a "
+            "mapping {label: path}"
+        )
     return value
 
 
@@ -182,7 +215,7 @@ def _spec_models(registry: Registry) -> type[BaseModel]:
                 raise ValueError("a TorchScript file carries its weights; drop 'weights'")
             return self
 
-    LayerList = Annotated[list[str], Field(min_length=1)] | str | dict[str, str]
+    LayerList = Annotated[list[str] | str | dict[str, str], BeforeValidator(_layer_choice)]
 
     class RunSpec(StrictModel):
         """A mapsim run: models, their layers, images, comparisons, metrics and aggregators."""
@@ -194,7 +227,8 @@ def _spec_models(registry: Registry) -> type[BaseModel]:
             "or a mapping {label: path} to name layers in the tables."
         )
         images: Images  # type: ignore[valid-type]
-        comparisons: list[Annotated[tuple[str, str], BeforeValidator(_pair)]] | None = Field(
+        comparisons: list[Annotated[tuple[str, str], BeforeValidator(
+            _pair, json_schema_input_type=tuple[str, str] | str)]] | None = Field(
             None, description="Pairs [model_a, model_b]; default: each model with itself."
         )
         metrics: list[Metric] = Field(  # type: ignore[valid-type]
@@ -212,7 +246,7 @@ def _spec_models(registry: Registry) -> type[BaseModel]:
             models = list(self.models)
             for name in models:
                 if not _valid_name(name):
-                    raise ValueError(f"model name {name!r} must match {NAME_PATTERN}")
+                    raise ValueError(f"models: the name {name!r} {NAME_RULE}")
             for name in self.layers:
                 if name not in self.models:
                     raise ValueError(_unknown_model("layers", name, models))
@@ -221,16 +255,19 @@ def _spec_models(registry: Registry) -> type[BaseModel]:
                     if name not in self.models:
                         raise ValueError(_unknown_model("comparisons", name, models))
                     if name not in self.layers:
-                        raise ValueError(f"model {name!r} is compared but has no entry in 'layers'")
+                        raise ValueError(
+                            f"layers: model {name!r} is compared but has no entry in 'layers'; "
+                            f"add e.g. '{name}: [...]' with the layers to compare"
+                        )
             labels = [m.label or m.name for m in self.metrics]
             duplicates = sorted({x for x in labels if labels.count(x) > 1})
             if duplicates:
                 raise ValueError(
-                    f"metric {duplicates[0]!r} is listed twice; give each a distinct 'label'"
+                    f"metrics: {duplicates[0]!r} is listed twice; give each a distinct 'label'"
                 )
             aggs = [a.name for a in self.aggregators]
             if len(set(aggs)) != len(aggs):
-                raise ValueError("each aggregator may be listed once")
+                raise ValueError("aggregators: each aggregator may be listed once")
             return self
 
         def pairs(self) -> list[tuple[str, str]]:
@@ -256,7 +293,7 @@ def _valid_name(name: str) -> bool:
 def _unknown_model(where: str, name: str, models: list[str]) -> str:
     matches = closest_matches(name, models)
     near = f" Closest: {', '.join(matches)}." if matches else ""
-    return f"'{where}' names the model {name!r}, which is not in 'models' ({', '.join(models)}).{near}"
+    return f"{where}: the model {name!r} is not in 'models' ({', '.join(models)}).{near}"
 
 
 def spec_model(registry: Registry | None = None) -> type[BaseModel]:
@@ -308,14 +345,32 @@ def format_validation_error(error: ValidationError, source: str, data: Any = Non
     """
     lines = [f"{source}: the spec is not valid ({error.error_count()} problem(s)):"]
     for item in error.errors(include_url=False):
-        loc = ".".join(str(p) for p in _visible_loc(item["loc"], data)) or "(top level)"
-        message = item["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in _visible_loc(item["loc"], data))
+        message = _message(item, loc)
         given = item.get("input")
         shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
         if shown and repr(given) in message:  # the message already quotes it
             shown = ""
-        lines.append(f"  {loc}: {message}{shown}")
+        lines.append(f"  {loc}: {message}{shown}" if loc else f"  {message}{shown}")
     return "\n".join(lines)
+
+
+def _message(item: dict[str, Any], loc: str) -> str:
+    """pydantic's message, reworded where its wording would puzzle a user."""
+    kind = item["type"]
+    if kind == "extra_forbidden":
+        field = loc.rsplit(".", 1)[-1]
+        if "." not in loc:
+            top = list(spec_model().model_fields)
+            matches = closest_matches(field, top)
+            near = f"did you mean {matches[0]!r}? " if matches else ""
+            return f"unknown field; {near}the fields of a spec are: {', '.join(top)}"
+        return "unknown field; check its spelling (`mapsim schema` lists every allowed field)"
+    if kind == "string_pattern_mismatch":
+        hint = PATTERN_HINTS.get(item.get("ctx", {}).get("pattern"))
+        if hint:
+            return hint
+    return item["msg"].removeprefix("Value error, ")
 
 
 def _visible_loc(loc: tuple[Any, ...], data: Any) -> list[Any]:
