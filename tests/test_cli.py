@@ -10,6 +10,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import yaml
 
 import mapsim
 from mapsim.cli import main
@@ -200,3 +201,32 @@ def test_validate_deep_builds_models_and_finds_layers_and_images(capsys) -> None
     captured = capsys.readouterr()
     assert "is valid" not in captured.out
     assert "unknown layer 'block.1'" in captured.err and "Closest matches: blocks.1" in captured.err
+
+
+@pytest.mark.parametrize("problem", ["pickle-weights", "unreadable-image"])
+def test_bad_files_fail_cleanly_and_write_nothing(tmp_path, capsys, problem) -> None:
+    import pickle
+
+    from mapsim.cli import main
+
+    image = tmp_path / "img.png"
+    image.write_bytes((EXAMPLES / "data" / "vessels-1.png").read_bytes())
+    model = {"architecture": {"name": "fcn", "depth": 1, "width": 2}}
+    if problem == "pickle-weights":
+        # a pickle of an arbitrary object, not a state dict: must be refused, never unpickled
+        (tmp_path / "w.pt").write_bytes(pickle.dumps({"net": Path("x")}))
+        model["weights"] = "w.pt"
+        expected = "state dict"
+    else:
+        (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+        expected = "broken.png"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"models": {"m": model}, "layers": {"m": "blocks.*"},
+                                    "images": "*.png"}))
+    out = tmp_path / "results"
+    assert main(["run", str(spec), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mapsim: error: ") and expected in err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
