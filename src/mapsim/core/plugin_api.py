@@ -144,6 +144,11 @@ class Metric(Plugin):
     #: values the original library used for (both dead, one dead); None: no such rule.
     dead_fill: ClassVar[tuple[float, float] | None] = None
 
+    def __init__(self, params: Params | None = None) -> None:
+        super().__init__(params)
+        #: the name used in tables; a spec's ``label`` overrides it
+        self.label = self.name
+
     def dead(self, moments: Moments, dead_std: float) -> torch.Tensor:
         """Boolean flag per map: True where the metric is undefined for that map."""
         return moments.variance() <= dead_std**2

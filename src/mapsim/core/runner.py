@@ -221,10 +221,11 @@ class Runner:
         return torch.from_numpy(roi_mask(item.label, roi.dilate, source=item.source))
 
     def similarities(self, image_id: str, stack: MapStack, moments: Moments,
-                     group_models: list[str], sink: Callable[[str, pd.DataFrame], None]) -> None:
-        """Every metric and aggregator for the comparisons of one stacked group."""
+                     group_models: list[str], sink: Callable[[str, pd.DataFrame], None],
+                     metrics: list[Metric] | None = None) -> None:
+        """Every metric (default: all of the spec's) and aggregator for one stacked group."""
         engine = self.spec.engine
-        for metric in self.metrics:
+        for metric in self.metrics if metrics is None else metrics:
             for a, b in self.comparisons:
                 if a not in group_models:
                     continue
@@ -312,14 +313,9 @@ class Runner:
             moments = self.pooled.get(index)
             if moments is None:
                 continue
-            stack = self.pooled_stacks[index]
-            saved = self.metrics
-            self.metrics = [m for m in saved if m.uses_moments]
-            try:
-                self.similarities(POOLED_IMAGE, stack, moments, models,
-                                  lambda name, frame: sink(f"pooled/{name}", frame))
-            finally:
-                self.metrics = saved
+            self.similarities(POOLED_IMAGE, self.pooled_stacks[index], moments, models,
+                              lambda name, frame: sink(f"pooled/{name}", frame),
+                              metrics=[m for m in self.metrics if m.uses_moments])
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mapsim.core.errors import MapsimError, ShapeMismatchError
-from mapsim.core.moments import Moments, compute_moments
+from mapsim.core.moments import Moments
 from mapsim.core.plugin_api import Metric
 
 DEAD_POLICIES = ("exclude", "original")
@@ -219,7 +219,7 @@ def map_similarity(
         )
     values = apply_dead_policy(values, dead_a, dead_b, dead_policy, metric.dead_fill)
     return SimilarityMatrix(
-        metric=_label(metric),
+        metric=metric.label,
         model_a=model_a,
         model_b=model_b,
         values=values.cpu().numpy(),
@@ -247,15 +247,6 @@ def layer_similarity(
                 value = metric.from_moments(moments, ra, rb)
             else:
                 value = metric.from_maps(stack.z[ra], stack.z[rb])
-            out.append(LayerValue(_label(metric), model_a, ba.layer, model_b, bb.layer,
+            out.append(LayerValue(metric.label, model_a, ba.layer, model_b, bb.layer,
                                   float(value)))
     return out
-
-
-def _label(metric: Metric) -> str:
-    return getattr(metric, "label", None) or metric.name
-
-
-def compute_stack_moments(stack: MapStack, chunk_pixels: int | None = None) -> Moments:
-    """Moments of every map of a stack (the one matrix product per image)."""
-    return compute_moments(stack.z, chunk_pixels=chunk_pixels)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -285,8 +286,6 @@ def _spec_models(registry: Registry) -> type[BaseModel]:
 
 
 def _valid_name(name: str) -> bool:
-    import re
-
     return re.match(NAME_PATTERN, name) is not None
 
 
