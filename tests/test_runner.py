@@ -279,3 +279,42 @@ def test_layer_label_mapping_needs_one_exact_path_per_label(tmp_path):
 
     with pytest.raises(LayerNotFoundError, match="Closest matches: blocks.1"):
         layer_labels({"x": "block.1"}, available, "m")
+
+
+def test_a_layer_granularity_metric_writes_layer_similarity(tmp_path):
+    """Plumbing for metrics with one value per layer pair (CKA-like), via a test plugin."""
+    import types
+
+    import mapsim
+    from mapsim.core.plugins import Provider, build_registry, discover
+
+    class MeanAbsR(mapsim.Metric):
+        name = "mean-abs-r"
+        info = mapsim.MetricInfo(granularity="layer")
+
+        def from_moments(self, moments, rows, cols):
+            g = moments.comoment
+            d = torch.sqrt(torch.diagonal(g))
+            return (g[rows, cols] / torch.outer(d[rows], d[cols])).abs().mean()
+
+    plugin = types.SimpleNamespace(
+        register_metrics=mapsim.hookimpl(lambda register: register(MeanAbsR)))
+    registry = build_registry([*discover(), (plugin, Provider("test-plugin", "1.0", "t"))])
+    spec = validate_spec({
+        "models": {"b": {"architecture": {"name": "fcn", "depth": 2, "width": 5}, "seed": 2}},
+        "layers": {"b": {"first": "blocks.0", "last": "blocks.1"}},
+        "images": {"name": "files", "paths": str(DATA / "vessels-1.png")},
+        "metrics": ["pearson", "mean-abs-r"],
+    }, registry=registry)
+    out = run(spec, out_dir=tmp_path / "layer", progress=False, registry=registry).out_dir
+    table = pd.read_csv(out / "layer_similarity.csv")
+    assert len(table) == 4 and set(table.metric) == {"mean-abs-r"}
+    maps = reference_maps(2, 2, 5, ["blocks.0", "blocks.1"], DATA / "vessels-1.png")
+    live = [m[m.std(axis=1) > 1e-10] for m in maps]
+    expected = np.abs(np.corrcoef(live[0], live[1])[: len(live[0]), len(live[0]):]).mean()
+    row = table[(table.layer_a == "first") & (table.layer_b == "last")].iloc[0]
+    assert all(len(m) == 5 for m in live)  # no dead map, so the toy metric is defined
+    assert row.value == pytest.approx(expected, abs=1e-5)
+    info = json.loads((out / "run.json").read_text())
+    assert info["plugins_used"]["metrics"]["mean-abs-r"]["distribution"] == "test-plugin"
+    assert "mean-abs-r" not in set(pd.read_csv(out / "max.csv").metric)
