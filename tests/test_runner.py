@@ -318,3 +318,14 @@ def test_a_layer_granularity_metric_writes_layer_similarity(tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert info["plugins_used"]["metrics"]["mean-abs-r"]["distribution"] == "test-plugin"
     assert "mean-abs-r" not in set(pd.read_csv(out / "max.csv").metric)
+
+
+def test_an_unavailable_device_is_a_clear_error():
+    from mapsim.core.errors import MapsimError
+    from mapsim.core.runner import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MapsimError, match="CUDA is not available"):
+            resolve_device("cuda:0")
