@@ -272,10 +272,16 @@ def _spec_models(registry: Registry) -> type[BaseModel]:
             return self
 
         def pairs(self) -> list[tuple[str, str]]:
-            """The comparisons, defaulting to each model with itself."""
+            """The comparisons, defaulting to each model with itself.
+
+            [a, b] and [b, a] are one comparison (both directions are always reported).
+            """
             if self.comparisons is None:
                 return [(m, m) for m in self.models]
-            return list(dict.fromkeys(tuple(p) for p in self.comparisons))
+            unique: dict[frozenset[str], tuple[str, str]] = {}
+            for a, b in self.comparisons:
+                unique.setdefault(frozenset((a, b)), (a, b))
+            return list(unique.values())
 
         def digest(self) -> str:
             """sha256 of the canonical JSON of the validated spec."""
