@@ -44,9 +44,8 @@ def _explain(proc: subprocess.CompletedProcess) -> str:
 
 
 def _plain_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    return env
+    """This environment as it is (an existing PYTHONPATH is kept: mapsim's needs may be there)."""
+    return dict(os.environ)
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +65,7 @@ def plugin_env(tmp_path_factory) -> dict[str, str]:
         pytest.fail(f"pip could not install {PLUGIN}:\n{_explain(exc)}", pytrace=False)
     assert any(target.glob("mapsim_spearman-0.1.0.dist-info")), sorted(target.iterdir())
     env = _plain_env()
-    env["PYTHONPATH"] = str(target)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), env.get("PYTHONPATH")]))
     return env
 
 
