@@ -44,10 +44,6 @@ class PreparedModel:
     extractor: Extractor
     layers: dict[str, str]
 
-    @property
-    def name(self) -> str:
-        return self.loaded.name
-
 
 @dataclass
 class RunResult:
@@ -304,7 +300,7 @@ class Runner:
                 previous = self.pooled.get(index)
                 self.pooled[index] = moments if previous is None else previous.merge(moments)
                 if index not in self.pooled_stacks:  # blocks only; no pixel data kept
-                    self.pooled_stacks[index] = MapStack(stack.z[:, :0], stack.blocks, models)
+                    self.pooled_stacks[index] = MapStack(stack.z[:, :0], stack.blocks)
         del acts
 
     def pooled_tables(self, sink: Callable[[str, pd.DataFrame], None]) -> None:

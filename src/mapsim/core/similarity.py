@@ -8,7 +8,7 @@ moments every moment-based metric reads, and each comparison's blocks are read o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -88,7 +88,6 @@ class MapStack:
 
     z: torch.Tensor
     blocks: list[Block]
-    models: list[str] = field(default_factory=list)
 
     def rows(self, model: str) -> slice:
         """Rows of ``model`` in ``z``."""
@@ -161,7 +160,7 @@ def stack_maps(
                 f"the ROI mask is {_hw(tuple(mask.shape))} but the maps are {_hw(first.shape)}."
             )
         z = z[:, mask.reshape(-1).to(z.device)]
-    return MapStack(z, blocks, list(models))
+    return MapStack(z, blocks)
 
 
 def _hw(shape: tuple[int, ...]) -> str:
