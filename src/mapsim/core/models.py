@@ -150,20 +150,27 @@ def _resolve(path: str | Path, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _build_architecture(name: str, architecture: Architecture) -> nn.Module:
+def _module_from(name: str, what: str, build: Any, failed_hint: str, type_hint: str) -> nn.Module:
+    """Call ``build()`` and check it gave an ``nn.Module``; errors name ``what`` was called."""
     try:
-        module = architecture.build()
+        module = build()
     except Exception as exc:
         raise ModelError(
-            f"model {name!r}: architecture {architecture.name!r} failed to build: "
-            f"{type(exc).__name__}: {exc}. Check its parameters."
+            f"model {name!r}: {what} raised {type(exc).__name__}: {exc}. {failed_hint}"
         ) from exc
     if not isinstance(module, nn.Module):
         raise ModelError(
-            f"model {name!r}: architecture {architecture.name!r} returned a "
-            f"{type(module).__name__}, not a torch.nn.Module. Fix the plugin's build()."
+            f"model {name!r}: {what} returned a {type(module).__name__}, not a "
+            f"torch.nn.Module. {type_hint}"
         )
     return module
+
+
+def _build_architecture(name: str, architecture: Architecture) -> nn.Module:
+    return _module_from(
+        name, f"architecture {architecture.name!r}", architecture.build,
+        "Check its parameters.", "Fix the plugin's build().",
+    )
 
 
 def _call_factory(name: str, spec: str, kwargs: dict[str, Any], base: Path) -> nn.Module:
@@ -205,19 +212,11 @@ def _call_factory(name: str, spec: str, kwargs: dict[str, Any], base: Path) -> n
             f"model {name!r}: {spec!r} is a {type(factory).__name__}, not a callable. Name a "
             "function or class that returns the model."
         )
-    try:
-        model = factory(**kwargs)
-    except Exception as exc:
-        raise ModelError(
-            f"model {name!r}: factory {spec!r} raised {type(exc).__name__}: {exc}. "
-            f"Check its kwargs (given: {sorted(kwargs) or 'none'})."
-        ) from exc
-    if not isinstance(model, nn.Module):
-        raise ModelError(
-            f"model {name!r}: factory {spec!r} returned a {type(model).__name__}, not a "
-            "torch.nn.Module. It must return the network itself."
-        )
-    return model
+    return _module_from(
+        name, f"factory {spec!r}", lambda: factory(**kwargs),
+        f"Check its kwargs (given: {sorted(kwargs) or 'none'}).",
+        "It must return the network itself.",
+    )
 
 
 def _load_torchscript(name: str, path: Path) -> nn.Module:
