@@ -59,6 +59,8 @@ def expected_names() -> set[str]:
         names.add(f"hist-pearson-{a}-{b}.png")
     names |= {"matrix-pearson-a-a-image-vessels-1.png", "matrix-pearson-a-b-image-vessels-1.png"}
     names |= {f"groups-pearson-a-{layer}-image-vessels-1.png" for layer in ("blocks.0", "blocks.1")}
+    names |= {f"groups-pearson-a-{la}-b-{lb}-image-vessels-1.png"
+              for la in ("blocks.0", "blocks.1") for lb in ("L1", "L2")}
     return names | {"data.json"}
 
 
@@ -286,3 +288,45 @@ def test_choose_maps_rejects_bad_ids():
     assert choose_maps(10, maps=[4, 4, 1]) == [4, 1]
     with pytest.raises(MapsimError, match="ids 0 to 9"):
         choose_maps(10, maps=[10])
+
+
+def test_inter_groups_pair_each_layer_with_its_most_correlated_partner_layer(out):
+    from mapsim.plots.draw import group_pairs
+
+    pivot = pd.read_csv(out / "pivot.csv")
+    inter = pivot[(pivot.model_a == "a") & (pivot.model_b == "b")]
+    expected = []
+    for la in ("blocks.0", "blocks.1"):
+        pct = inter[inter.layer_a == la].groupby("layer_b", sort=False).pct_well.mean()
+        if pct.max() > 0:
+            expected.append(("a", la, "b", pct.idxmax()))
+    pairs = group_pairs(Results.open(out), "pearson")
+    assert pairs[:2] == [("a", "blocks.0", "a", "blocks.0"), ("a", "blocks.1", "a", "blocks.1")]
+    assert pairs[2:] == expected
+
+
+def test_show_maps_of_a_well_correlated_group(out, tmp_path, capsys):
+    from mapsim.plots.groups import group_members
+
+    best = pd.read_csv(out / "max.csv")
+    rows = best[(best.image == "vessels-1") & (best.model_a == "a") & (best.layer_a == "blocks.0")
+                & (best.model_b == "a") & (best.layer_b == "blocks.0")]
+    passing = rows[rows.value >= 0.6]
+    if passing.empty:
+        pytest.skip("no well-correlated map in this layer for the seeded model")
+    ids, _ = group_members(str(out), 1, "a", "blocks.0")
+    # every member is a passing map or the partner of one, and the group is closed
+    linked = set(passing.map_a) | set(passing.map_b.astype(int))
+    assert set(ids) <= linked and len(ids) >= 2
+    for rec in passing.itertuples():
+        assert (rec.map_a in ids) == (int(rec.map_b) in ids)
+    spec = "{architecture: {name: fcn, depth: 2, width: 5}, seed: 1}"
+    assert main(["show", "maps", spec, str(DATA / "vessels-1.png"), "--layer", "blocks.0",
+                 "--model", "a", "--group", f"{out}:1", "--out", str(tmp_path / "g.png")]) == 0
+    assert f"({len(ids)} maps" in capsys.readouterr().out
+    assert main(["show", "maps", spec, str(DATA / "vessels-1.png"), "--layer", "blocks.0",
+                 "--model", "a", "--group", f"{out}:99"]) == 2
+    assert "choose a group from 1" in capsys.readouterr().err
+    assert main(["show", "maps", spec, str(DATA / "vessels-1.png"), "--layer", "blocks.0",
+                 "--group", f"{out}:1"]) == 2
+    assert "no model 'model' (its models: a, b)" in capsys.readouterr().err

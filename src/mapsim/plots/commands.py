@@ -79,10 +79,20 @@ def cmd_show_maps(args: argparse.Namespace) -> int:
         raise MapsimError(f"layer {args.layer!r} gives an output of shape {tuple(tensor.shape)}, "
                           "not maps (1, C, H, W); choose a convolutional layer")
     maps = tensor[0].float().numpy()
-    ids = choose_maps(maps.shape[0], _ids(args.maps), args.first)
+    chosen, caption = _ids(args.maps), ""
+    if args.group:
+        from mapsim.plots.groups import group_members
+
+        folder, _, number = args.group.rpartition(":")
+        if not folder or not number.isdigit():
+            raise MapsimError(f"--group takes RESULTS_DIR:K (K from 1), got {args.group!r}")
+        chosen, caption = group_members(folder, int(number), name, args.layer, args.group_image)
+        caption = f" ({caption})"
+    ids = choose_maps(maps.shape[0], chosen, args.first)
     dead = maps.reshape(maps.shape[0], -1).std(axis=1) <= args.dead_std
     fig = maps_figure(maps, ids, item.image, dead,
-                      f"{name} {args.layer}: {len(ids)} of {maps.shape[0]} maps, image {item.id}",
+                      f"{name} {args.layer}: {len(ids)} of {maps.shape[0]} maps{caption}, "
+                      f"image {item.id}",
                       shared_scale=args.scale == "shared")
     path = Path(args.out or f"maps-{slug(name)}-{slug(args.layer)}-{slug(item.id)}.png")
     save_figure(fig, path)
@@ -135,6 +145,10 @@ def add_parsers(sub: Any) -> None:
         if kind == "maps":
             q.add_argument("--maps", help="comma-separated map ids, e.g. 0,3,7")
             q.add_argument("--first", type=int, help="the first N maps (default: all, max 64)")
+            q.add_argument("--group", metavar="RESULTS_DIR:K",
+                           help="the maps of well-correlated group K of this layer with itself "
+                           "in a results directory (numbered as in its groups-*.png)")
+            q.add_argument("--group-image", help="image id for --group (default: the first)")
             q.add_argument("--scale", choices=("per-map", "shared"), default="per-map",
                            help="one colour scale for all maps, or one per map (default)")
             q.add_argument("--color", default="luminance",

@@ -10,25 +10,20 @@ from mapsim.plots.capture import KEY_SEP
 from mapsim.plots.io import MetricView, Results
 
 
-def best_values(best: pd.DataFrame, metric: str, model_a: str, model_b: str, layer_a: str,
-                layer_b: str) -> np.ndarray:
-    """Best-partner values (all images, undefined ones left out) of one layer pair (max.csv)."""
-    sel = best[(best["metric"].astype(str) == metric) & (best["model_a"].astype(str) == model_a)
-               & (best["model_b"].astype(str) == model_b)
-               & (best["layer_a"].astype(str) == layer_a)
-               & (best["layer_b"].astype(str) == layer_b)]
-    values = pd.to_numeric(sel["value"], errors="coerce").to_numpy(dtype=float)
+def best_values(rows: pd.DataFrame | None) -> np.ndarray:
+    """The defined best-partner values of one layer pair's rows of max.csv (all images)."""
+    if rows is None:
+        return np.array([])
+    values = pd.to_numeric(rows["value"], errors="coerce").to_numpy(dtype=float)
     return values[~np.isnan(values)]
 
 
 def histogram_figure(results: Results, view: MetricView, model_a: str, model_b: str,
                      threshold: float | None) -> Figure | None:
     """A grid of histograms, rows: layers of model_a, columns: layers of model_b."""
-    best = results.best
-    if best is None:
-        return None
+    pairs = results.by_pair("max")
     rows, cols = results.layers(model_a), results.layers(model_b)
-    data = {(la, lb): best_values(best, view.label, model_a, model_b, la, lb)
+    data = {(la, lb): best_values(pairs.get((view.label, model_a, la, model_b, lb)))
             for la in rows for lb in cols}
     if not any(v.size for v in data.values()):
         return None

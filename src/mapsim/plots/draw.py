@@ -14,6 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from mapsim.core.errors import OutputError
 from mapsim.plots import distributions, groups, heatmaps
 from mapsim.plots.capture import matrix_key
@@ -42,6 +45,27 @@ def heatmap_data(sets: list[heatmaps.HeatmapSet]) -> list[dict[str, Any]]:
                 "std": _json_grid(p.std) if p.std is not None else None,
             } for p in hs.panels],
         })
+    return out
+
+
+def group_pairs(results: Results, metric: str) -> list[tuple[str, str, str, str]]:
+    """Layer pairs drawn as well-correlated groups: within a model, each layer with itself;
+    between models, each layer of model a with the layer of b where most of its maps are well
+    correlated (mean % over images; the first such layer on a tie)."""
+    out = []
+    summary = results.summary
+    for a, b in (tuple(p) for p in results.info.get("comparisons", [])):
+        if a == b:
+            out.extend((a, layer, a, layer) for layer in results.layers(a))
+            continue
+        if summary is None:
+            continue
+        cols = results.layers(b)
+        for la in results.layers(a):
+            pct = heatmaps.summary_grid(summary, metric, a, b, "pct_well", [la], cols)[0]
+            values = pct.to_numpy()[0]
+            if np.isfinite(values).any() and np.nanmax(values) > 0:
+                out.append((a, la, b, cols[int(np.nanargmax(values))]))
     return out
 
 
@@ -89,15 +113,20 @@ def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | Non
             continue
         for image in results.saved_images("thumbnails"):
             thumbs = results.thumbnails(image)
-            for a, b in results.comparisons():
-                if a != b:
+            for a, la, b, lb in group_pairs(results, view.label):
+                rows = [results.by_pair("max").get((view.label, a, la, b, lb))]
+                if (a, la) != (b, lb):
+                    rows.append(results.by_pair("max").get((view.label, b, lb, a, la)))
+                rows = [r for r in rows if r is not None]
+                if not rows:
                     continue
-                for layer in results.layers(a):
-                    found = groups.well_groups(results.best, image, view.label, a, layer, a, layer)
-                    save(groups.groups_figure(found, thumbs, view, threshold, image,
-                                              f"{a} {layer} with itself"),
-                         f"groups-{view.label}-{a}-{layer}-image-{image}", "groups",
-                         f"{view.label}: well-correlated groups, {a} {layer}, image {image}")
+                found = groups.well_groups(pd.concat(rows), image, view.label, a, la, b, lb)
+                pair = f"{a} {la} with itself" if (a, la) == (b, lb) else f"{a} {la} and {b} {lb}"
+                stem = (f"groups-{view.label}-{a}-{la}" if (a, la) == (b, lb)
+                        else f"groups-{view.label}-{a}-{la}-{b}-{lb}")
+                save(groups.groups_figure(found, thumbs, view, threshold, image, pair),
+                     f"{stem}-image-{image}", "groups",
+                     f"{view.label}: well-correlated groups, {pair}, image {image}")
     data = {"heatmaps": heatmap_data(sets), "figures": figures}
     atomic_write_bytes(folder / "data.json",
                        (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())

@@ -85,6 +85,7 @@ def groups_figure(groups: list[list[Member]], thumbs: dict[str, np.ndarray], vie
         return None
     shown = groups[:MAX_GROUPS]
     width = min(MAX_PER_GROUP, max(len(g) for g in shown))
+    two_models = len({m.model for g in shown for m in g}) > 1
     fig = Figure(figsize=(1.25 * width + 0.6, 1.55 * len(shown) + 0.9), dpi=100,
                  layout="constrained")
     axes = fig.subplots(len(shown), width, squeeze=False)
@@ -99,7 +100,10 @@ def groups_figure(groups: list[list[Member]], thumbs: dict[str, np.ndarray], vie
             m = group[c]
             maps = thumbs[thumb_key(m.model, m.layer)]
             ax.imshow(maps[m.map_id], cmap="gray", interpolation="nearest")
-            ax.set_title(f"{m.layer} #{m.map_id}", fontsize=7)
+            name = f"{m.model} {m.layer}" if two_models else m.layer
+            ax.set_title(f"{name} #{m.map_id}", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(f"group {r + 1}", fontsize=7)
             if m.value is not None:
                 ax.set_xlabel(f"→ #{m.partner}: {m.value:.2f}", fontsize=7)
         if len(group) > width:
@@ -108,3 +112,41 @@ def groups_figure(groups: list[list[Member]], thumbs: dict[str, np.ndarray], vie
     fig.suptitle(f"{view.label}: maps whose best partner passes {view.passes_word(threshold)}, "
                  f"grouped with their partners\n{title_pair}, image {image}{more}", fontsize=8)
     return fig
+
+
+def group_members(results_dir: str, group: int, model: str, layer_path: str,
+                  image: str | None = None) -> tuple[list[int], str]:
+    """Map ids of group number ``group`` (1-based, as numbered in the groups figure) of a
+    layer with itself in a results directory; also returns a caption.
+
+    ``layer_path`` is a module path; the run's label for it is looked up in run.json.
+    """
+    from mapsim.core.errors import MapsimError
+    from mapsim.plots.io import Results
+
+    results = Results.open(results_dir)
+    models = results.info.get("models", {})
+    if model not in models:
+        raise MapsimError(f"{results_dir} has no model {model!r} (its models: "
+                          f"{', '.join(models) or 'none'}); name it with --model")
+    layers = models[model].get("layers", {})
+    labels = [label for label, path in layers.items() if path == layer_path]
+    if not labels:
+        raise MapsimError(f"model {model!r} layer {layer_path!r} was not compared in "
+                          f"{results_dir} (its layers: {', '.join(layers.values()) or 'none'})")
+    label = labels[0]
+    metric = next((m.label for m in results.metrics().values() if m.granularity == "map"), None)
+    rows = results.by_pair("max").get((metric, model, label, model, label))
+    if rows is None:
+        raise MapsimError(f"{results_dir} has no max.csv rows for {model} {label}")
+    images = list(dict.fromkeys(rows["image"].astype(str)))
+    image = image or images[0]
+    if image not in images:
+        raise MapsimError(f"image {image!r} is not in {results_dir}; its images: "
+                          f"{', '.join(images)}")
+    found = well_groups(rows, image, metric, model, label, model, label)
+    if not 1 <= group <= len(found):
+        raise MapsimError(f"{model} {label} has {len(found)} well-correlated group(s) in image "
+                          f"{image}; choose a group from 1 to {len(found)}")
+    ids = [m.map_id for m in found[group - 1]]
+    return ids, f"group {group} of {metric} in {image}"

@@ -19,6 +19,10 @@ import pandas as pd
 from mapsim.core.errors import OutputError
 
 POOLED_IMAGE = "pooled"
+#: columns read as text whatever they hold (a layer label such as "1" stays "1")
+KEY_COLUMNS = ("image", "metric", "model_a", "layer_a", "model_b", "layer_b", "model", "layer",
+               "statistic")
+PAIR_KEYS = ["metric", "model_a", "layer_a", "model_b", "layer_b"]
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -117,7 +121,8 @@ class Results:
         if not path.is_file():
             return None
         try:
-            return pd.read_csv(path, keep_default_na=True)
+            return pd.read_csv(path, dtype={c: str for c in KEY_COLUMNS},
+                               keep_default_na=True)
         except (OSError, ValueError) as exc:
             raise OutputError(f"cannot read {path}: {exc}") from exc
 
@@ -132,6 +137,19 @@ class Results:
     @cached_property
     def best(self) -> pd.DataFrame | None:
         return self.table("max")
+
+    def by_pair(self, name: str) -> dict[tuple[str, ...], pd.DataFrame]:
+        """Rows of a table grouped by (metric, model_a, layer_a, model_b, layer_b), cached."""
+        cache = self.__dict__.setdefault("_by_pair", {})
+        if name not in cache:
+            frame = {"max": self.best, "pivot": self.pivot, "summary": self.summary,
+                     "layer_similarity": self.layer_similarity}.get(name)
+            if frame is None or frame.empty:
+                cache[name] = {}
+            else:
+                cache[name] = {tuple(key): rows for key, rows in
+                               frame.groupby(PAIR_KEYS, sort=False, dropna=False)}
+        return cache[name]
 
     @cached_property
     def layer_similarity(self) -> pd.DataFrame | None:

@@ -82,13 +82,9 @@ class _PairIndex:
             self.pairs.append(self._build(metric, a, la, b, lb, layer_level))
         return self.keys[key]
 
-    def _rows(self, frame: pd.DataFrame | None, metric: str, a: str, la: str, b: str,
-              lb: str) -> pd.DataFrame:
-        if frame is None:
-            return pd.DataFrame()
-        return frame[(frame["metric"].astype(str) == metric)
-                     & (frame["model_a"].astype(str) == a) & (frame["layer_a"].astype(str) == la)
-                     & (frame["model_b"].astype(str) == b) & (frame["layer_b"].astype(str) == lb)]
+    def _rows(self, table: str, metric: str, a: str, la: str, b: str, lb: str) -> pd.DataFrame:
+        rows = self.results.by_pair(table).get((metric, a, la, b, lb))
+        return pd.DataFrame() if rows is None else rows
 
     def _build(self, metric: str, a: str, la: str, b: str, lb: str,
                layer_level: bool) -> dict[str, Any]:
@@ -96,15 +92,15 @@ class _PairIndex:
         pair: dict[str, Any] = {"metric": metric, "model_a": a, "layer_a": la, "model_b": b,
                                 "layer_b": lb, "layer_level": layer_level}
         if layer_level:
-            rows = self._rows(r.layer_similarity, metric, a, la, b, lb)
+            rows = self._rows("layer_similarity", metric, a, la, b, lb)
             if rows.empty and r.metric(metric).symmetric:
-                rows = self._rows(r.layer_similarity, metric, b, lb, a, la)
+                rows = self._rows("layer_similarity", metric, b, lb, a, la)
             keep = [c for c in ("image", "value", "reason") if c in rows]
             pair["values"] = _records(rows[keep])
             return pair
-        summary = self._rows(r.summary, metric, a, la, b, lb)
+        summary = self._rows("summary", metric, a, la, b, lb)
         pair["summary"] = _records(summary[["statistic", "mean", "std", "n_images"]])
-        per_image = self._rows(r.pivot, metric, a, la, b, lb)
+        per_image = self._rows("pivot", metric, a, la, b, lb)
         cols = ["image", "n_maps", "n_dead", "n_live", "best_mean", "best_std", "n_well",
                 "pct_well"]
         pair["images"] = _records(per_image[[c for c in cols if c in per_image]])
@@ -113,10 +109,9 @@ class _PairIndex:
         return pair
 
     def _top(self, metric: str, a: str, la: str, b: str, lb: str) -> list[dict[str, Any]]:
-        best = self.results.best
-        if best is None or self.thumb_image is None:
+        rows = self._rows("max", metric, a, la, b, lb)
+        if rows.empty or self.thumb_image is None:
             return []
-        rows = self._rows(best, metric, a, la, b, lb)
         rows = rows[(rows["image"].astype(str) == self.thumb_image)].dropna(subset=["value"])
         higher = self.results.metric(metric).higher_is_more_similar
         rows = rows.sort_values(["value", "map_a"], ascending=[not higher, True]).head(TOP_PAIRS)
