@@ -330,3 +330,33 @@ def test_show_maps_of_a_well_correlated_group(out, tmp_path, capsys):
     assert main(["show", "maps", spec, str(DATA / "vessels-1.png"), "--layer", "blocks.0",
                  "--group", f"{out}:1"]) == 2
     assert "no model 'model' (its models: a, b)" in capsys.readouterr().err
+
+
+def test_the_arrays_drawn_are_the_tables(out):
+    results = Results.open(out)
+    sets = {s.key: s for s in heatmaps.heatmap_sets(results)}
+    hs = sets["heatmap-pearson-best_mean"]
+    fig = heatmaps.draw_set(hs)
+    for ax, panel in zip([a for a in fig.axes if a.get_title()], hs.panels):
+        mean, _ = heatmaps.summary_grid(results.summary, "pearson", panel.model_a,
+                                        panel.model_b, "best_mean", results.layers(panel.model_a),
+                                        results.layers(panel.model_b))
+        drawn = np.asarray(ax.collections[0].get_array()).reshape(mean.shape)
+        np.testing.assert_allclose(drawn, mean.to_numpy())
+        assert [t.get_text() for t in ax.get_yticklabels()] == list(mean.index)
+    assert fig.axes[0].get_ylabel() == "mean of max pearson"  # the colour bar
+
+
+def test_many_layers_put_std_in_its_own_row():
+    rng = np.random.default_rng(0)
+    names = [f"l{i}" for i in range(heatmaps.ANNOTATE_MAX + 2)]
+    mean = pd.DataFrame(rng.random((len(names),) * 2), index=names, columns=names)
+    std = mean / 10
+    hs = heatmaps.HeatmapSet("k", "m", "best_mean", None, "t", "mean of max m", 0, 1,
+                             "viridis", ".2f", [heatmaps.Panel("a", "a", mean, std)])
+    fig = heatmaps.draw_set(hs)
+    panels = [a for a in fig.axes if a.get_title()]
+    assert [a.get_title() for a in panels] == ["a × a (intra)", "a × a (intra): std"]
+    np.testing.assert_allclose(np.asarray(panels[1].collections[0].get_array()).reshape(std.shape),
+                               std.to_numpy())
+    assert not panels[0].texts  # too many cells to annotate

@@ -183,7 +183,11 @@ def heatmap_sets(results: Results) -> list[HeatmapSet]:
     comparisons = results.comparisons()
     images = results.images()
     pooled = results.table("pooled/pivot")
-    for label, view in results.metrics().items():
+    views = results.metrics()
+    if results.layer_similarity is not None:  # a metric run.json does not describe: defaults
+        for label in dict.fromkeys(results.layer_similarity["metric"].astype(str)):
+            views.setdefault(label, results.metric(label))
+    for label, view in views.items():
         threshold = _threshold(results, label)
         if view.granularity == "map" and results.summary is not None:
             for statistic in STATISTICS:
