@@ -55,7 +55,8 @@ def _ids(text: str | None) -> list[int] | None:
     try:
         return [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
-        raise MapsimError(f"--maps takes comma-separated map ids such as 0,3,7; got {text!r}") from None
+        raise MapsimError(
+            f"--maps takes comma-separated map ids such as 0,3,7; got {text!r}") from None
 
 
 def cmd_show_maps(args: argparse.Namespace) -> int:

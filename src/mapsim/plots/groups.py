@@ -108,7 +108,8 @@ def groups_figure(groups: list[list[Member]], thumbs: dict[str, np.ndarray], vie
                 ax.set_xlabel(f"→ #{m.partner}: {m.value:.2f}", fontsize=7)
         if len(group) > width:
             axes[r][-1].set_xlabel(f"+{len(group) - width} more", fontsize=7)
-    more = f" ({len(groups) - len(shown)} more groups not shown)" if len(groups) > MAX_GROUPS else ""
+    hidden = len(groups) - len(shown)
+    more = f" ({hidden} more groups not shown)" if hidden else ""
     fig.suptitle(f"{view.label}: maps whose best partner passes {view.passes_word(threshold)}, "
                  f"grouped with their partners\n{title_pair}, image {image}{more}", fontsize=8)
     return fig

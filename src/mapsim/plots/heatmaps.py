@@ -268,8 +268,9 @@ def _layer_sets(results: Results, view: MetricView,
                       cbar, vmin, vmax, cmap, ".2f", mean_panels)]
     for image, panels in per_image.items():
         suffix = "pooled" if image == POOLED_IMAGE else f"image-{image}"
+        which = "pooled over images" if image == POOLED_IMAGE else f"image {image}"
         out.append(HeatmapSet(f"{stem}-{suffix}", view.label, "value", image,
-                              f"{title}\n{'pooled over images' if image == POOLED_IMAGE else 'image ' + image}",
+                              f"{title}\n{which}",
                               cbar, vmin, vmax, cmap, ".2f", panels))
     return out
 

@@ -52,15 +52,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def figure_png(fig: Any) -> bytes:
     """A matplotlib figure as PNG bytes (fixed metadata, so equal figures give equal files)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=fig.dpi, bbox_inches="tight",
-                metadata={"Software": None})
+    # one layout pass: the figures use the constrained layout, so no bbox_inches="tight"
+    fig.savefig(buffer, format="png", dpi=fig.dpi, metadata={"Software": None})
     return buffer.getvalue()
 
 
 def save_figure(fig: Any, path: Path) -> Path:
-    """Save ``fig`` as a PNG at ``path`` atomically; the figure is cleared afterwards."""
+    """Save ``fig`` as a PNG at ``path`` atomically.
+
+    Figures here are plain :class:`~matplotlib.figure.Figure` objects that pyplot never
+    tracks, so there is nothing to close: the figure is freed with its last reference.
+    """
     atomic_write_bytes(path, figure_png(fig))
-    fig.clear()
     return path
 
 
@@ -215,7 +218,7 @@ class Results:
 
     # ------------------------------------------------------------------ saved arrays
     def thumbnails(self, image: str) -> dict[str, np.ndarray]:
-        """Saved thumbnails of one image: ``{"model\\x1flayer": (C,h,w) float32, "__input__": ...}``."""
+        """Saved thumbnails of one image: ``{thumb_key: (C,h,w) float32, "__input__": ...}``."""
         return _load_arrays(self.root / "thumbnails", image)
 
     def matrices(self, image: str) -> dict[str, Any]:

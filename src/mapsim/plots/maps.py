@@ -43,7 +43,9 @@ def maps_figure(maps: np.ndarray, ids: list[int], image: np.ndarray, dead: np.nd
     axes[0].imshow(picture, cmap="gray", interpolation="nearest")
     axes[0].set_title("input", fontsize=8, fontweight="bold")
     chosen = maps[ids]
-    vmin, vmax = (float(np.nanmin(chosen)), float(np.nanmax(chosen))) if shared_scale else (None, None)
+    vmin = vmax = None
+    if shared_scale:
+        vmin, vmax = float(np.nanmin(chosen)), float(np.nanmax(chosen))
     artist = None
     for ax, i in zip(axes[1:], ids):
         artist = ax.imshow(maps[i], cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")

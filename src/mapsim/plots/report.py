@@ -48,7 +48,10 @@ def _thumb_png(arr: np.ndarray) -> str:
         arr = arr.mean(axis=0)
     finite = np.isfinite(arr)
     low, high = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0, 1)
-    scaled = np.zeros(arr.shape) if high <= low else (np.where(finite, arr, low) - low) / (high - low)
+    if high <= low:
+        scaled = np.zeros(arr.shape)
+    else:
+        scaled = (np.where(finite, arr, low) - low) / (high - low)
     buffer = io.BytesIO()
     Image.fromarray((scaled * 255).round().astype(np.uint8), mode="L").save(buffer, "PNG")
     return _png_data_uri(buffer.getvalue())
@@ -209,7 +212,8 @@ def _findings_html(results: Results) -> str:
              "<th>mean best</th><th>% well correlated</th></tr>"]
     for (metric, model, layer), row in wide.iterrows():
         lines.append(f"<tr><td>{html.escape(str(metric))}</td><td>{html.escape(str(model))}</td>"
-                     f"<td>{html.escape(str(layer))}</td><td>{row.get('best_mean', np.nan):.3f}</td>"
+                     f"<td>{html.escape(str(layer))}</td>"
+                     f"<td>{row.get('best_mean', np.nan):.3f}</td>"
                      f"<td>{row.get('pct_well', np.nan):.1f}</td></tr>")
     lines.append("</table>")
     return ("<p>Each layer compared with itself (within its model), mean over images:</p>"
