@@ -360,3 +360,17 @@ def test_many_layers_put_std_in_its_own_row():
     np.testing.assert_allclose(np.asarray(panels[1].collections[0].get_array()).reshape(std.shape),
                                std.to_numpy())
     assert not panels[0].texts  # too many cells to annotate
+
+
+def test_a_drawing_failure_keeps_the_run(tmp_path, monkeypatch):
+    def broken(results):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(heatmaps, "heatmap_sets", broken)
+    with pytest.warns(RuntimeWarning, match="boom.*mapsim plot RESULTS_DIR --report"):
+        result = run(validate_spec(spec_data(report=True)), out_dir=tmp_path / "o",
+                     progress=False)
+    assert (result.out_dir / "pivot.csv").is_file()
+    assert (result.out_dir / "thumbnails" / "vessels-1.npz").is_file()
+    assert not (result.out_dir / "plots").exists()
+    assert not (result.out_dir / "report.html").exists()

@@ -391,10 +391,10 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
         info = run_info(spec, runner, n_images, time.perf_counter() - started)
         writer.write_json("run.json", info)
         if runner.capture is not None:
-            from mapsim.plots import draw_all
+            from mapsim.plots import draw_for_run
 
             runner.capture.write(writer.staging)
-            draw_all(writer.staging, report=spec.output.report)
+            draw_for_run(writer.staging, report=spec.output.report)
         tables = writer.tables()
         out = writer.publish()
     except BaseException:

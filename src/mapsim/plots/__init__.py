@@ -5,6 +5,6 @@ redraw without running a model. Figures are drawn on :class:`matplotlib.figure.F
 objects with the Agg canvas (never through ``pyplot``), so no global state or GUI is touched.
 """
 
-from mapsim.plots.draw import draw_all, redraw
+from mapsim.plots.draw import draw_all, draw_for_run, redraw
 
-__all__ = ["draw_all", "redraw"]
+__all__ = ["draw_all", "draw_for_run", "redraw"]

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,24 @@ def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | Non
 
         written.append(write_report(results, sets, folder, figures))
     return written
+
+
+def draw_for_run(root: str | Path, report: bool = False) -> list[Path]:
+    """Draw a run's pictures into its staging folder; a drawing failure never costs the tables.
+
+    On an error the partial ``plots/`` and ``report.html`` are removed and a warning says how
+    to draw them later (``mapsim plot``); the run itself still succeeds.
+    """
+    root = Path(root)
+    try:
+        return draw_all(root, report=report)
+    except Exception as exc:  # noqa: BLE001 - the tables are worth more than the pictures
+        shutil.rmtree(root / "plots", ignore_errors=True)
+        (root / "report.html").unlink(missing_ok=True)
+        warnings.warn(f"mapsim: the pictures could not be drawn ({type(exc).__name__}: {exc}); "
+                      "the tables are complete. Draw them later with `mapsim plot RESULTS_DIR"
+                      f"{' --report' if report else ''}`.", RuntimeWarning, stacklevel=2)
+        return []
 
 
 def redraw(root: str | Path, report: bool = False) -> list[Path]:
