@@ -203,7 +203,7 @@ def _map_sets(results: Results, view: MetricView, statistic: str, threshold: flo
               comparisons: list[tuple[str, str]], images: list[str],
               pooled: pd.DataFrame | None) -> list[HeatmapSet]:
     title, cbar = _labels(view, statistic, threshold)
-    fmt = ".0f" if statistic == "pct_well" else ".2f"
+    fmt = ".1f" if statistic == "pct_well" else ".2f"
     n = len(images)
     mean_panels, image_panels = [], {i: [] for i in images}
     pooled_panels = []
@@ -313,7 +313,7 @@ def draw_set(hs: HeatmapSet) -> Figure:
                 vmin=0, cmap="Greys")
             annot = annotations(panel, hs.fmt) if not big else False
             sns.heatmap(data, ax=ax, cbar=c == 0, cbar_ax=cax if c == 0 else None,
-                        annot=annot, fmt="", annot_kws={"fontsize": 7}, square=False,
+                        annot=annot, fmt="", annot_kws={"fontsize": 8}, square=False,
                         linewidths=0.5, linecolor="white",
                         cbar_kws={"label": hs.cbar_label if r == 0 else f"std of {hs.cbar_label}"},
                         **kwargs)
