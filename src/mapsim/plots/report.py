@@ -277,7 +277,7 @@ def write_report(results: Results, sets: list[HeatmapSet], plots_dir: Path,
 
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1800px}
 h1{font-size:1.4em}h2{border-bottom:1px solid #ccc;margin-top:1.5em}h3{margin-bottom:.2em}
 h4{font-weight:normal;font-size:.9em;margin:.4em 0}
 table.info{border-collapse:collapse;font-size:.85em}
@@ -291,9 +291,11 @@ td.cell{width:4.2em;height:2.6em;text-align:center;cursor:pointer;border:1px sol
 td.cell:hover,td.cell.chosen{outline:3px solid #e4572e;outline-offset:-3px}
 .legend{display:flex;align-items:center;gap:.4em;font-size:.8em;margin:.5em 0}
 .legend .bar{display:inline-block;width:200px;height:12px}
-#detail{border:2px solid #e4572e;padding:.6em 1em;margin-top:1em;min-height:3em;background:#fffaf8}
+.main{display:grid;grid-template-columns:minmax(0,1fr) minmax(300px,38%);gap:1em;align-items:start}
+#detail{border:2px solid #e4572e;padding:.6em 1em;min-height:3em;background:#fffaf8;
+position:sticky;top:.5em;max-height:calc(100vh - 1em);overflow:auto}
 #detail table{border-collapse:collapse;font-size:.8em;margin:.3em 0}
-#detail td,#detail th{border:1px solid #ddd;padding:2px 6px}
+#detail td,#detail th{border:1px solid #ddd;padding:1px 4px;white-space:nowrap}
 .pairs{display:flex;flex-wrap:wrap;gap:.8em}
 .mpair{border:1px solid #ccc;padding:.3em;font-size:.75em;text-align:center}
 .mpair img,.input img{width:{thumb}px;image-rendering:pixelated;margin:1px}
@@ -344,9 +346,10 @@ _TEMPLATE = """<!DOCTYPE html>
 <h2>Run</h2>{summary}
 <h2>Findings</h2>{findings}
 <h2>Heat maps</h2>
-<p>Click a cell to see that layer pair's statistics and its top map pairs below. Grey cells are undefined.</p>
-{heatmaps}
-<div id="detail"><i>Click a heat-map cell.</i></div>
+<p>Click a cell to see that layer pair's statistics and its top map pairs (right).
+Grey cells are undefined.</p>
+<div class="main"><div class="maps">{heatmaps}</div>
+<div id="detail"><i>Click a heat-map cell.</i></div></div>
 <h2>More pictures</h2>{figures}
 <script type="application/json" id="mapsim-data">{data}</script>
 <script>{js}</script>
