@@ -69,6 +69,7 @@ def test_plots_have_deterministic_names_and_are_valid_pngs(out):
     # groups figures appear only for layers with at least one well-correlated map
     assert expected_names() - {n for n in expected_names() if n.startswith("groups-")} <= names
     assert names <= expected_names()
+    assert "groups-pearson-a-blocks.0-image-vessels-1.png" in names
     for path in (out / "plots").glob("*.png"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         with Image.open(path) as image:

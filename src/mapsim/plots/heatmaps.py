@@ -134,11 +134,13 @@ def _nanstd(cube: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------- sets of panels
 def _threshold(results: Results, metric: str) -> float | None:
-    frame = results.summary if results.summary is not None else results.pivot
-    if frame is None or "threshold" not in frame:
-        return None
-    values = frame.loc[frame["metric"].astype(str) == metric, "threshold"].dropna().unique()
-    return float(values[0]) if len(values) else None
+    for frame in (results.summary, results.pivot, results.best):
+        if frame is None or "threshold" not in frame:
+            continue
+        values = frame.loc[frame["metric"].astype(str) == metric, "threshold"].dropna().unique()
+        if len(values):
+            return float(values[0])
+    return None
 
 
 def _labels(view: MetricView, statistic: str, threshold: float | None) -> tuple[str, str]:
