@@ -108,6 +108,11 @@ class Runner:
         self.pooled: dict[int, Moments] = {}
         self.pooled_stacks: dict[int, MapStack] = {}
         self.models: dict[str, PreparedModel] = {}
+        self.capture = None  # keeps thumbnails and matrices when plots are requested
+        if spec.output.plots or spec.output.report:
+            from mapsim.plots.capture import PlotCapture
+
+            self.capture = PlotCapture(spec.output.plot_images)
 
     # ------------------------------------------------------------------ setup
     def _metric(self, choice: Any) -> Metric:
@@ -245,6 +250,8 @@ class Runner:
     def _aggregate(self, image_id: str, sim: Any, sink: Callable[[str, pd.DataFrame], None]) -> None:
         start = time.perf_counter()
         tables: dict[str, pd.DataFrame] = {}
+        if self.capture is not None:
+            self.capture.add_matrix(image_id, sim)
         for aggregator in self.aggregators:
             tables.update(aggregator.aggregate(sim, tables))
         if self.spec.output.pairs:
@@ -280,6 +287,8 @@ class Runner:
     def _process(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> None:
         start = time.perf_counter()
         acts = self.extract(item)
+        if self.capture is not None:
+            self.capture.add_maps(item, acts)
         mask = self.mask_for(item)
         self._sync()
         self.timings["forward"] += time.perf_counter() - start
@@ -381,6 +390,11 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
             writer.write_table(name, accumulator.table())
         info = run_info(spec, runner, n_images, time.perf_counter() - started)
         writer.write_json("run.json", info)
+        if runner.capture is not None:
+            from mapsim.plots import draw_for_run
+
+            runner.capture.write(writer.staging)
+            draw_for_run(writer.staging, report=spec.output.report)
         tables = writer.tables()
         out = writer.publish()
     except BaseException:
