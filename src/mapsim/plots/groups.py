@@ -86,7 +86,8 @@ def groups_figure(groups: list[list[Member]], thumbs: dict[str, np.ndarray], vie
     shown = groups[:MAX_GROUPS]
     width = min(MAX_PER_GROUP, max(len(g) for g in shown))
     two_models = len({m.model for g in shown for m in g}) > 1
-    fig = Figure(figsize=(1.25 * width + 0.6, 1.55 * len(shown) + 0.9), dpi=100,
+    # at least 5.5 inches wide, so the two-line title is never clipped
+    fig = Figure(figsize=(max(5.5, 1.25 * width + 0.6), 1.55 * len(shown) + 0.9), dpi=100,
                  layout="constrained")
     axes = fig.subplots(len(shown), width, squeeze=False)
     for r, group in enumerate(shown):
