@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", nargs=2, type=int, default=(64, 64), metavar=("H", "W"),
                    help="input height and width for the trial forward pass (default 64 64)")
     p.set_defaults(func=_cmd_layers)
+
+    from mapsim.training.commands import add_parsers as add_training_parsers
+
+    add_training_parsers(sub)  # train, evaluate, models
     return parser
 
 
