@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input height and width for the trial forward pass (default 64 64)")
     p.set_defaults(func=_cmd_layers)
 
+    from mapsim.data_cli import add_data_parser
+
+    add_data_parser(sub)  # data synth
+
     from mapsim.training.commands import add_parsers as add_training_parsers
 
     add_training_parsers(sub)  # train, evaluate, models
