@@ -1,11 +1,11 @@
 """Time the synthetic-vessels generator at 256 x 256 and at the study's 1104 x 1376.
 
-Run: ``python benchmarks/synthetic_vessels.py [RESULTS.md]``. For each size it generates a few
-images (each seed once, after one warm-up image) and prints the median and the largest
+Run: ``python benchmarks/synthetic_vessels.py [RESULTS.md]``. For each size it generates a
+few images (each seed once, after one warm-up image) and prints the median and the largest
 wall-clock time of one image (geometry, label and rendering), its CPU time (which other
 processes on a busy machine inflate less), the same for the label alone, and the range of
-vessel fractions, then appends the figures with the command, machine and versions to the results file
-(default: benchmarks/RESULTS.md). Targets: well under 0.2 s at 256 x 256, about 1 s at
+vessel fractions, then appends the figures with the command, machine and versions to the
+results file (default: benchmarks/RESULTS.md). Targets: well under 0.2 s at 256 x 256, about 1 s at
 1104 x 1376 on a 2-core CPU.
 """
 

@@ -120,7 +120,7 @@ class Counts:
 
     def __add__(self, other: Counts) -> Counts:
         if not isinstance(other, Counts):
-            return NotImplemented
+            raise TypeError(f"cannot add {type(other).__name__} to Counts")
         skel = self.has_skeleton and other.has_skeleton
         values = {}
         for f in fields(self):

@@ -15,8 +15,8 @@ versions), together with deterministic scipy filters.
 
 from __future__ import annotations
 
-import math
 import heapq
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,8 +37,8 @@ class GeometryParams:
     wiggle: correlation length (pixels) of that meandering.
     trunks: range of the number of trunks of a 256 x 256 image (times the square root of
         the side length in units of 256 pixels for other sizes).
-    crowding: a thin segment (radius < 2 min_radius) does not branch where the vessel fraction around its end (96 x 96
-        pixels) already exceeds this.
+    crowding: a thin segment (radius < 2 min_radius) does not branch where the vessel
+        fraction around its end (96 x 96 pixels) already exceeds this.
     max_trunks: at most this many trees per image.
     """
 
@@ -133,6 +133,7 @@ class _Grower:
         self.area = 0.0  # estimated vessel area (overlaps ignored)
         # estimated vessel area per cell of a coarse grid, to spread the vessels out
         self.cells = np.zeros((-(-self.h // _CELL), -(-self.w // _CELL)))
+        self.first_side = 0  # the border the first trunk enters from
 
     def walk(self, start: np.ndarray, heading: float, radius: float, length: float) -> np.ndarray:
         """A meandering centreline from ``start``; cut where it leaves the image."""
@@ -258,9 +259,9 @@ def generate_geometry(
     h, w = int(size[0]), int(size[1])
     target = rs.uniform(*params.vessel_fraction)
     grower = _Grower((h, w), params, rs)
-    # overlaps at branchings and crossings make the drawn area smaller than the estimate
     scale = math.sqrt(h * w) / 256.0
     lo, hi = params.trunks
     trunks = max(1, int(round(rs.randint(lo, hi + 1) * math.sqrt(scale))))
+    # overlaps at branchings and crossings make the drawn area smaller than the estimate
     grower.grow(target * h * w * 1.12, min(trunks, params.max_trunks))
     return VesselGeometry((h, w), grower.segments, float(target))

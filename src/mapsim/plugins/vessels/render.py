@@ -50,8 +50,10 @@ def _disc_offsets(rmax: int) -> tuple[np.ndarray, np.ndarray]:
 def rasterise(geometry: VesselGeometry) -> tuple[np.ndarray, np.ndarray]:
     """The label (bool (H, W)) and the chord length (float32 (H, W), pixels) of the vessels.
 
-    Discs of one integer bounding radius are drawn together, vectorised; the chord at a pixel
-    covered by several discs is the largest of them.
+    Discs of one integer bounding radius are drawn together, vectorised, with the test of
+    ``skimage.draw.disk`` (the tests check the two agree exactly): a 1104 x 1376 image has some
+    50,000 discs, which one ``disk`` call each would take seconds to draw. The chord at a
+    pixel covered by several discs is the largest of them.
     """
     h, w = geometry.size
     centres, radii = geometry.disc_centres()
