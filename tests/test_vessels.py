@@ -115,6 +115,12 @@ def test_vessel_fraction_is_in_the_study_range(size, seeds):
         assert 0.08 <= fraction <= 0.25, (size, seed, fraction)
 
 
+def test_the_study_size_renders():
+    s = generate(4, 2, (1104, 1376))
+    assert s.raw.shape == s.label.shape == (1104, 1376) and s.raw.dtype == np.float32
+    assert np.isfinite(s.raw).all()
+
+
 def test_vessels_are_brighter_at_their_centre_than_at_the_wall_and_the_tissue():
     s = generate(3, 0, (128, 128), appearance=None)
     from scipy.ndimage import binary_erosion
