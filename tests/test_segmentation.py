@@ -207,3 +207,15 @@ def test_counts_add_up():
     a, b = Counts(1, 2, 3, 4, 1, 2, 3, 4), Counts(10, 20, 30, 40, 5, 6, 7, 8)
     assert a + b == Counts(11, 22, 33, 44, 6, 8, 10, 12)
     assert (a + Counts(1, 1, 1, 1)).has_skeleton is False
+
+
+def test_synthetic_vessel_labels_match_reference():
+    from scipy.ndimage import binary_dilation, binary_erosion
+
+    from mapsim.plugins.vessels import generate
+
+    label = generate(2, 0, (128, 160), image=False).label
+    for pred in (binary_dilation(label), binary_erosion(label), label[::-1]):
+        got, want = segmentation_metrics(pred, label), reference(pred, label)
+        for key in METRICS:
+            assert got[key] == pytest.approx(want[key], rel=1e-12), key
