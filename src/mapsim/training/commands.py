@@ -11,14 +11,25 @@ from typing import Any
 from mapsim.core.errors import SpecError
 
 
+def _train_command(args: argparse.Namespace) -> list[str]:
+    """The ``mapsim train`` command line of ``args`` (recorded in the card)."""
+    command = ["mapsim", "train", args.spec]
+    for flag in ("out", "device"):
+        if getattr(args, flag):
+            command += [f"--{flag}", getattr(args, flag)]
+    return command + [f"--{flag}" for flag in ("resume", "overwrite", "quiet")
+                      if getattr(args, flag)]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from mapsim.training.loop import train
     from mapsim.training.spec import load_train_spec
 
     spec = load_train_spec(args.spec)
-    result = train(spec, base_dir=Path(args.spec).resolve().parent, out_dir=args.out,
+    out = Path(args.out).absolute() if args.out else None  # --out: relative to here
+    result = train(spec, base_dir=Path(args.spec).resolve().parent, out_dir=out,
                    resume=args.resume, overwrite=args.overwrite, device=args.device,
-                   progress=not args.quiet)
+                   progress=not args.quiet, command=_train_command(args))
     m = result.best_metrics
     print(f"best epoch {result.best_epoch}/{spec.epochs}: validation IoU {m['iou']:.4f}, "
           f"clDice {m['cldice']:.4f}, Dice {m['dice']:.4f}")
@@ -38,9 +49,14 @@ def _dataset_from(arg: str) -> tuple[Any, dict[str, Any], Path]:
     path = Path(arg)
     if path.suffix.lower() in (".yaml", ".yml", ".json", ".toml") and path.is_file():
         data, base = read_document(path), path.resolve().parent
+    elif ":" in arg or "{" in arg:
+        data, base = parse_document(arg, "yaml", "--data"), Path.cwd()
     else:
-        data, base = parse_document(arg, "yaml", "DATA") if "{" in arg or ":" in arg else \
-            {"name": "folder", "path": arg}, Path.cwd()
+        raise SpecError(
+            f"--data {arg!r} is neither a dataset file nor inline YAML. Give e.g. "
+            "'{name: folder, images: data/images, labels: data/labels}' or "
+            "'{name: synthetic-vessels, count: 5, seed: 1000}', or a .yaml file holding one."
+        )
     for key in ("images", "data"):  # a run spec's images, a training spec's data
         if key in data and isinstance(data[key], (dict, str)):
             data = data[key]
@@ -73,38 +89,40 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(value: Any, pattern: str = "{:.3f}") -> str:
+    return pattern.format(value) if isinstance(value, (int, float)) else "-"
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
+    from mapsim.core.images import natural_key
     from mapsim.core.models import pretrained_card, pretrained_names
 
     if args.name:
         print(json.dumps(pretrained_card(args.name), indent=2))
         return 0
-    names = pretrained_names()
+    names = sorted(pretrained_names(), key=natural_key)
     if not names:
         print("no pretrained weights are bundled with this mapsim")
         return 0
-    header = ("name", "architecture", "conv params", "epoch", "val IoU", "val clDice",
-              "held-out IoU", "held-out clDice")
-    rows = [header]
+    rows = [("name", "architecture", "conv params", "best epoch", "val IoU", "val clDice",
+             "held-out IoU", "held-out clDice")]
     for name in names:
         card = pretrained_card(name)
-        arch = (card.get("model") or {}).get("architecture") or {}
-        shown = ", ".join(f"{k}={v}" for k, v in arch.items()
-                          if k in ("name", "depth", "width", "kernel_size"))
+        arch = dict((card.get("model") or {}).get("architecture") or {})
+        shown = f"{arch.pop('name', '?')} " + " ".join(
+            f"{k}={arch[k]}" for k in ("depth", "width", "kernel_size") if k in arch)
         val = (card.get("metrics") or {}).get("validation") or {}
         held = (card.get("held_out") or {}).get("mean") or {}
-
-        def f(x: Any) -> str:
-            return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
-
-        rows.append((name, shown, f"{(card.get('parameters') or {}).get('conv_modules', '-'):,}"
-                     if isinstance((card.get('parameters') or {}).get('conv_modules'), int)
-                     else "-", str(card.get("epoch", "-")), f(val.get("iou")),
-                     f(val.get("cldice")), f(held.get("iou")), f(held.get("cldice"))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        params = (card.get("parameters") or {}).get("conv_modules")
+        rows.append((name, shown, _number(params, "{:,}"),
+                     f"{card.get('epoch', '-')}/{card.get('epochs', '-')}",
+                     _number(val.get("iou")), _number(val.get("cldice")),
+                     _number(held.get("iou")), _number(held.get("cldice"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-    print("\nuse as weights: pretrained:NAME; `mapsim models NAME` prints a card", file=sys.stderr)
+    print("\nuse one as weights: pretrained:NAME; `mapsim models NAME` prints its card "
+          "(training spec, command, output, held-out scores)")
     return 0
 
 
@@ -128,8 +146,8 @@ def add_parsers(sub: Any) -> None:
                    " a model spec file or inline YAML; prefix NAME= to name it")
     p.add_argument("--data", required=True,
                    help="labelled images: a dataset as inline YAML (e.g. '{name: "
-                   "synthetic-vessels, count: 5, seed: 1000}'), a file holding one (or a "
-                   "run or training spec: its images/data), or a folder")
+                   "synthetic-vessels, count: 5, seed: 1000}') or a file holding one (or a "
+                   "run or training spec: its images/data)")
     p.add_argument("--out", help="results folder (default: results/evaluate-<models>)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
