@@ -91,3 +91,18 @@ def test_cli_models(capsys):
     assert json.loads(capsys.readouterr().out)["model"]["architecture"]["depth"] == 10
     assert main(["models", "cnn7"]) == 2
     assert "unknown pretrained weights 'cnn7'" in capsys.readouterr().err
+
+
+def test_example_specs_are_valid(capsys):
+    """examples/study.yaml (the main job) and the specs the bundled networks were trained with."""
+    from pathlib import Path
+
+    from mapsim.training import load_train_spec
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    assert main(["validate", str(examples / "study.yaml"), "--deep"]) == 0
+    out = capsys.readouterr().out
+    assert "3 model(s), 6 comparison(s)" in out and "11 layer(s) resolved, 3 image(s)" in out
+    for name in CONV_PARAMETERS:
+        spec = load_train_spec(examples / "training" / f"{name}.yaml")
+        assert spec.model_dump(mode="json") == pretrained_card(name)["spec"]
