@@ -140,3 +140,11 @@ def test_cli_evaluate(workdir, capsys, monkeypatch):
     assert "not empty" in capsys.readouterr().err
     assert main(["evaluate", "pretrained:nope", "--data", data]) == 2
     assert "unknown pretrained weights 'nope'" in capsys.readouterr().err
+
+
+def test_cli_evaluate_data_must_be_a_dataset(workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
+    assert main(["evaluate", MODEL, "--data", "d/images"]) == 2
+    assert "neither a dataset file nor inline YAML" in capsys.readouterr().err
+    assert main(["evaluate", MODEL, "--data", "{name: nope}"]) == 2
+    assert "unknown dataset 'nope'" in capsys.readouterr().err

@@ -262,3 +262,20 @@ def test_cli_train_and_resume(workdir, capsys):
     spec.write_text(spec.read_text() + "batchsize: 3\n")
     assert main(["train", str(spec)]) == 2
     assert "batchsize: unknown field; did you mean 'batch_size'?" in capsys.readouterr().err
+
+
+def test_models_must_output_two_maps(workdir):
+    from mapsim.core.errors import ModelError
+
+    spec = tiny_spec(model={"architecture": {"name": "fcn", "depth": 1, "width": 2,
+                                             "kernel_size": 3, "classes": 3}})
+    with pytest.raises(ModelError, match=r"\(N, 2, H, W\).*classes: 2"):
+        train(spec, base_dir=workdir, progress=False)
+
+
+def test_divergence_is_reported(workdir):
+    from mapsim.core.errors import MapsimError
+
+    spec = tiny_spec(epochs=5, optimizer={"name": "sgd", "lr": 1e30})
+    with pytest.raises(MapsimError, match="training diverged. Lower optimizer.lr"):
+        train(spec, base_dir=workdir, progress=False)
