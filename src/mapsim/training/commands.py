@@ -42,8 +42,8 @@ def _dataset_from(arg: str) -> tuple[Any, dict[str, Any], Path]:
     from pydantic import TypeAdapter, ValidationError
 
     from mapsim.core.plugins import load_registry
-    from mapsim.core.spec import format_validation_error, parse_document, read_document, \
-        spec_model
+    from mapsim.core.spec import _choice_type, format_validation_error, parse_document, \
+        read_document
 
     path = Path(arg)
     if path.suffix.lower() in (".yaml", ".yml", ".json", ".toml") and path.is_file():
@@ -61,11 +61,11 @@ def _dataset_from(arg: str) -> tuple[Any, dict[str, Any], Path]:
             data = data[key]
             break
     registry = load_registry()
-    Images = spec_model(registry).model_fields["images"].annotation
+    Images = _choice_type("dataset", registry, string_field="paths")
     try:
-        choice = TypeAdapter(Images).validate_python(data)
+        choice = TypeAdapter(dict[str, Images]).validate_python({"data": data})["data"]
     except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, arg, data)) from None
+        raise SpecError(format_validation_error(exc, "--data", {"data": data})) from None
     params = choice.model_dump(exclude={"name"})
     dataset = registry.create("dataset", choice.name, params, base_dir=base)
     return dataset, choice.model_dump(mode="json"), base
