@@ -203,9 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input height and width for the trial forward pass (default 64 64)")
     p.set_defaults(func=_cmd_layers)
 
-    from mapsim.plots.commands import add_parsers
+    # subcommands that live beside their implementation
+    from mapsim.data_cli import add_data_parser
+    from mapsim.plots.commands import add_parsers as add_plot_parsers
+    from mapsim.training.commands import add_parsers as add_training_parsers
 
-    add_parsers(sub)  # plot, show maps, show kernels
+    add_plot_parsers(sub)  # plot, show maps, show kernels
+    add_data_parser(sub)  # data synth
+    add_training_parsers(sub)  # train, evaluate, models
     return parser
 
 
