@@ -7,7 +7,8 @@ from pydantic import Field
 
 from mapsim.core import aggregation
 from mapsim.core.hookspecs import hookimpl
-from mapsim.core.plugin_api import Aggregator, Params
+from mapsim.core.errors import SpecError
+from mapsim.core.plugin_api import Aggregator, Metric, Params
 from mapsim.core.similarity import SimilarityMatrix
 
 Tables = dict[str, pd.DataFrame]
@@ -37,7 +38,8 @@ class ThresholdParams(Params):
     """Parameters of ``threshold``."""
 
     value: float = 0.8
-    """A map is well correlated when its best value is >= this (<= for a distance)."""
+    """A map is well correlated when its best value is >= this (<= for a distance). The
+    default 0.8 is for similarities; a distance needs its own threshold (see ``prepare``)."""
     per_metric: dict[str, float] = Field(default_factory=dict)
     """Thresholds for particular metrics (by metric label), overriding ``value``."""
 
@@ -49,6 +51,28 @@ class ThresholdAggregator(Aggregator):
     Params = ThresholdParams
     order = 30
     requires = ("max",)
+
+    def prepare(self, metrics: list[Metric]) -> None:
+        """Refuse a distance metric without a threshold of its own.
+
+        A distance (``higher_is_more_similar = False``) needs an entry in ``per_metric``; only
+        when every map-granularity metric of the run is a distance may an explicitly given
+        ``value`` serve instead. The default 0.8 never applies to a distance.
+        """
+        map_metrics = [m for m in metrics if m.info.granularity == "map"]
+        all_distances = all(not m.info.higher_is_more_similar for m in map_metrics)
+        explicit = "value" in self.params.model_fields_set
+        for metric in map_metrics:
+            if metric.info.higher_is_more_similar or metric.label in self.params.per_metric:
+                continue
+            if explicit and all_distances:
+                continue
+            raise SpecError(
+                f"threshold: metric {metric.label!r} is a distance (lower is more similar), so "
+                f"the similarity threshold value {self.params.value:g} does not apply to it; "
+                f"give it its own maximum distance, e.g. {{name: threshold, per_metric: "
+                f"{{{metric.label}: 1.5}}}}"
+            )
 
     def aggregate(self, sim: SimilarityMatrix, tables: Tables) -> Tables:
         threshold = self.params.per_metric.get(sim.metric, self.params.value)
