@@ -38,10 +38,10 @@ class ThresholdParams(Params):
     """Parameters of ``threshold``."""
 
     value: float = 0.8
-    """A map is well correlated when its best value is >= this (<= for a distance). The
-    default 0.8 is for similarities; a distance needs its own threshold (see ``prepare``)."""
+    """A map is well correlated when its best value is >= this (similarity metrics)."""
     per_metric: dict[str, float] = Field(default_factory=dict)
-    """Thresholds for particular metrics (by metric label), overriding ``value``."""
+    """Thresholds for particular metrics (by metric label), overriding ``value``. A distance
+    metric (e.g. euclidean) must have one: a map passes when its best distance is <= it."""
 
 
 class ThresholdAggregator(Aggregator):
@@ -53,26 +53,21 @@ class ThresholdAggregator(Aggregator):
     requires = ("max",)
 
     def prepare(self, metrics: list[Metric]) -> None:
-        """Refuse a distance metric without a threshold of its own.
+        """Refuse a distance metric without a threshold of its own in ``per_metric``.
 
-        A distance (``higher_is_more_similar = False``) needs an entry in ``per_metric``; only
-        when every map-granularity metric of the run is a distance may an explicitly given
-        ``value`` serve instead. The default 0.8 never applies to a distance.
+        ``value`` (default 0.8) is a similarity threshold; a distance
+        (``higher_is_more_similar = False``) has no meaningful default, so it needs an entry
+        ``per_metric: {label: maximum distance}``.
         """
-        map_metrics = [m for m in metrics if m.info.granularity == "map"]
-        all_distances = all(not m.info.higher_is_more_similar for m in map_metrics)
-        explicit = "value" in self.params.model_fields_set
-        for metric in map_metrics:
-            if metric.info.higher_is_more_similar or metric.label in self.params.per_metric:
-                continue
-            if explicit and all_distances:
-                continue
-            raise SpecError(
-                f"threshold: metric {metric.label!r} is a distance (lower is more similar), so "
-                f"the similarity threshold value {self.params.value:g} does not apply to it; "
-                f"give it its own maximum distance, e.g. {{name: threshold, per_metric: "
-                f"{{{metric.label}: 1.5}}}}"
-            )
+        for metric in metrics:
+            if (metric.info.granularity == "map" and not metric.info.higher_is_more_similar
+                    and metric.label not in self.params.per_metric):
+                raise SpecError(
+                    f"threshold: metric {metric.label!r} is a distance (lower is more similar), "
+                    f"so the similarity threshold value {self.params.value:g} does not apply to "
+                    f"it; give it its own maximum distance, e.g. {{name: threshold, "
+                    f"per_metric: {{{metric.label}: 1.5}}}}"
+                )
 
     def aggregate(self, sim: SimilarityMatrix, tables: Tables) -> Tables:
         threshold = self.params.per_metric.get(sim.metric, self.params.value)

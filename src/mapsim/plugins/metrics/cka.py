@@ -92,7 +92,8 @@ class CKAParams(Params):
     @model_validator(mode="after")
     def _consistent(self) -> CKAParams:
         for name, (applies, where) in _APPLIES.items():
-            if name in self.model_fields_set and not applies(self):
+            default = type(self).model_fields[name].default
+            if getattr(self, name) != default and not applies(self):
                 raise ValueError(f"'{name}' only applies to {where}")
         if self.samples == "images" and self.debiased is False:
             raise ValueError(
