@@ -236,3 +236,11 @@ def test_a_distance_without_threshold_fails_before_any_image(tmp_path):
 def test_example_metrics_spec_validates():
     spec = load_spec(ROOT / "examples" / "metrics.yaml")
     Runner(spec, ROOT / "examples")  # metrics and aggregators agree (thresholds for distances)
+
+
+def test_the_original_dead_rule_concerns_map_metrics_only(tmp_path):
+    engine = {"dead_maps": "original"}
+    Runner(_spec(metrics=["pearson", "cosine", "cka"], aggregators=["max"], engine=engine),
+           tmp_path)
+    with pytest.raises(SpecError, match="not defined for metric 'euclidean'"):
+        Runner(_spec(metrics=["euclidean"], aggregators=["max"], engine=engine), tmp_path)

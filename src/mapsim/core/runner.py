@@ -119,7 +119,8 @@ class Runner:
         params = choice.model_dump(exclude={"name", "label"})
         metric = self.registry.create("metric", choice.name, params)
         metric.label = choice.label or choice.name
-        if self.spec.engine.dead_maps == "original" and metric.dead_fill is None:
+        if (self.spec.engine.dead_maps == "original" and metric.dead_fill is None
+                and metric.info.granularity == "map"):  # layer values have no dead-map rule
             raise SpecError(
                 f"engine.dead_maps: 'original' is not defined for metric {choice.name!r}; "
                 "use 'exclude'"

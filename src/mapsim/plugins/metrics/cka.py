@@ -19,7 +19,7 @@ Variants, chosen by parameters (Kornblith et al. 2019; Nguyen et al. 2021):
   images (Gram matrices stacked to (L, B, B), all pairs in one einsum) and CKA is formed once
   at the end from the sums; per-batch CKA values are never averaged. Only the current batch's
   features are kept (at most batch_size + 3 images: a last remainder of fewer than 4 images
-  joins the batch before it). Batches are weighted by their number of images. This needs the
+  joins the batch before it), plus the first image's, to tell a layer that never varies. Batches are weighted by their number of images. This needs the
   unbiased estimator, so ``debiased`` must not be false.
 
 RBF bandwidth: sigma = ``bandwidth`` x the median pairwise Euclidean distance; by default
@@ -45,7 +45,7 @@ from pydantic import Field, model_validator
 from mapsim.core.errors import MapsimError, ShapeMismatchError, SpecError
 from mapsim.core.hookspecs import hookimpl
 from mapsim.core.moments import Moments
-from mapsim.core.plugin_api import Metric, MetricInfo, Params, Undefined
+from mapsim.core.plugin_api import Metric, MetricInfo, MetricPathError, Params, Undefined
 from mapsim.plugins.metrics import hsic
 
 #: parameters that only apply to some variants: name -> (applies?, where it applies)
@@ -157,7 +157,8 @@ class CKA(Metric):
     def from_maps(self, x: torch.Tensor, y: torch.Tensor) -> float | Undefined:
         """CKA between x (C_a, P) and y (C_b, P) with pixels as samples (generic path)."""
         if self.params.samples == "images":
-            raise SpecError("cka with samples: images is computed across images (update/finish)")
+            raise MetricPathError(
+                "cka with samples: images is computed across images (update/finish)")
         x, y = x.to(torch.float64), y.to(torch.float64)
         if self.params.kernel == "rbf":
             return self._rbf_pixels(x, y)
