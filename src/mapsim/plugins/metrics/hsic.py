@@ -59,11 +59,11 @@ def median_squared_distance(d2: torch.Tensor, convention: Median) -> float:
     else:
         n = d2.shape[0]
         values = d2[~torch.eye(n, dtype=torch.bool, device=d2.device)]
-    values = torch.sort(values).values
-    mid = values.numel() // 2
-    if values.numel() % 2:
-        return float(values[mid])
-    return float((values[mid - 1] + values[mid]) / 2)
+    count = values.numel()
+    upper = float(torch.kthvalue(values, count // 2 + 1).values)  # selection, not a full sort
+    if count % 2:
+        return upper
+    return (float(torch.kthvalue(values, count // 2).values) + upper) / 2
 
 
 def rbf_gram(x: torch.Tensor, fraction: float, convention: Median) -> torch.Tensor | None:
