@@ -289,7 +289,8 @@ def test_minibatch_sums_hsic_over_batches_then_divides_once(rng):
         sums += (hi - lo) * np.array([[(a * a).sum(), (a * b).sum()],
                                       [(b * a).sum(), (b * b).sum()]]) / (m * (m - 3))
     expected = sums[0, 1] / math.sqrt(sums[0, 0] * sums[1, 1])
-    assert images_cka({"pool": "none", "batch_size": 8}, xs, ys) == pytest.approx(expected, abs=1e-6)
+    got = images_cka({"pool": "none", "batch_size": 8}, xs, ys)
+    assert got == pytest.approx(expected, abs=1e-6)
     # a remainder of fewer than 4 images joins the batch before it: 8 + (8 + 3)
     xs3, ys3 = xs[:19], ys[:19]
     sums = np.zeros((2, 2))

@@ -171,7 +171,7 @@ def _defined(value: Any) -> np.ndarray:
 
 
 class MetricContract:
-    """pytest contract tests for a :class:`mapsim.Metric`; subclass and give a ``metric`` fixture."""
+    """pytest contract tests for a :class:`mapsim.Metric`: subclass, give a ``metric`` fixture."""
 
     #: invariance name -> transform; extend in a subclass for invariances of your own
     transforms: dict[str, Transform] = TRANSFORMS

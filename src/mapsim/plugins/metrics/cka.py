@@ -19,8 +19,9 @@ Variants, chosen by parameters (Kornblith et al. 2019; Nguyen et al. 2021):
   images (Gram matrices stacked to (L, B, B), all pairs in one einsum) and CKA is formed once
   at the end from the sums; per-batch CKA values are never averaged. Only the current batch's
   features are kept (at most batch_size + 3 images: a last remainder of fewer than 4 images
-  joins the batch before it), plus the first image's, to tell a layer that never varies. Batches are weighted by their number of images. This needs the
-  unbiased estimator, so ``debiased`` must not be false.
+  joins the batch before it), plus the first image's, to tell a layer that never varies.
+  Batches are weighted by their number of images. This needs the unbiased estimator, so
+  ``debiased`` must not be false.
 
 RBF bandwidth: sigma = ``bandwidth`` x the median pairwise Euclidean distance; by default
 (``median: all``) sigma^2 = bandwidth^2 x the median of all n^2 squared distances, zero
