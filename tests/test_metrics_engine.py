@@ -70,6 +70,9 @@ def test_threshold_refuses_a_distance_without_its_own_threshold():
         ThresholdAggregator(ThresholdParams(value=2.0)).prepare([euclid])
     ThresholdAggregator(ThresholdParams(per_metric={"euclidean": 2.0})).prepare([pearson, euclid])
     ThresholdAggregator().prepare([pearson, _metric("cka")])  # layer metrics have no threshold
+    with pytest.raises(SpecError, match="'euclidian' is not a metric label .* Closest: euclidean"):
+        ThresholdAggregator(ThresholdParams(per_metric={"euclidian": 2.0})).prepare(
+            [pearson, euclid])
 
 
 def _spec(**overrides):

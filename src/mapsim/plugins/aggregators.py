@@ -7,7 +7,7 @@ from pydantic import Field
 
 from mapsim.core import aggregation
 from mapsim.core.hookspecs import hookimpl
-from mapsim.core.errors import SpecError
+from mapsim.core.errors import SpecError, closest_matches
 from mapsim.core.plugin_api import Aggregator, Metric, Params
 from mapsim.core.similarity import SimilarityMatrix
 
@@ -53,12 +53,22 @@ class ThresholdAggregator(Aggregator):
     requires = ("max",)
 
     def prepare(self, metrics: list[Metric]) -> None:
-        """Refuse a distance metric without a threshold of its own in ``per_metric``.
+        """Refuse a distance metric without a threshold of its own in ``per_metric``, and a
+        ``per_metric`` label that names no metric of the run (a typo would be ignored).
 
         ``value`` (default 0.8) is a similarity threshold; a distance
         (``higher_is_more_similar = False``) has no meaningful default, so it needs an entry
         ``per_metric: {label: maximum distance}``.
         """
+        labels = [m.label for m in metrics]
+        for label in self.params.per_metric:
+            if label not in labels:
+                matches = closest_matches(label, labels)
+                near = f" Closest: {', '.join(matches)}." if matches else ""
+                raise SpecError(
+                    f"threshold.per_metric: {label!r} is not a metric label of this run "
+                    f"({', '.join(labels)}).{near}"
+                )
         for metric in metrics:
             if (metric.info.granularity == "map" and not metric.info.higher_is_more_similar
                     and metric.label not in self.params.per_metric):
