@@ -237,6 +237,13 @@ def test_a_distance_without_threshold_fails_before_any_image(tmp_path):
 
 
 def test_example_metrics_spec_validates():
+    import jsonschema
+    import yaml
+
+    from mapsim.core.spec import json_schema
+
+    jsonschema.validate(yaml.safe_load((ROOT / "examples" / "metrics.yaml").read_text()),
+                        json_schema())
     spec = load_spec(ROOT / "examples" / "metrics.yaml")
     Runner(spec, ROOT / "examples")  # metrics and aggregators agree (thresholds for distances)
 
