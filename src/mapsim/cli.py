@@ -139,21 +139,15 @@ def _model_spec_from(arg: str, model: str | None) -> tuple[str, Any, Path]:
 
 def _cmd_layers(args: argparse.Namespace) -> int:
     from mapsim.core.extraction import describe_layers, format_layers
-    from mapsim.core.models import build_model
+    from mapsim.core.models import build_from_spec
     from mapsim.core.plugins import load_registry
 
     registry = load_registry()
     name, mspec, base = _model_spec_from(args.model_spec, args.model)
-    architecture = None
-    if mspec.architecture is not None:
-        architecture = registry.create("architecture", mspec.architecture.name,
-                                       mspec.architecture.model_dump(exclude={"name"}))
-    loaded = build_model(name, architecture=architecture, python=mspec.python,
-                         kwargs=mspec.kwargs, torchscript=mspec.torchscript,
-                         weights=mspec.weights, seed=mspec.seed, base_dir=base)
+    loaded = build_from_spec(name, mspec, registry, base)
     extractor = registry.create("extractor", mspec.extractor.name,
                                 mspec.extractor.model_dump(exclude={"name"}))
-    channels = mspec.in_channels or loaded.in_channels or 1
+    channels = loaded.in_channels or 1
     height, width = args.input_size
     infos = describe_layers(loaded.module, extractor, (channels, height, width))
     print(f"model {name!r}, input 1 x {channels} x {height} x {width}")

@@ -61,6 +61,24 @@ class LoadedModel:
 
 
 # --------------------------------------------------------------------------- building
+def build_from_spec(name: str, mspec: Any, registry: Any, base_dir: Path | None = None) -> LoadedModel:
+    """Build model ``name`` from a validated model spec (a run spec's ``models`` entry).
+
+    Creates the architecture plugin named in the spec (if any), builds and loads the model with
+    :func:`build_model` and applies the spec's ``in_channels``.
+    """
+    architecture = None
+    if mspec.architecture is not None:
+        architecture = registry.create("architecture", mspec.architecture.name,
+                                       mspec.architecture.model_dump(exclude={"name"}))
+    loaded = build_model(name, architecture=architecture, python=mspec.python,
+                         kwargs=mspec.kwargs, torchscript=mspec.torchscript,
+                         weights=mspec.weights, seed=mspec.seed, base_dir=base_dir)
+    if mspec.in_channels is not None:
+        loaded.in_channels = mspec.in_channels
+    return loaded
+
+
 def build_model(
     name: str,
     *,

@@ -29,20 +29,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> tuple[str, Any, Any]:
     """(name, loaded model, extractor) from MODEL_SPEC, like `mapsim layers`."""
     from mapsim.cli import _model_spec_from
-    from mapsim.core.models import build_model
+    from mapsim.core.models import build_from_spec
     from mapsim.core.plugins import load_registry
 
     registry = load_registry()
     name, mspec, base = _model_spec_from(args.model_spec, args.model)
-    architecture = None
-    if mspec.architecture is not None:
-        architecture = registry.create("architecture", mspec.architecture.name,
-                                       mspec.architecture.model_dump(exclude={"name"}))
-    loaded = build_model(name, architecture=architecture, python=mspec.python,
-                         kwargs=mspec.kwargs, torchscript=mspec.torchscript,
-                         weights=mspec.weights, seed=mspec.seed, base_dir=base)
-    if mspec.in_channels is not None:
-        loaded.in_channels = mspec.in_channels
+    loaded = build_from_spec(name, mspec, registry, base)
     extractor = registry.create("extractor", mspec.extractor.name,
                                 mspec.extractor.model_dump(exclude={"name"}))
     loaded.module.eval()

@@ -24,6 +24,7 @@ from mapsim.core.errors import ModelError, SpecError, UnknownNameError
 from mapsim.core.models import (
     PRETRAINED_PREFIX,
     LoadedModel,
+    build_from_spec,
     build_model,
     pretrained_card,
 )
@@ -140,13 +141,7 @@ def _from_model_spec(arg: str, name: str | None, base: Path,
     name = name or "model"
     if re.match(NAME_PATTERN, name) is None:
         raise SpecError(f"model name {name!r}: use letters, digits, '_', '.' and '-' only")
-    architecture = None
-    if mspec.architecture is not None:
-        architecture = registry.create("architecture", mspec.architecture.name,
-                                       mspec.architecture.model_dump(exclude={"name"}))
-    loaded = build_model(name, architecture=architecture, python=mspec.python,
-                         kwargs=mspec.kwargs, torchscript=mspec.torchscript,
-                         weights=mspec.weights, seed=mspec.seed, base_dir=base)
+    loaded = build_from_spec(name, mspec, registry, base)
     card = None
     if mspec.weights:
         if mspec.weights.startswith(PRETRAINED_PREFIX):
