@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-#: default pixels per chunk: keeps a float32 chunk product accurate to ~1e-6 in r.
-DEFAULT_CHUNK_PIXELS = 16384
+#: default pixels per chunk: keeps a float32 chunk product accurate to ~1e-6 in r (16384 gave
+#: up to 5e-6 on CPU BLAS, see tests/test_streaming.py).
+DEFAULT_CHUNK_PIXELS = 4096
 #: default memory for one centred float32 chunk (bytes).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -94,13 +95,65 @@ def chunk_size(n_maps: int, n_pixels: int, chunk_pixels: int | None = None,
     return max(1, min(int(chunk_pixels), max(n_pixels, 1)))
 
 
-def compute_moments(z: torch.Tensor, chunk_pixels: int | None = None) -> Moments:
+#: maps per block row of the symmetric product (only blocks on or above the diagonal are
+#: multiplied; the rest is mirrored).
+DEFAULT_BLOCK_ROWS = 128
+
+
+def gram(
+    centred: torch.Tensor, rows: slice, cols: slice, step: int
+) -> torch.Tensor:
+    """float64 sum over pixel chunks of the float32 products ``centred[rows] @ centred[cols].T``.
+
+    The pixel axis is cut into chunks of ``step`` pixels; all whole chunks are multiplied in one
+    batched product (a strided view, no copy), each chunk's float32 result is summed in float64,
+    and a last partial chunk is added the same way. TF32 must be off (see
+    :func:`exact_float32_matmul`).
+    """
+    a_all, b_all = centred[rows], centred[cols]
+    n_pixels = centred.shape[1]
+    whole = (n_pixels // step) * step
+    out = torch.zeros(a_all.shape[0], b_all.shape[0], dtype=torch.float64, device=centred.device)
+    if whole:
+        k = whole // step
+        a = a_all[:, :whole].unflatten(1, (k, step)).transpose(0, 1)  # (k, rows, step)
+        b = b_all[:, :whole].unflatten(1, (k, step)).transpose(0, 1)
+        out += torch.bmm(a, b.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
+    if whole < n_pixels:
+        out += (a_all[:, whole:] @ b_all[:, whole:].T).to(torch.float64)
+    return out
+
+
+def symmetric_gram(centred: torch.Tensor, step: int, block_rows: int = DEFAULT_BLOCK_ROWS
+                   ) -> torch.Tensor:
+    """float64 ``centred @ centred.T`` from the blocks on and above the diagonal only.
+
+    Rows are taken ``block_rows`` at a time; each block row is multiplied with itself and the
+    rows after it, and the part below the diagonal is mirrored, which saves close to half of the
+    multiplications of a full product.
+    """
+    n_maps = centred.shape[0]
+    out = torch.empty(n_maps, n_maps, dtype=torch.float64, device=centred.device)
+    for start in range(0, n_maps, block_rows):
+        stop = min(start + block_rows, n_maps)
+        upper = gram(centred, slice(start, stop), slice(start, n_maps), step)
+        out[start:stop, start:] = upper
+        out[stop:, start:stop] = upper[:, stop - start:].T
+    return (out + out.T) / 2  # diagonal blocks: exactly symmetric
+
+
+def compute_moments(z: torch.Tensor, chunk_pixels: int | None = None,
+                    block_rows: int = DEFAULT_BLOCK_ROWS) -> Moments:
     """Moments of the rows of ``z`` (C maps x P pixels) on z's device.
+
+    ``z`` is not modified: pixels are centred a memory-bounded stretch at a time (a whole
+    number of chunks within :data:`DEFAULT_CHUNK_BYTES`, at least one chunk).
 
     Args:
         z: (C, P) maps; cast to float32 if needed. Restrict pixels (ROI) before calling.
         chunk_pixels: pixels multiplied at a time (default: :data:`DEFAULT_CHUNK_PIXELS`,
             lowered so one centred chunk stays within :data:`DEFAULT_CHUNK_BYTES`).
+        block_rows: maps per block row of the symmetric product.
     """
     if z.dim() != 2:
         raise ValueError(f"expected maps as a (C, P) matrix, got shape {tuple(z.shape)}")
@@ -109,10 +162,11 @@ def compute_moments(z: torch.Tensor, chunk_pixels: int | None = None) -> Moments
         raise ValueError("cannot compute moments over zero pixels")
     z = z.to(torch.float32)
     step = chunk_size(n_maps, n_pixels, chunk_pixels)
+    stretch = step * max(1, DEFAULT_CHUNK_BYTES // (4 * max(n_maps, 1) * step))
 
     total = torch.zeros(n_maps, dtype=torch.float64, device=z.device)
-    for start in range(0, n_pixels, step):
-        total += z[:, start:start + step].sum(dim=1, dtype=torch.float64)
+    for start in range(0, n_pixels, stretch):
+        total += z[:, start:start + stretch].sum(dim=1, dtype=torch.float64)
     mean = total / n_pixels
     mean32 = mean.to(torch.float32).unsqueeze(1)
 
@@ -121,11 +175,72 @@ def compute_moments(z: torch.Tensor, chunk_pixels: int | None = None) -> Moments
     # its contribution n r r^T is removed exactly so large-mean maps keep full precision.
     residual = torch.zeros(n_maps, dtype=torch.float64, device=z.device)
     with exact_float32_matmul():
-        for start in range(0, n_pixels, step):
-            centred = z[:, start:start + step] - mean32
-            comoment += (centred @ centred.T).to(torch.float64)
+        for start in range(0, n_pixels, stretch):
+            centred = z[:, start:start + stretch] - mean32
+            comoment += symmetric_gram(centred, step, block_rows)
             residual += centred.sum(dim=1, dtype=torch.float64)
-    residual /= n_pixels
-    comoment -= n_pixels * torch.outer(residual, residual)
+    return _finish(n_pixels, mean, comoment, residual)
+
+
+def _finish(n_pixels: int, mean: torch.Tensor, comoment: torch.Tensor,
+            residual_sum: torch.Tensor) -> Moments:
+    residual = residual_sum / n_pixels
+    comoment = comoment - n_pixels * torch.outer(residual, residual)
     comoment = (comoment + comoment.T) / 2
     return Moments(n_pixels, mean, comoment)
+
+
+class MomentsBuilder:
+    """Moments of maps that arrive one layer at a time (e.g. from forward hooks).
+
+    The builder owns one float32 buffer of ``n_maps`` x ``n_pixels``. :meth:`add` centres a
+    layer's maps into their rows (means summed in float64) and at once multiplies them with
+    every row already added, so only the blocks on and below the diagonal are computed and the
+    caller can drop the layer's activation as soon as :meth:`add` returns. :meth:`finish`
+    gives the same :class:`Moments` as :func:`compute_moments` on the stacked maps (same
+    precision policy: float32 chunk products with TF32 off, float64 accumulation).
+    """
+
+    def __init__(self, n_maps: int, n_pixels: int, device: torch.device | str,
+                 chunk_pixels: int | None = None) -> None:
+        if n_pixels <= 0:
+            raise ValueError("cannot compute moments over zero pixels")
+        self.n_maps = n_maps
+        self.n_pixels = n_pixels
+        self.step = chunk_size(n_maps, n_pixels, chunk_pixels)
+        self.buffer = torch.empty(n_maps, n_pixels, dtype=torch.float32, device=device)
+        self.mean = torch.zeros(n_maps, dtype=torch.float64, device=device)
+        self.residual = torch.zeros(n_maps, dtype=torch.float64, device=device)
+        self.comoment = torch.zeros(n_maps, n_maps, dtype=torch.float64, device=device)
+        self.filled = 0
+
+    def reset(self) -> None:
+        """Start a new set of maps (the buffers are reused)."""
+        self.filled = 0
+
+    def add(self, maps: torch.Tensor) -> slice:
+        """Add the next ``maps`` (C, P), in row order; returns their rows."""
+        maps = maps.reshape(maps.shape[0], -1)
+        rows = slice(self.filled, self.filled + int(maps.shape[0]))
+        if rows.stop > self.n_maps or maps.shape[1] != self.n_pixels:
+            raise ValueError(
+                f"maps of shape {tuple(maps.shape)} do not fit rows {rows.start}:{rows.stop} "
+                f"of a {self.n_maps} x {self.n_pixels} builder"
+            )
+        mean = maps.sum(dim=1, dtype=torch.float64) / self.n_pixels
+        target = self.buffer[rows]
+        torch.sub(maps, mean.to(torch.float32).unsqueeze(1), out=target)
+        self.mean[rows] = mean
+        self.residual[rows] = target.sum(dim=1, dtype=torch.float64)
+        with exact_float32_matmul():
+            block = gram(self.buffer, rows, slice(0, rows.stop), self.step)
+        self.comoment[rows, :rows.stop] = block
+        self.comoment[:rows.start, rows] = block[:, :rows.start].T
+        self.filled = rows.stop
+        return rows
+
+    def finish(self) -> Moments:
+        """The moments of every row added (all ``n_maps`` rows must have been added)."""
+        if self.filled != self.n_maps:
+            raise ValueError(f"only {self.filled} of {self.n_maps} maps were added")
+        return _finish(self.n_pixels, self.mean.clone(), self.comoment, self.residual)

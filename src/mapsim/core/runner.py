@@ -24,6 +24,7 @@ from mapsim.core.models import LoadedModel, build_model
 from mapsim.core.moments import Moments, compute_moments
 from mapsim.core.plugin_api import Aggregator, Extractor, ImageItem, Metric
 from mapsim.core.plugins import Registry, load_registry
+from mapsim.core.streaming import Layout, can_stream, stream_group
 from mapsim.core.similarity import (
     LayerValue,
     MapStack,
@@ -108,6 +109,8 @@ class Runner:
         self.pooled: dict[int, Moments] = {}
         self.pooled_stacks: dict[int, MapStack] = {}
         self.models: dict[str, PreparedModel] = {}
+        self.layouts: dict[tuple, Layout] = {}  # (group, image shape) -> layout, for streaming
+        self.builders: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ setup
     def _metric(self, choice: Any) -> Metric:
@@ -179,15 +182,9 @@ class Runner:
     # ------------------------------------------------------------------ per image
     def extract(self, item: ImageItem) -> dict[str, dict[str, torch.Tensor]]:
         """Capture the chosen layers of every model for one image: {model: {label: (C,H,W)}}."""
-        image = torch.from_numpy(np.ascontiguousarray(item.image)).to(self.device)[None]
+        image = self._input(item)
         out = {}
         for name, model in self.models.items():
-            expected = model.loaded.in_channels
-            if expected is not None and image.shape[1] != expected:
-                raise ImageError(
-                    f"image {item.id} has {image.shape[1]} channel(s) but model {name!r} expects "
-                    f"{expected}; set the dataset's 'color' (e.g. rgb or luminance)."
-                )
             captured = model.extractor.extract(model.loaded.module, list(model.layers.values()),
                                                image)
             maps = {}
@@ -203,6 +200,18 @@ class Runner:
                 maps[label] = tensor[0]
             out[name] = maps
         return out
+
+    def _input(self, item: ImageItem) -> torch.Tensor:
+        """The image as a (1, C, H, W) tensor on the device, checked against every model."""
+        image = torch.from_numpy(np.ascontiguousarray(item.image)).to(self.device)[None]
+        for name, model in self.models.items():
+            expected = model.loaded.in_channels
+            if expected is not None and image.shape[1] != expected:
+                raise ImageError(
+                    f"image {item.id} has {image.shape[1]} channel(s) but model {name!r} expects "
+                    f"{expected}; set the dataset's 'color' (e.g. rgb or luminance)."
+                )
+        return image
 
     def mask_for(self, item: ImageItem) -> torch.Tensor | None:
         """The ROI mask of an image, if the spec asks for one."""
@@ -278,6 +287,8 @@ class Runner:
             ) from exc
 
     def _process(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        if self._stream(item, sink):
+            return
         start = time.perf_counter()
         acts = self.extract(item)
         mask = self.mask_for(item)
@@ -289,19 +300,59 @@ class Runner:
             moments = compute_moments(stack.z, chunk_pixels=self.spec.engine.chunk_pixels)
             self._sync()
             self.timings["moments"] += time.perf_counter() - start
-            start = time.perf_counter()
-            nested = self.timings["aggregate"] + self.timings["write"]
-            sink("dead_maps", self._count_dead(item.id, stack, moments))
-            self.similarities(item.id, stack, moments, models, sink)
-            # similarity time without the aggregation and writing done inside it
-            nested = self.timings["aggregate"] + self.timings["write"] - nested
-            self.timings["similarity"] += time.perf_counter() - start - nested
-            if self.spec.engine.pooled:
-                previous = self.pooled.get(index)
-                self.pooled[index] = moments if previous is None else previous.merge(moments)
-                if index not in self.pooled_stacks:  # blocks only; no pixel data kept
-                    self.pooled_stacks[index] = MapStack(stack.z[:, :0], stack.blocks)
+            if self.streamable:
+                self.layouts[(index, item.image.shape)] = Layout.of(stack)
+            self._emit(item.id, index, models, stack, moments, sink)
         del acts
+
+    def _emit(self, image_id: str, index: int, models: list[str], stack: MapStack,
+              moments: Moments, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        """Dead-map counts, metrics and tables of one group, and the pooled moments."""
+        start = time.perf_counter()
+        nested = self.timings["aggregate"] + self.timings["write"]
+        sink("dead_maps", self._count_dead(image_id, stack, moments))
+        self.similarities(image_id, stack, moments, models, sink)
+        # similarity time without the aggregation and writing done inside it
+        nested = self.timings["aggregate"] + self.timings["write"] - nested
+        self.timings["similarity"] += time.perf_counter() - start - nested
+        if self.spec.engine.pooled:
+            previous = self.pooled.get(index)
+            self.pooled[index] = moments if previous is None else previous.merge(moments)
+            if index not in self.pooled_stacks:  # blocks only; no pixel data kept
+                self.pooled_stacks[index] = MapStack(stack.z[:, :0], stack.blocks)
+
+    @property
+    def streamable(self) -> bool:
+        """Whether images can take the fast path (see :mod:`mapsim.core.streaming`)."""
+        return can_stream([m.extractor for m in self.models.values()], self.metrics)
+
+    def _stream(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> bool:
+        """The fast path for one image: moments built in the hooks. False: not possible."""
+        layouts = [self.layouts.get((i, item.image.shape)) for i in range(len(self.groups))]
+        if not self.streamable or any(layout is None for layout in layouts):
+            return False
+        start = time.perf_counter()
+        image = self._input(item)
+        mask = self.mask_for(item)
+        done = []
+        for index, models in enumerate(self.groups):
+            def run_model(name: str, on_output: Callable[[str, torch.Tensor], None]) -> bool:
+                model = self.models[name]
+                return model.extractor.stream(model.loaded.module, list(model.layers.values()),
+                                              image, on_output)
+
+            labels = {n: {p: lb for lb, p in self.models[n].layers.items()} for n in models}
+            out = stream_group(layouts[index], run_model, labels, self.device, mask,
+                               self.spec.engine.chunk_pixels, self.builders.get(index))
+            if out is None:
+                return False
+            stack, moments, self.builders[index] = out
+            done.append((index, models, stack, moments))
+        self._sync()
+        self.timings["forward_and_moments"] += time.perf_counter() - start
+        for index, models, stack, moments in done:
+            self._emit(item.id, index, models, stack, moments, sink)
+        return True
 
     def pooled_tables(self, sink: Callable[[str, pd.DataFrame], None]) -> None:
         """Tables from the moments merged over all images (moment-based metrics only)."""
