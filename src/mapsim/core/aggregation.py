@@ -33,39 +33,55 @@ def partners(sim: SimilarityMatrix, best: bool = True) -> pd.DataFrame:
     """For each map of A and each layer of B: its best (or worst) partner and the value.
 
     A map with no eligible partner (it is dead, or every map of b is) gets an empty partner
-    and value; its ``dead_a`` flag says why.
+    and value; its ``dead_a`` flag says why. Rows are ordered by layer of A, layer of B, map
+    of A. Vectorised over the maps of A: one pass per layer of B.
     """
     prefer_high = sim.higher_is_more_similar == best
-    frames = []
-    for ba in sim.blocks_a:
-        for bb in sim.blocks_b:
-            sub = sim.values[ba.start:ba.stop, bb.start:bb.stop].copy()
-            if sim.same_model and ba.layer == bb.layer:
-                np.fill_diagonal(sub, np.nan)
-            valid = ~np.isnan(sub)
-            filler = -np.inf if prefer_high else np.inf
-            scored = np.where(valid, sub, filler)
-            idx = scored.argmax(axis=1) if prefer_high else scored.argmin(axis=1)
-            has = valid.any(axis=1)
-            value = np.where(has, sub[np.arange(sub.shape[0]), idx], np.nan)
-            partner = pd.array(np.where(has, idx, 0), dtype="Int64")
-            partner[~has] = pd.NA
-            dead_b = sim.dead_b[bb.start:bb.stop]
-            frames.append(pd.DataFrame({
-                "metric": sim.metric,
-                "model_a": sim.model_a,
-                "layer_a": ba.layer,
-                "map_a": np.arange(ba.n_maps),
-                "model_b": sim.model_b,
-                "layer_b": bb.layer,
-                "map_b": partner,
-                "value": value,
-                "dead_a": sim.dead_a[ba.start:ba.stop],
-                "dead_b": pd.array(np.where(has, dead_b[idx], False), dtype="boolean"),
-            }))
-    table = pd.concat(frames, ignore_index=True)
-    table.loc[table["map_b"].isna(), "dead_b"] = pd.NA
-    return table
+    filler = -np.inf if prefer_high else np.inf
+    n_a = sim.values.shape[0]
+    rows = np.arange(n_a)
+    partner, value, has = [], [], []
+    for bb in sim.blocks_b:
+        sub = sim.values[:, bb.start:bb.stop].copy()
+        if sim.same_model:
+            for ba in sim.blocks_a:
+                if ba.layer == bb.layer:
+                    np.fill_diagonal(sub[ba.start:ba.stop], np.nan)
+        valid = ~np.isnan(sub)
+        scored = np.where(valid, sub, filler)
+        idx = scored.argmax(axis=1) if prefer_high else scored.argmin(axis=1)
+        ok = valid.any(axis=1)
+        partner.append(idx)
+        value.append(np.where(ok, sub[rows, idx], np.nan))
+        has.append(ok)
+    partner_b, value_b, has_b = np.array(partner), np.array(value), np.array(has)  # (nb, n_a)
+    dead_of_partner = np.array([sim.dead_b[bb.start:bb.stop][idx]
+                                for bb, idx in zip(sim.blocks_b, partner_b)])
+    n_b = len(sim.blocks_b)
+
+    def order(values: np.ndarray) -> np.ndarray:  # (nb, n_a) -> layer a, layer b, map a
+        return np.concatenate([values[:, ba.start:ba.stop].reshape(-1) for ba in sim.blocks_a])
+
+    has_all = order(has_b)
+    map_b = pd.array(np.where(has_all, order(partner_b), 0), dtype="Int64")
+    map_b[~has_all] = pd.NA
+    dead_b = pd.array(np.where(has_all, order(dead_of_partner), False), dtype="boolean")
+    dead_b[~has_all] = pd.NA
+    return pd.DataFrame({
+        "metric": sim.metric,
+        "model_a": sim.model_a,
+        "layer_a": np.repeat([ba.layer for ba in sim.blocks_a],
+                             [ba.n_maps * n_b for ba in sim.blocks_a]),
+        "map_a": np.concatenate([np.tile(np.arange(ba.n_maps), n_b) for ba in sim.blocks_a]),
+        "model_b": sim.model_b,
+        "layer_b": np.concatenate([np.repeat([bb.layer for bb in sim.blocks_b], ba.n_maps)
+                                   for ba in sim.blocks_a]),
+        "map_b": map_b,
+        "value": order(value_b),
+        "dead_a": np.concatenate([np.tile(sim.dead_a[ba.start:ba.stop], n_b)
+                                  for ba in sim.blocks_a]),
+        "dead_b": dead_b,
+    })
 
 
 def passes(values: pd.Series, threshold: float, higher_is_more_similar: bool) -> pd.Series:
