@@ -24,7 +24,7 @@ from mapsim.core.models import LoadedModel, build_model
 from mapsim.core.moments import Moments, compute_moments
 from mapsim.core.plugin_api import Aggregator, Extractor, ImageItem, Metric
 from mapsim.core.plugins import Registry, load_registry
-from mapsim.core.streaming import Layout, can_stream, stream_group
+from mapsim.core.streaming import Layout, can_stream, probe_layout, stream_group
 from mapsim.core.similarity import (
     LayerValue,
     MapStack,
@@ -328,21 +328,27 @@ class Runner:
 
     def _stream(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> bool:
         """The fast path for one image: moments built in the hooks. False: not possible."""
-        layouts = [self.layouts.get((i, item.image.shape)) for i in range(len(self.groups))]
-        if not self.streamable or any(layout is None for layout in layouts):
+        if not self.streamable:
             return False
         start = time.perf_counter()
         image = self._input(item)
         mask = self.mask_for(item)
+
+        def run_model(name: str, on_output: Callable[[str, torch.Tensor], None]) -> bool:
+            model = self.models[name]
+            return model.extractor.stream(model.loaded.module, list(model.layers.values()),
+                                          image, on_output)
+
         done = []
         for index, models in enumerate(self.groups):
-            def run_model(name: str, on_output: Callable[[str, torch.Tensor], None]) -> bool:
-                model = self.models[name]
-                return model.extractor.stream(model.loaded.module, list(model.layers.values()),
-                                              image, on_output)
-
             labels = {n: {p: lb for lb, p in self.models[n].layers.items()} for n in models}
-            out = stream_group(layouts[index], run_model, labels, self.device, mask,
+            key = (index, item.image.shape)
+            if key not in self.layouts:  # first image of this size: learn the layout
+                layout = probe_layout(models, run_model, labels)
+                if layout is None:
+                    return False
+                self.layouts[key] = layout
+            out = stream_group(self.layouts[key], run_model, labels, self.device, mask,
                                self.spec.engine.chunk_pixels, self.builders.get(index))
             if out is None:
                 return False

@@ -8,7 +8,8 @@ forward pass stops after the last requested layer. The result equals
 ``compute_moments(stack_maps(...).z)`` to float32 rounding (tests/test_streaming.py).
 
 The layout (rows and map sizes of each layer) is learnt from the first image of a given input
-size, which goes through the ordinary path; later images of that size stream.
+size by one extra forward pass that keeps only the output shapes (:func:`probe_layout`), so no
+image ever holds all its maps twice.
 """
 
 from __future__ import annotations
@@ -33,6 +34,36 @@ class Layout:
     def of(cls, stack: MapStack) -> Layout:
         """The layout of an ordinary stacked group."""
         return cls(list(stack.blocks))
+
+
+def probe_layout(
+    models: Sequence[str],
+    run_model: Callable[[str, Callable[[str, torch.Tensor], None]], bool],
+    labels: Mapping[str, Mapping[str, str]],
+) -> Layout | None:
+    """The layout of a group from one streamed forward pass that keeps only output shapes.
+
+    None when a model cannot stream or an output is not one map tensor (the ordinary path
+    then reports the problem).
+    """
+    blocks: list[Block] = []
+    for model in models:
+        def on_output(path: str, output: torch.Tensor, model: str = model) -> None:
+            if output.dim() != 4 or output.shape[0] != 1:
+                raise _LayoutChanged
+            row = blocks[-1].stop if blocks else 0
+            shape = (int(output.shape[2]), int(output.shape[3]))
+            if blocks and shape != blocks[0].shape:
+                raise _LayoutChanged
+            blocks.append(Block(model, labels[model][path], row, row + int(output.shape[1]),
+                                shape))
+
+        try:
+            if not run_model(model, on_output):
+                return None
+        except _LayoutChanged:
+            return None
+    return Layout(blocks) if blocks else None
 
 
 def can_stream(extractors: Sequence[object], metrics: Sequence[object]) -> bool:
