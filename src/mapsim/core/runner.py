@@ -22,6 +22,7 @@ from mapsim.core.extraction import resolve_layers
 from mapsim.core.images import roi_mask
 from mapsim.core.models import LoadedModel, build_model
 from mapsim.core.moments import Moments, compute_moments
+from mapsim.core.pipeline import BackgroundSink, prefetch
 from mapsim.core.plugin_api import Aggregator, Extractor, ImageItem, Metric
 from mapsim.core.plugins import Registry, load_registry
 from mapsim.core.streaming import Layout, can_stream, probe_layout, stream_group
@@ -111,6 +112,7 @@ class Runner:
         self.models: dict[str, PreparedModel] = {}
         self.layouts: dict[tuple, Layout] = {}  # (group, image shape) -> layout, for streaming
         self.builders: dict[int, Any] = {}
+        self._pending: tuple | None = None  # the fast-path image whose tables are not out yet
 
     # ------------------------------------------------------------------ setup
     def _metric(self, choice: Any) -> Metric:
@@ -277,7 +279,14 @@ class Runner:
         return pd.DataFrame(rows)
 
     def process(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> None:
-        """Everything for one image."""
+        """Everything for one image (its tables are all emitted when this returns)."""
+        self.submit(item, sink)
+        self.flush(sink)
+
+    def submit(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        """Start one image. On the fast path its tables are emitted at the next :meth:`submit`
+        or :meth:`flush`, so the device computes this image while the host finishes the last.
+        """
         try:
             self._process(item, sink)
         except torch.cuda.OutOfMemoryError as exc:
@@ -286,9 +295,20 @@ class Runner:
                 "per run, a smaller engine.chunk_pixels, or --device cpu will fit"
             ) from exc
 
+    def flush(self, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        """Emit the tables of the image still in flight, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._complete(pending, sink)
+
     def _process(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> None:
-        if self._stream(item, sink):
+        pending = self._stream(item)
+        if pending is not None:
+            previous, self._pending = self._pending, pending
+            if previous is not None:
+                self._complete(previous, sink)
             return
+        self.flush(sink)  # keep the images' tables in order
         start = time.perf_counter()
         acts = self.extract(item)
         mask = self.mask_for(item)
@@ -309,11 +329,11 @@ class Runner:
               moments: Moments, sink: Callable[[str, pd.DataFrame], None]) -> None:
         """Dead-map counts, metrics and tables of one group, and the pooled moments."""
         start = time.perf_counter()
-        nested = self.timings["aggregate"] + self.timings["write"]
+        nested = self.timings["aggregate"]
         sink("dead_maps", self._count_dead(image_id, stack, moments))
         self.similarities(image_id, stack, moments, models, sink)
-        # similarity time without the aggregation and writing done inside it
-        nested = self.timings["aggregate"] + self.timings["write"] - nested
+        # similarity time without the aggregation done inside it (writing is in its thread)
+        nested = self.timings["aggregate"] - nested
         self.timings["similarity"] += time.perf_counter() - start - nested
         if self.spec.engine.pooled:
             previous = self.pooled.get(index)
@@ -326,10 +346,14 @@ class Runner:
         """Whether images can take the fast path (see :mod:`mapsim.core.streaming`)."""
         return can_stream([m.extractor for m in self.models.values()], self.metrics)
 
-    def _stream(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> bool:
-        """The fast path for one image: moments built in the hooks. False: not possible."""
+    def _stream(self, item: ImageItem) -> tuple | None:
+        """Launch the fast path for one image (moments built in the hooks); None: not possible.
+
+        Returns what :meth:`_complete` needs: the moments are copied to the host without
+        waiting, and an event marks when they are there.
+        """
         if not self.streamable:
-            return False
+            return None
         start = time.perf_counter()
         image = self._input(item)
         mask = self.mask_for(item)
@@ -346,19 +370,32 @@ class Runner:
             if key not in self.layouts:  # first image of this size: learn the layout
                 layout = probe_layout(models, run_model, labels)
                 if layout is None:
-                    return False
+                    return None
                 self.layouts[key] = layout
             out = stream_group(self.layouts[key], run_model, labels, self.device, mask,
                                self.spec.engine.chunk_pixels, self.builders.get(index))
             if out is None:
-                return False
+                return None
             stack, moments, self.builders[index] = out
-            done.append((index, models, stack, moments))
-        self._sync()
+            host = Moments(moments.n, moments.mean.to("cpu", non_blocking=True),
+                           moments.comoment.to("cpu", non_blocking=True))
+            done.append((index, models, MapStack(torch.empty(stack.z.shape[0], 0),
+                                                 stack.blocks), host))
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
         self.timings["forward_and_moments"] += time.perf_counter() - start
+        return item.id, done, event
+
+    def _complete(self, pending: tuple, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        image_id, done, event = pending
+        if event is not None:
+            start = time.perf_counter()
+            event.synchronize()
+            self.timings["forward_and_moments"] += time.perf_counter() - start
         for index, models, stack, moments in done:
-            self._emit(item.id, index, models, stack, moments, sink)
-        return True
+            self._emit(image_id, index, models, stack, moments, sink)
 
     def pooled_tables(self, sink: Callable[[str, pd.DataFrame], None]) -> None:
         """Tables from the moments merged over all images (moment-based metrics only)."""
@@ -413,22 +450,30 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
             for table, keys in aggregator.summarise.items():
                 summaries[table] = aggregation.SummaryAccumulator(keys)
 
-        def sink(name: str, frame: pd.DataFrame) -> None:
+        def write(name: str, frame: pd.DataFrame) -> None:  # in the writer thread
             t = time.perf_counter()
             writer.append(name, frame)
             if name in summaries:
                 summaries[name].add(frame, skip=("image",))
             runner.timings["write"] += time.perf_counter() - t
 
+        # images are read ahead and tables written behind, each in its own thread
+        background = BackgroundSink(write)
+        sink = background.put
         n_images = 0
         ids: set[str] = set()
-        for item in tqdm(dataset, total=len(dataset), desc=spec.name, unit="image",
-                         disable=not progress):
-            if item.id in ids:
-                raise ImageError(f"two images have the id {item.id!r}; image ids must be unique")
-            ids.add(item.id)
-            runner.process(item, sink)
-            n_images += 1
+        try:
+            for item in tqdm(prefetch(dataset, depth=2), total=len(dataset), desc=spec.name,
+                             unit="image", disable=not progress):
+                if item.id in ids:
+                    raise ImageError(
+                        f"two images have the id {item.id!r}; image ids must be unique")
+                ids.add(item.id)
+                runner.submit(item, sink)
+                n_images += 1
+            runner.flush(sink)
+        finally:
+            background.close()
         if n_images == 0:
             raise ImageError("the images entry gave no images")
         if spec.engine.pooled:
