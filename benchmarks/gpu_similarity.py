@@ -8,7 +8,8 @@ depend on them); its 10 modules give 640 maps. Measured in the same run, medians
 * the **similarity step**, stacked maps: moments (symmetric blocked product, float32 chunks with
   TF32 off, float64 accumulation) and every requested metric's matrices on the host;
 * the same step with the moments **built layer by layer** as the forward hooks do;
-* a sweep of block rows and chunk sizes (CUDA only);
+* a sweep of layouts (layer rows in the hooks, or symmetric blocks) and chunk sizes;
+* the forward pass alone, with and without cudnn.benchmark (CUDA);
 * the **per-pair method** on the GPU (maps already there): a sample of pairs, one
   ``torch.corrcoef`` and one table row each, extrapolated to 640 x 640 = 409,600 pairs;
 * accuracy: Pearson's largest |r - r64| against a float64 product computed on the device.
@@ -121,11 +122,14 @@ def main() -> None:
 
     builder = MomentsBuilder(z.shape[0], z.shape[1], device)
 
-    def streamed() -> Moments:
-        builder.reset()
+    def fill(b: MomentsBuilder) -> Moments:
+        b.reset()
         for block in stack.blocks:
-            builder.add(z[block.start:block.stop])
-        moments = builder.finish()
+            b.add(z[block.start:block.stop])
+        return b.finish()
+
+    def streamed() -> Moments:
+        moments = fill(builder)
         metrics_step(metrics, stack, moments)
         return moments
 
@@ -140,24 +144,39 @@ def main() -> None:
         extra = f" (builder memory beyond the maps: {peak:.2f} GiB)"
     t_moments_only = timed(lambda: compute_moments(z), device, repeats)
 
-    sweep = []
-    if device.startswith("cuda") and not args.quick:
-        for block_rows in (64, 128, 320, 640):
-            for chunk in (4096, 16384):
-                t = timed(lambda: compute_moments(z, chunk_pixels=chunk, block_rows=block_rows),
-                          device, 3)
-                sweep.append(f"b{block_rows}/c{chunk}: {t / floor:.2f}x")
-
     ref = float64_pearson(z)
-    every = slice(0, z.shape[0])
-    errors = {}
-    for name, moments in (("stacked", compute_moments(z)), ("streamed", streamed())):
+
+    def pearson_error(moments: Moments) -> float:
         g = moments.comoment
         d = torch.sqrt(torch.diagonal(g))
         r = (g / torch.outer(d, d)).abs()
         live = torch.isfinite(ref) & torch.isfinite(r)
-        errors[name] = float((r - ref)[live].abs().max())
-    del every
+        return float((r - ref)[live].abs().max())
+
+    sweep = []
+    chunks = (1024, 2048, 4096) if args.quick else (1024, 2048, 4096, 8192)
+    modes = (None, 128) if args.quick else (None, 128, 320, 640)
+    for block_rows in modes:
+        for chunk in chunks:
+            b = MomentsBuilder(z.shape[0], z.shape[1], device, chunk_pixels=chunk,
+                               block_rows=block_rows)
+            t = timed(lambda: fill(b), device, 3)
+            mode = "layer rows in hooks" if block_rows is None else f"{block_rows}-row blocks"
+            sweep.append(f"{mode}, chunk {chunk}: {t / floor:.2f}x, |r err| "
+                         f"{pearson_error(fill(b)):.1e}")
+            del b
+    forward = []
+    if device.startswith("cuda"):
+        for bench in (False, True):
+            torch.backends.cudnn.benchmark = bench
+            with torch.inference_mode():
+                t = timed(lambda: model(image), device, repeats)
+            forward.append(f"cudnn.benchmark {bench}: {t * 1e3:.1f} ms")
+        torch.backends.cudnn.benchmark = False
+
+    ref = float64_pearson(z)
+    every = slice(0, z.shape[0])
+    errors = {"stacked": pearson_error(compute_moments(z)), "streamed": pearson_error(fill(builder))}
 
     # the per-pair method on the device, a sample of pairs, extrapolated
     rng = np.random.default_rng(0)
@@ -193,8 +212,11 @@ def main() -> None:
         f"per-pair on the same device: {per_pair:.0f} s for {n * n} pairs (from "
         f"{len(pairs)} sampled pairs) = {per_pair / t_stacked:.0f}x mapsim's step",
     ]
-    if sweep:
-        lines.append("moments, block rows / chunk pixels vs floor: " + "; ".join(sweep))
+    lines.append("moments built from the maps, by layout and chunk pixels (x floor, Pearson "
+                 "error vs float64): " + "; ".join(sweep))
+    if forward:
+        lines.append("CNN10 forward pass alone (TF32 convolutions, PyTorch's default): "
+                     + "; ".join(forward))
     append("gpu_similarity (CNN10, one image)", device, lines, args.results)
 
 

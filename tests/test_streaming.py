@@ -52,8 +52,10 @@ def test_compute_moments_blocks_agree_with_float64(rng, block_rows):
     assert np.abs(m.comoment.numpy() - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
-def test_builder_matches_float64_and_is_reusable(rng):
-    builder = MomentsBuilder(37, 1600, "cpu", chunk_pixels=500)
+@pytest.mark.parametrize("block_rows", [None, 8, 64])
+def test_builder_matches_float64_and_is_reusable(rng, block_rows):
+    # 1600 pixels in chunks of 500: the last chunk is zero-padded
+    builder = MomentsBuilder(37, 1600, "cpu", chunk_pixels=500, block_rows=block_rows)
     for trial in range(2):  # the second image reuses the buffers
         z = maps(rng)
         builder.reset()

@@ -193,22 +193,29 @@ def _finish(n_pixels: int, mean: torch.Tensor, comoment: torch.Tensor,
 class MomentsBuilder:
     """Moments of maps that arrive one layer at a time (e.g. from forward hooks).
 
-    The builder owns one float32 buffer of ``n_maps`` x ``n_pixels``. :meth:`add` centres a
-    layer's maps into their rows (means summed in float64) and at once multiplies them with
-    every row already added, so only the blocks on and below the diagonal are computed and the
-    caller can drop the layer's activation as soon as :meth:`add` returns. :meth:`finish`
-    gives the same :class:`Moments` as :func:`compute_moments` on the stacked maps (same
-    precision policy: float32 chunk products with TF32 off, float64 accumulation).
+    The builder owns one float32 buffer laid out chunk-major, ``(chunks, n_maps, chunk
+    pixels)``, zero-padded at the end of the pixel axis (zeros add nothing to centred sums and
+    products), so that every chunk product is one matrix of one batched multiplication with no
+    copy. :meth:`add` centres a layer's maps into their rows (means summed in float64); with
+    ``block_rows=None`` it also multiplies them at once with every row already added (the
+    blocks on and below the diagonal only), so the caller can drop the activation as soon as
+    :meth:`add` returns; with ``block_rows=N`` the products are made in :meth:`finish`, N rows
+    at a time, blocks on and above the diagonal only. :meth:`finish` gives the same
+    :class:`Moments` as :func:`compute_moments` on the stacked maps (same precision policy:
+    float32 chunk products with TF32 off, float64 accumulation).
     """
 
     def __init__(self, n_maps: int, n_pixels: int, device: torch.device | str,
-                 chunk_pixels: int | None = None) -> None:
+                 chunk_pixels: int | None = None, block_rows: int | None = None) -> None:
         if n_pixels <= 0:
             raise ValueError("cannot compute moments over zero pixels")
         self.n_maps = n_maps
         self.n_pixels = n_pixels
         self.step = chunk_size(n_maps, n_pixels, chunk_pixels)
-        self.buffer = torch.empty(n_maps, n_pixels, dtype=torch.float32, device=device)
+        self.block_rows = block_rows
+        self.n_chunks = -(-n_pixels // self.step)
+        self.buffer = torch.zeros(self.n_chunks, n_maps, self.step, dtype=torch.float32,
+                                  device=device)
         self.mean = torch.zeros(n_maps, dtype=torch.float64, device=device)
         self.residual = torch.zeros(n_maps, dtype=torch.float64, device=device)
         self.comoment = torch.zeros(n_maps, n_maps, dtype=torch.float64, device=device)
@@ -218,9 +225,15 @@ class MomentsBuilder:
         """Start a new set of maps (the buffers are reused)."""
         self.filled = 0
 
+    def _gram(self, rows: slice, cols: slice) -> torch.Tensor:
+        chunks = self.buffer[:, rows]  # (chunks, rows, step): a strided batch, no copy
+        others = self.buffer[:, cols]
+        with exact_float32_matmul():
+            return torch.bmm(chunks, others.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
+
     def add(self, maps: torch.Tensor) -> slice:
         """Add the next ``maps`` (C, P), in row order; returns their rows."""
-        maps = maps.reshape(maps.shape[0], -1)
+        maps = maps.reshape(maps.shape[0], -1).to(torch.float32)
         rows = slice(self.filled, self.filled + int(maps.shape[0]))
         if rows.stop > self.n_maps or maps.shape[1] != self.n_pixels:
             raise ValueError(
@@ -228,14 +241,20 @@ class MomentsBuilder:
                 f"of a {self.n_maps} x {self.n_pixels} builder"
             )
         mean = maps.sum(dim=1, dtype=torch.float64) / self.n_pixels
-        target = self.buffer[rows]
-        torch.sub(maps, mean.to(torch.float32).unsqueeze(1), out=target)
+        mean32 = mean.to(torch.float32).unsqueeze(1)
+        whole = self.n_pixels // self.step
+        if whole:
+            source = maps[:, :whole * self.step].unflatten(1, (whole, self.step))
+            torch.sub(source.transpose(0, 1), mean32, out=self.buffer[:whole, rows])
+        if whole < self.n_chunks:
+            tail = maps[:, whole * self.step:]
+            torch.sub(tail, mean32, out=self.buffer[whole, rows, :tail.shape[1]])
         self.mean[rows] = mean
-        self.residual[rows] = target.sum(dim=1, dtype=torch.float64)
-        with exact_float32_matmul():
-            block = gram(self.buffer, rows, slice(0, rows.stop), self.step)
-        self.comoment[rows, :rows.stop] = block
-        self.comoment[:rows.start, rows] = block[:, :rows.start].T
+        self.residual[rows] = self.buffer[:, rows].sum(dim=(0, 2), dtype=torch.float64)
+        if self.block_rows is None:
+            block = self._gram(rows, slice(0, rows.stop))
+            self.comoment[rows, :rows.stop] = block
+            self.comoment[:rows.start, rows] = block[:, :rows.start].T
         self.filled = rows.stop
         return rows
 
@@ -243,4 +262,10 @@ class MomentsBuilder:
         """The moments of every row added (all ``n_maps`` rows must have been added)."""
         if self.filled != self.n_maps:
             raise ValueError(f"only {self.filled} of {self.n_maps} maps were added")
+        if self.block_rows is not None:
+            for start in range(0, self.n_maps, self.block_rows):
+                stop = min(start + self.block_rows, self.n_maps)
+                upper = self._gram(slice(start, stop), slice(start, self.n_maps))
+                self.comoment[start:stop, start:] = upper
+                self.comoment[stop:, start:stop] = upper[:, stop - start:].T
         return _finish(self.n_pixels, self.mean.clone(), self.comoment, self.residual)
