@@ -70,3 +70,34 @@ def test_background_sink_writes_in_order_and_reports_errors():
             sink.put("t", k)
         sink.close()
     assert written[:2] == [0, 1] and 3 not in written
+
+
+def _append_line(name, job):
+    path, text = job
+    if text == "boom":
+        raise OSError("no space left")
+    with open(path, "a") as handle:
+        handle.write(text + "\n")
+
+
+def test_process_sink_writes_each_name_in_order_in_other_processes(tmp_path):
+    from mapsim.core.pipeline import ProcessSink
+
+    sink = ProcessSink(_append_line, workers=2, depth=2)
+    for k in range(40):
+        for name in ("a", "b", "c"):
+            sink.put(name, (tmp_path / f"{name}.txt", f"{name}{k}"))
+    sink.close()
+    for name in ("a", "b", "c"):
+        assert (tmp_path / f"{name}.txt").read_text().split() == [f"{name}{k}" for k in range(40)]
+
+
+def test_process_sink_reports_a_failed_write(tmp_path):
+    from mapsim.core.errors import OutputError
+    from mapsim.core.pipeline import ProcessSink
+
+    sink = ProcessSink(_append_line, workers=1)
+    sink.put("a", (tmp_path / "a.txt", "fine"))
+    sink.put("a", (tmp_path / "a.txt", "boom"))
+    with pytest.raises(OutputError, match="no space left"):
+        sink.close()

@@ -140,3 +140,32 @@ def test_streamed_run_equals_the_stacked_run(tmp_path, monkeypatch, engine):
         a = pd.read_csv(csv)
         b = pd.read_csv(tmp_path / "fast" / csv.relative_to(tmp_path / "slow"))
         pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=2e-5)
+
+
+def test_run_with_writer_processes_equals_the_run_with_a_writer_thread(tmp_path, monkeypatch):
+    import shutil
+
+    from mapsim.core import pipeline
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(9):
+        shutil.copy(DATA / f"vessels-{k % 3 + 1}.png", folder / f"img-{k}.png")
+    data = {"images": {"name": "files", "paths": str(folder / "*.png")}, "engine": {}}
+    used = []
+    original = pipeline.make_sink
+
+    def recording(write, n_items, min_items_for_processes=8):
+        sink = original(write, n_items, min_items_for_processes)
+        used.append(type(sink).__name__)
+        return sink
+
+    monkeypatch.setattr("mapsim.core.runner.make_sink", recording)
+    run(spec(**data), out_dir=tmp_path / "procs", progress=False)
+    monkeypatch.setattr("mapsim.core.runner.make_sink",
+                        lambda write, n: original(write, n, min_items_for_processes=10**9))
+    run(spec(**data), out_dir=tmp_path / "thread", progress=False)
+    assert used == ["ProcessSink"]
+    for csv in sorted((tmp_path / "thread").rglob("*.csv")):
+        assert csv.read_text() == (tmp_path / "procs" / csv.relative_to(tmp_path / "thread")
+                                   ).read_text(), csv.name

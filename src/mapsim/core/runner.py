@@ -22,7 +22,7 @@ from mapsim.core.extraction import resolve_layers
 from mapsim.core.images import roi_mask
 from mapsim.core.models import LoadedModel, build_model
 from mapsim.core.moments import Moments, compute_moments
-from mapsim.core.pipeline import BackgroundSink, prefetch
+from mapsim.core.pipeline import make_sink, prefetch
 from mapsim.core.plugin_api import Aggregator, Extractor, ImageItem, Metric
 from mapsim.core.plugins import Registry, load_registry
 from mapsim.core.streaming import Layout, can_stream, probe_layout, stream_group
@@ -412,6 +412,12 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
 
+def _write_part(name: str, job: tuple) -> None:
+    from mapsim.core.results import write_csv_part
+
+    write_csv_part(*job)
+
+
 def _with_image(frame: pd.DataFrame, image_id: str) -> pd.DataFrame:
     frame = frame.copy()
     frame.insert(0, "image", image_id)
@@ -450,16 +456,18 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
             for table, keys in aggregator.summarise.items():
                 summaries[table] = aggregation.SummaryAccumulator(keys)
 
-        def write(name: str, frame: pd.DataFrame) -> None:  # in the writer thread
+        # images are read ahead in a thread; CSV parts are written behind, in writer
+        # processes (or a thread), in order per table
+        background = make_sink(_write_part, len(dataset))
+
+        def sink(name: str, frame: pd.DataFrame) -> None:
             t = time.perf_counter()
-            writer.append(name, frame)
             if name in summaries:
                 summaries[name].add(frame, skip=("image",))
-            runner.timings["write"] += time.perf_counter() - t
-
-        # images are read ahead and tables written behind, each in its own thread
-        background = BackgroundSink(write)
-        sink = background.put
+            job = writer.append_job(name, frame)
+            if job is not None:
+                background.put(name, job)
+            runner.timings["write"] += time.perf_counter() - t  # queueing; writing overlaps
         n_images = 0
         ids: set[str] = set()
         try:
