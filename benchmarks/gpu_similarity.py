@@ -154,17 +154,24 @@ def main() -> None:
         return float((r - ref)[live].abs().max())
 
     sweep = []
-    chunks = (1024, 2048, 4096) if args.quick else (1024, 2048, 4096, 8192)
-    modes = (None, 128) if args.quick else (None, 128, 320, 640)
-    for block_rows in modes:
-        for chunk in chunks:
-            b = MomentsBuilder(z.shape[0], z.shape[1], device, chunk_pixels=chunk,
-                               block_rows=block_rows)
-            t = timed(lambda: fill(b), device, 3)
-            mode = "layer rows in hooks" if block_rows is None else f"{block_rows}-row blocks"
-            sweep.append(f"{mode}, chunk {chunk}: {t / floor:.2f}x, |r err| "
-                         f"{pearson_error(fill(b)):.1e}")
-            del b
+    configs = [(None, 2048, False), (128, 2048, False)] if args.quick else [
+        (rows, chunk, False) for rows in (None, 128, 320) for chunk in (512, 1024, 2048, 4096)
+    ] + [(rows, chunk, True) for rows in (None, 128, 320) for chunk in (2048, 8192, 32768)]
+    for block_rows, chunk, f64 in configs:
+        b = MomentsBuilder(z.shape[0], z.shape[1], device, chunk_pixels=chunk,
+                           block_rows=block_rows, float64_products=f64)
+        t = timed(lambda: fill(b), device, 3)
+        mode = "layer rows in hooks" if block_rows is None else f"{block_rows}-row blocks"
+        sweep.append(f"{mode}, chunk {chunk}{', float64 products' if f64 else ''}: "
+                     f"{t / floor:.2f}x, |r err| {pearson_error(fill(b)):.1e}")
+        del b
+    worst = fill(builder).comoment
+    d = torch.sqrt(torch.diagonal(worst))
+    err = ((worst / torch.outer(d, d)).abs() - ref).abs().nan_to_num(0)
+    i, j = divmod(int(err.argmax()), z.shape[0])
+    zero = [(z[k] == 0).float().mean().item() for k in (i, j)]
+    diag = (f"worst pair ({i}, {j}): |r| {float(ref[i, j]):.4f}, std {float(z[i].std()):.2e} / "
+            f"{float(z[j].std()):.2e}, zero pixels {zero[0]:.1%} / {zero[1]:.1%}")
     forward = []
     if device.startswith("cuda"):
         for bench in (False, True):
@@ -214,6 +221,7 @@ def main() -> None:
     ]
     lines.append("moments built from the maps, by layout and chunk pixels (x floor, Pearson "
                  "error vs float64): " + "; ".join(sweep))
+    lines.append(f"default layout, {diag}")
     if forward:
         lines.append("CNN10 forward pass alone (TF32 convolutions, PyTorch's default): "
                      + "; ".join(forward))

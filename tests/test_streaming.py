@@ -52,10 +52,12 @@ def test_compute_moments_blocks_agree_with_float64(rng, block_rows):
     assert np.abs(m.comoment.numpy() - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("block_rows", [None, 8, 64])
-def test_builder_matches_float64_and_is_reusable(rng, block_rows):
+@pytest.mark.parametrize("block_rows,f64", [(None, False), (8, False), (64, False), (None, True),
+                                           (8, True)])
+def test_builder_matches_float64_and_is_reusable(rng, block_rows, f64):
     # 1600 pixels in chunks of 500: the last chunk is zero-padded
-    builder = MomentsBuilder(37, 1600, "cpu", chunk_pixels=500, block_rows=block_rows)
+    builder = MomentsBuilder(37, 1600, "cpu", chunk_pixels=500, block_rows=block_rows,
+                             float64_products=f64)
     for trial in range(2):  # the second image reuses the buffers
         z = maps(rng)
         builder.reset()
