@@ -46,7 +46,6 @@ def make_images(folder: Path, n: int, height: int, width: int) -> None:
 
 def spec(args: argparse.Namespace, folder: Path, n: int) -> object:
     registry = load_registry()
-    installed = set(registry.names("metric")) if hasattr(registry, "names") else None
     metrics = []
     for name in args.metrics.split(","):
         try:
@@ -54,12 +53,11 @@ def spec(args: argparse.Namespace, folder: Path, n: int) -> object:
             metrics.append(name)
         except Exception:  # noqa: BLE001 - not installed in this checkout
             pass
-    del installed
     paths = sorted(str(p) for p in folder.glob("img-*.png"))[:n]
     return validate_spec({
         "name": "bench",
         "models": {"cnn": {"architecture": {"name": "fcn", "depth": args.depth, "width": 64,
-                                            "kernel_size": 7}, "seed": 0}},
+                                            "kernel_size": args.kernel_size}, "seed": 0}},
         "layers": {"cnn": args.layers.split(",")},
         "images": {"name": "files", "paths": paths},
         "comparisons": [["cnn", "cnn"]],
@@ -91,6 +89,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--depth", type=int, default=10)
+    parser.add_argument("--kernel-size", type=int, default=7,
+                        help="7: the study's networks; 3: fcn's default")
     parser.add_argument("--layers", default="blocks.*")
     parser.add_argument("--size", default="1104x1376", help="height x width")
     parser.add_argument("--images", type=int, default=60)
@@ -127,7 +127,7 @@ def main() -> None:
         one_run(args, folder, 1, work / "warm")  # warm-up: first-call costs, cuDNN choice
         info = one_run(args, folder, args.images, work / "out")
         n, seconds = info["n"], info["seconds"]
-        lines.append(f"CNN depth {args.depth}, layers {args.layers}, {height}x{width} px, "
+        lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}), layers {args.layers}, {height}x{width} px, "
                      f"{n} images, metrics {', '.join(info['metrics'])}, aggregators "
                      f"{args.aggregators}: {seconds:.2f} s, {n / seconds:.2f} images/s, "
                      f"{seconds / n:.3f} s/image")
