@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 #: default pixels per chunk: keeps a float32 chunk product accurate to ~1e-6 in r (16384 gave
@@ -100,6 +101,15 @@ def chunk_size(n_maps: int, n_pixels: int, chunk_pixels: int | None = None,
 DEFAULT_BLOCK_ROWS = 128
 
 
+def row_sums(x: torch.Tensor, dims: tuple[int, ...] = (1,)) -> torch.Tensor:
+    """float64 sums of a float32 tensor over ``dims``. On the CPU through numpy, whose float64
+    reduction of float32 data is ~10x faster than torch's; elsewhere through torch."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(
+            np.asarray(np.add.reduce(x.numpy(), axis=dims, dtype=np.float64)))
+    return x.sum(dim=dims, dtype=torch.float64)
+
+
 def gram(
     centred: torch.Tensor, rows: slice, cols: slice, step: int
 ) -> torch.Tensor:
@@ -166,7 +176,7 @@ def compute_moments(z: torch.Tensor, chunk_pixels: int | None = None,
 
     total = torch.zeros(n_maps, dtype=torch.float64, device=z.device)
     for start in range(0, n_pixels, stretch):
-        total += z[:, start:start + stretch].sum(dim=1, dtype=torch.float64)
+        total += row_sums(z[:, start:start + stretch])
     mean = total / n_pixels
     mean32 = mean.to(torch.float32).unsqueeze(1)
 
@@ -178,7 +188,7 @@ def compute_moments(z: torch.Tensor, chunk_pixels: int | None = None,
         for start in range(0, n_pixels, stretch):
             centred = z[:, start:start + stretch] - mean32
             comoment += symmetric_gram(centred, step, block_rows)
-            residual += centred.sum(dim=1, dtype=torch.float64)
+            residual += row_sums(centred)
     return _finish(n_pixels, mean, comoment, residual)
 
 
@@ -253,7 +263,7 @@ class MomentsBuilder:
                 f"maps of shape {tuple(maps.shape)} do not fit rows {rows.start}:{rows.stop} "
                 f"of a {self.n_maps} x {self.n_pixels} builder"
             )
-        mean = maps.sum(dim=1, dtype=torch.float64) / self.n_pixels
+        mean = row_sums(maps) / self.n_pixels
         mean32 = mean.to(torch.float32).unsqueeze(1)
         whole = self.n_pixels // self.step
         if whole:
@@ -263,7 +273,8 @@ class MomentsBuilder:
             tail = maps[:, whole * self.step:]
             torch.sub(tail, mean32, out=self.buffer[whole, rows, :tail.shape[1]])
         self.mean[rows] = mean
-        self.residual[rows] = self.buffer[:, rows].sum(dim=(0, 2), dtype=torch.float64)
+        # zero padding adds nothing to the centred sums
+        self.residual[rows] = row_sums(self.buffer[:, rows], (0, 2))
         if self.block_rows is None:
             block = self._gram(rows, slice(0, rows.stop))
             self.comoment[rows, :rows.stop] = block
