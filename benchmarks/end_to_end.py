@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--memory", default=None, help="e.g. 1,10,100: peak memory per count")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="write a cProfile summary of the measured run to this file")
     parser.add_argument("--results", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
@@ -125,7 +127,21 @@ def main() -> None:
             print(lines[-1], flush=True)
     else:
         one_run(args, folder, 1, work / "warm")  # warm-up: first-call costs, cuDNN choice
+        if args.profile:
+            import cProfile
+            import io
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         info = one_run(args, folder, args.images, work / "out")
+        if args.profile:
+            profiler.disable()
+            text = io.StringIO()
+            stats = pstats.Stats(profiler, stream=text)
+            stats.sort_stats("tottime").print_stats(45)
+            stats.sort_stats("cumulative").print_stats(60)
+            args.profile.write_text(text.getvalue())
         n, seconds = info["n"], info["seconds"]
         lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}), layers {args.layers}, {height}x{width} px, "
                      f"{n} images, metrics {', '.join(info['metrics'])}, aggregators "
