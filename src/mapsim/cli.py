@@ -202,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", nargs=2, type=int, default=(64, 64), metavar=("H", "W"),
                    help="input height and width for the trial forward pass (default 64 64)")
     p.set_defaults(func=_cmd_layers)
+
+    # subcommands that live beside their implementation
+    from mapsim.data_cli import add_data_parser
+    from mapsim.plots.commands import add_parsers as add_plot_parsers
+    from mapsim.training.commands import add_parsers as add_training_parsers
+
+    add_plot_parsers(sub)  # plot, show maps, show kernels
+    add_data_parser(sub)  # data synth
+    add_training_parsers(sub)  # train, evaluate, models
     return parser
 
 

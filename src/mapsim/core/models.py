@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.resources
+import json
 import pickle
 import sys
 import warnings
@@ -330,6 +331,23 @@ def pretrained_path(name: str) -> Path:
             "instead (weights: path/to/weights.safetensors)."
         )
     return Path(str(_pretrained_dir() / f"{name}.safetensors"))
+
+
+def pretrained_card(name: str) -> dict[str, Any]:
+    """The card of the bundled weights ``name`` (``NAME.json`` beside the weights): how they
+    were trained (spec, command line, epochs, metrics) and which architecture they fit.
+
+    :raises WeightsError: no such weights are bundled, or their card is missing or unreadable.
+    """
+    path = pretrained_path(name).with_suffix(".json")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WeightsError(
+            f"the card of the pretrained weights {name!r} ({path}) cannot be read: {exc}. "
+            "Reinstall mapsim."
+        ) from exc
+    return card
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

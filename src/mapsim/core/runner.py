@@ -113,6 +113,11 @@ class Runner:
         self.layouts: dict[tuple, Layout] = {}  # (group, image shape) -> layout, for streaming
         self.builders: dict[int, Any] = {}
         self._pending: tuple | None = None  # the fast-path image whose tables are not out yet
+        self.capture = None  # keeps thumbnails and matrices when plots are requested
+        if spec.output.plots or spec.output.report:
+            from mapsim.plots.capture import PlotCapture
+
+            self.capture = PlotCapture(spec.output.plot_images)
 
     # ------------------------------------------------------------------ setup
     def _metric(self, choice: Any) -> Metric:
@@ -256,6 +261,8 @@ class Runner:
     def _aggregate(self, image_id: str, sim: Any, sink: Callable[[str, pd.DataFrame], None]) -> None:
         start = time.perf_counter()
         tables: dict[str, pd.DataFrame] = {}
+        if self.capture is not None:
+            self.capture.add_matrix(image_id, sim)
         for aggregator in self.aggregators:
             tables.update(aggregator.aggregate(sim, tables))
         if self.spec.output.pairs:
@@ -311,6 +318,8 @@ class Runner:
         self.flush(sink)  # keep the images' tables in order
         start = time.perf_counter()
         acts = self.extract(item)
+        if self.capture is not None:
+            self.capture.add_maps(item, acts)
         mask = self.mask_for(item)
         self._sync()
         self.timings["forward"] += time.perf_counter() - start
@@ -343,8 +352,10 @@ class Runner:
 
     @property
     def streamable(self) -> bool:
-        """Whether images can take the fast path (see :mod:`mapsim.core.streaming`)."""
-        return can_stream([m.extractor for m in self.models.values()], self.metrics)
+        """Whether images can take the fast path (see :mod:`mapsim.core.streaming`); not when
+        plots need the maps themselves."""
+        return self.capture is None and can_stream(
+            [m.extractor for m in self.models.values()], self.metrics)
 
     def _stream(self, item: ImageItem) -> tuple | None:
         """Launch the fast path for one image (moments built in the hooks); None: not possible.
@@ -491,6 +502,11 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
             writer.write_table(name, accumulator.table())
         info = run_info(spec, runner, n_images, time.perf_counter() - started)
         writer.write_json("run.json", info)
+        if runner.capture is not None:
+            from mapsim.plots import draw_for_run
+
+            runner.capture.write(writer.staging)
+            draw_for_run(writer.staging, report=spec.output.report)
         tables = writer.tables()
         out = writer.publish()
     except BaseException:

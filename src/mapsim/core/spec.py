@@ -144,6 +144,12 @@ class OutputSpec(StrictModel):
 
     dir: str | None = Field(None, description="Results directory (default: results/<name>).")
     pairs: bool = Field(False, description="Also write every map pair (pairs.csv; large).")
+    plots: bool = Field(False, description="Draw pictures under plots/ (keeps map thumbnails "
+                        "and similarity matrices of the first plot_images images).")
+    report: bool = Field(False, description="Write report.html, one self-contained page "
+                         "(implies plots).")
+    plot_images: int = Field(1, ge=1, description="Images whose thumbnails and matrices are kept "
+                             "for plots and the report.")
 
 
 def _pair(value: Any) -> Any:

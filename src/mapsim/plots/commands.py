@@ -1,0 +1,164 @@
+"""The ``mapsim plot`` and ``mapsim show`` commands (argument parsing stays in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mapsim.core.errors import MapsimError
+from mapsim.plots.io import save_figure, slug
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Redraw plots/ (and report.html with --report) of a results directory."""
+    from mapsim.plots.draw import redraw
+
+    root = Path(args.results)
+    report = args.report or (root / "report.html").exists()
+    written = redraw(root, report=report)
+    pictures = [p for p in written if p.suffix == ".png"]
+    print(f"{len(pictures)} picture(s) in {root / 'plots'}"
+          + (f"; report: {root / 'report.html'}" if report else ""))
+    return 0
+
+
+def _build(args: argparse.Namespace) -> tuple[str, Any, Any]:
+    """(name, loaded model, extractor) from MODEL_SPEC, like `mapsim layers`."""
+    from mapsim.cli import _model_spec_from
+    from mapsim.core.models import build_model
+    from mapsim.core.plugins import load_registry
+
+    registry = load_registry()
+    name, mspec, base = _model_spec_from(args.model_spec, args.model)
+    architecture = None
+    if mspec.architecture is not None:
+        architecture = registry.create("architecture", mspec.architecture.name,
+                                       mspec.architecture.model_dump(exclude={"name"}))
+    loaded = build_model(name, architecture=architecture, python=mspec.python,
+                         kwargs=mspec.kwargs, torchscript=mspec.torchscript,
+                         weights=mspec.weights, seed=mspec.seed, base_dir=base)
+    if mspec.in_channels is not None:
+        loaded.in_channels = mspec.in_channels
+    extractor = registry.create("extractor", mspec.extractor.name,
+                                mspec.extractor.model_dump(exclude={"name"}))
+    loaded.module.eval()
+    return name, loaded, extractor
+
+
+def _ids(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise MapsimError(
+            f"--maps takes comma-separated map ids such as 0,3,7; got {text!r}") from None
+
+
+def cmd_show_maps(args: argparse.Namespace) -> int:
+    """Draw one layer's maps for one image."""
+    from mapsim.core.plugins import load_registry
+    from mapsim.plots.maps import choose_maps, maps_figure
+
+    name, loaded, extractor = _build(args)
+    dataset = load_registry().create(
+        "dataset", "files", {"paths": args.image, "color": args.color,
+                             "normalise": args.normalise}, base_dir=Path.cwd())
+    item = next(iter(dataset))
+    if loaded.in_channels is not None and item.image.shape[0] != loaded.in_channels:
+        raise MapsimError(f"image {args.image} has {item.image.shape[0]} channel(s) but model "
+                          f"{name!r} expects {loaded.in_channels}; use --color rgb or luminance")
+    with torch.no_grad():
+        out = extractor.extract(loaded.module, [args.layer],
+                                torch.from_numpy(np.ascontiguousarray(item.image))[None])
+    tensor = out[args.layer]
+    if tensor.dim() != 4:
+        raise MapsimError(f"layer {args.layer!r} gives an output of shape {tuple(tensor.shape)}, "
+                          "not maps (1, C, H, W); choose a convolutional layer")
+    maps = tensor[0].float().numpy()
+    chosen, caption = _ids(args.maps), ""
+    if args.group:
+        from mapsim.plots.groups import group_members
+
+        folder, _, number = args.group.rpartition(":")
+        if not folder or not number.isdigit():
+            raise MapsimError(f"--group takes RESULTS_DIR:K (K from 1), got {args.group!r}")
+        chosen, caption = group_members(folder, int(number), name, args.layer, args.group_image)
+        caption = f" ({caption})"
+    ids = choose_maps(maps.shape[0], chosen, args.first)
+    dead = maps.reshape(maps.shape[0], -1).std(axis=1) <= args.dead_std
+    fig = maps_figure(maps, ids, item.image, dead,
+                      f"{name} {args.layer}: {len(ids)} of {maps.shape[0]} maps{caption}, "
+                      f"image {item.id}",
+                      shared_scale=args.scale == "shared")
+    path = Path(args.out or f"maps-{slug(name)}-{slug(args.layer)}-{slug(item.id)}.png")
+    save_figure(fig, path)
+    print(f"wrote {path} ({len(ids)} maps; {int(dead[ids].sum())} dead)")
+    return 0
+
+
+def cmd_show_kernels(args: argparse.Namespace) -> int:
+    """Draw the kernels of one convolutional layer."""
+    from mapsim.plots.kernels import find_conv, kernels_figure
+
+    name, loaded, _ = _build(args)
+    modules = dict(loaded.module.named_modules())
+    if args.layer not in modules:
+        from mapsim.core.errors import LayerNotFoundError
+
+        raise LayerNotFoundError("layer", args.layer, [m for m in modules if m],
+                                 hint=f"(model {name!r})")
+    path_name, conv = find_conv(modules[args.layer], args.layer)
+    weight = conv.weight.detach().float().cpu().numpy()
+    fig = kernels_figure(weight, args.by, f"{name} {path_name}: kernels "
+                         f"{weight.shape[0]} out x {weight.shape[1]} in x "
+                         f"{weight.shape[2]}x{weight.shape[3]}")
+    path = Path(args.out or f"kernels-{slug(name)}-{slug(args.layer)}-by-{args.by}.png")
+    save_figure(fig, path)
+    print(f"wrote {path}")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``plot`` and ``show`` on the CLI's subparsers."""
+    p = sub.add_parser("plot", help="redraw the pictures (and report) of a results directory")
+    p.add_argument("results", metavar="RESULTS_DIR", help="a folder written by `mapsim run`")
+    p.add_argument("--report", action="store_true",
+                   help="also write report.html (default: only when one exists already)")
+    p.set_defaults(func=cmd_plot)
+
+    show = sub.add_parser("show", help="draw a model's feature maps or kernels")
+    what = show.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for kind in ("maps", "kernels"):
+        q = what.add_parser(kind, help=("a layer's maps for one image" if kind == "maps"
+                                        else "a convolutional layer's kernels"))
+        q.add_argument("model_spec", metavar="MODEL_SPEC",
+                       help="a run spec, a model spec file, or inline YAML (as `mapsim layers`)")
+        if kind == "maps":
+            q.add_argument("image", metavar="IMAGE", help="an image file")
+        q.add_argument("--layer", required=True, help="module path (see `mapsim layers`)")
+        q.add_argument("--model", help="which model of a run spec (default: the first)")
+        q.add_argument("--out", help="PNG file to write (default: a name in this folder)")
+        if kind == "maps":
+            q.add_argument("--maps", help="comma-separated map ids, e.g. 0,3,7")
+            q.add_argument("--first", type=int, help="the first N maps (default: all, max 64)")
+            q.add_argument("--group", metavar="RESULTS_DIR:K",
+                           help="the maps of well-correlated group K of this layer with itself "
+                           "in a results directory (numbered as in its groups-*.png)")
+            q.add_argument("--group-image", help="image id for --group (default: the first)")
+            q.add_argument("--scale", choices=("per-map", "shared"), default="per-map",
+                           help="one colour scale for all maps, or one per map (default)")
+            q.add_argument("--color", default="luminance",
+                           choices=("luminance", "red", "green", "blue", "rgb"))
+            q.add_argument("--normalise", default="zscore", choices=("zscore", "minmax", "none"))
+            q.add_argument("--dead-std", type=float, default=1e-10,
+                           help="a map whose std is <= this is marked dead")
+            q.set_defaults(func=cmd_show_maps)
+        else:
+            q.add_argument("--by", choices=("output", "input"), default="output",
+                           help="rows are output maps (default) or input channels")
+            q.set_defaults(func=cmd_show_kernels)

@@ -1,0 +1,181 @@
+"""Draw every picture of a results directory (``plots/``) and, on request, ``report.html``.
+
+File names are deterministic (``<kind>-<metric>-<models/layers>[-image-<id>].png``; an id
+that is not file-name safe is rewritten with a short hash). ``plots/data.json`` holds the
+numbers every heat map shows, so a redraw can be checked against the run's own pictures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mapsim.core.errors import OutputError
+from mapsim.plots import distributions, groups, heatmaps
+from mapsim.plots.capture import matrix_key
+from mapsim.plots.io import Results, atomic_write_bytes, save_figure, slug
+
+#: per-image heat maps are drawn for at most this many images (the means use every image)
+MAX_IMAGE_FIGURES = 24
+
+
+def _json_grid(frame: Any) -> list[list[float | None]]:
+    return [[None if v != v else round(float(v), 6) for v in row] for row in frame.to_numpy()]
+
+
+def heatmap_data(sets: list[heatmaps.HeatmapSet]) -> list[dict[str, Any]]:
+    """The numbers of every heat-map set, JSON-ready (also embedded in the report)."""
+    out = []
+    for hs in sets:
+        out.append({
+            "key": hs.key, "metric": hs.metric, "statistic": hs.statistic, "image": hs.image,
+            "title": hs.title, "cbar_label": hs.cbar_label, "vmin": hs.vmin, "vmax": hs.vmax,
+            "cmap": hs.cmap, "fmt": hs.fmt,
+            "panels": [{
+                "model_a": p.model_a, "model_b": p.model_b, "title": p.title,
+                "rows": [str(r) for r in p.mean.index], "cols": [str(c) for c in p.mean.columns],
+                "mean": _json_grid(p.mean),
+                "std": _json_grid(p.std) if p.std is not None else None,
+            } for p in hs.panels],
+        })
+    return out
+
+
+def group_pairs(results: Results, metric: str) -> list[tuple[str, str, str, str]]:
+    """Layer pairs drawn as well-correlated groups: within a model, each layer with itself;
+    between models, each layer of model a with the layer of b where most of its maps are well
+    correlated (mean % over images; the first such layer on a tie)."""
+    out = []
+    summary = results.summary
+    for a, b in (tuple(p) for p in results.info.get("comparisons", [])):
+        if a == b:
+            out.extend((a, layer, a, layer) for layer in results.layers(a))
+            continue
+        if summary is None:
+            continue
+        cols = results.layers(b)
+        for la in results.layers(a):
+            pct = heatmaps.summary_grid(summary, metric, a, b, "pct_well", [la], cols)[0]
+            values = pct.to_numpy()[0]
+            if np.isfinite(values).any() and np.nanmax(values) > 0:
+                out.append((a, la, b, cols[int(np.nanargmax(values))]))
+    return out
+
+
+def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | None = None
+             ) -> list[Path]:
+    """Draw the pictures of the results in ``root`` into ``plots_dir`` (default root/plots).
+
+    With ``report``, also write ``root/report.html``. Returns the written files.
+    """
+    root = Path(root)
+    results = Results.open(root)
+    folder = Path(plots_dir) if plots_dir is not None else root / "plots"
+    written: list[Path] = []
+    figures: list[dict[str, str]] = []  # for the report: file, kind, caption
+
+    def save(fig: Any, stem: str, kind: str, caption: str) -> None:
+        if fig is None:
+            return
+        path = save_figure(fig, folder / f"{slug(stem)}.png")
+        written.append(path)
+        figures.append({"file": path.name, "kind": kind, "caption": caption})
+
+    sets = heatmaps.heatmap_sets(results)
+    drawn_images = set(results.images()[:MAX_IMAGE_FIGURES])
+    for hs in sets:
+        if hs.image is None or hs.image in drawn_images or hs.image == "pooled":
+            save(heatmaps.draw_set(hs), hs.key, "heatmap", hs.title.replace("\n", " — "))
+    metrics = results.metrics()
+    for view in metrics.values():
+        if view.granularity != "map":
+            continue
+        threshold = heatmaps._threshold(results, view.label)
+        for a, b in results.comparisons():
+            save(distributions.histogram_figure(results, view, a, b, threshold),
+                 f"hist-{view.label}-{a}-{b}", "histogram",
+                 f"{view.label}: best-partner values, {a} → {b}")
+        for image in results.saved_images("matrices"):
+            mats = results.matrices(image)
+            for a, b in results.comparisons():
+                key = matrix_key(view.label, a, b)
+                save(distributions.matrix_figure(mats, key, image, view),
+                     f"matrix-{view.label}-{a}-{b}-image-{image}", "matrix",
+                     f"{view.label}: every map pair, {a} × {b}, image {image}")
+        if results.best is None or threshold is None:
+            continue
+        for image in results.saved_images("thumbnails"):
+            thumbs = results.thumbnails(image)
+            for a, la, b, lb in group_pairs(results, view.label):
+                rows = [results.by_pair("max").get((view.label, a, la, b, lb))]
+                if (a, la) != (b, lb):
+                    rows.append(results.by_pair("max").get((view.label, b, lb, a, la)))
+                rows = [r for r in rows if r is not None]
+                if not rows:
+                    continue
+                found = groups.well_groups(pd.concat(rows), image, view.label, a, la, b, lb)
+                pair = f"{a} {la} with itself" if (a, la) == (b, lb) else f"{a} {la} and {b} {lb}"
+                stem = (f"groups-{view.label}-{a}-{la}" if (a, la) == (b, lb)
+                        else f"groups-{view.label}-{a}-{la}-{b}-{lb}")
+                save(groups.groups_figure(found, thumbs, view, threshold, image, pair),
+                     f"{stem}-image-{image}", "groups",
+                     f"{view.label}: well-correlated groups, {pair}, image {image}")
+    data = {"heatmaps": heatmap_data(sets), "figures": figures}
+    atomic_write_bytes(folder / "data.json",
+                       (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+    written.append(folder / "data.json")
+    if report:
+        from mapsim.plots.report import write_report
+
+        written.append(write_report(results, sets, folder, figures))
+    return written
+
+
+def draw_for_run(root: str | Path, report: bool = False) -> list[Path]:
+    """Draw a run's pictures into its staging folder; a drawing failure never costs the tables.
+
+    On an error the partial ``plots/`` and ``report.html`` are removed and a warning says how
+    to draw them later (``mapsim plot``); the run itself still succeeds.
+    """
+    root = Path(root)
+    try:
+        return draw_all(root, report=report)
+    except Exception as exc:  # noqa: BLE001 - the tables are worth more than the pictures
+        shutil.rmtree(root / "plots", ignore_errors=True)
+        (root / "report.html").unlink(missing_ok=True)
+        warnings.warn(f"mapsim: the pictures could not be drawn ({type(exc).__name__}: {exc}); "
+                      "the tables are complete. Draw them later with `mapsim plot RESULTS_DIR"
+                      f"{' --report' if report else ''}`.", RuntimeWarning, stacklevel=2)
+        return []
+
+
+def redraw(root: str | Path, report: bool = False) -> list[Path]:
+    """Redraw ``root/plots`` (and ``report.html``) from the tables, replacing them atomically."""
+    root = Path(root)
+    Results.open(root)  # a clear error for a folder that is not a results directory
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".plots.partial-", dir=root))
+    except OSError as exc:
+        raise OutputError(f"cannot write into {root}: {exc}") from exc
+    try:
+        written = draw_all(root, report=report, plots_dir=staging)
+        target = root / "plots"
+        old = None
+        if target.exists():
+            old = root / f".plots.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [target / p.name if p.parent == staging else p for p in written]

@@ -1,0 +1,330 @@
+"""Layer x layer heat maps: mean best value and % well correlated (study Fig. 17-20), CKA-like.
+
+The data layer (:func:`summary_grid`, :func:`pivot_grid`, :func:`layer_metric_grids`) turns
+the tables into layer x layer frames; :func:`heatmap_sets` collects them into
+:class:`HeatmapSet` objects that both the PNGs (:func:`draw_set`) and the HTML report use, so
+a picture and the report always show the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from mapsim.plots.io import POOLED_IMAGE, MetricView, Results
+
+#: the per-layer-pair statistics drawn as heat maps: (pivot column, short name)
+STATISTICS = ("best_mean", "pct_well")
+ANNOTATE_MAX = 12  # above this many rows or columns, std goes to its own row of panels
+
+
+@dataclass
+class Panel:
+    """One comparison direction: rows are layers of model_a, columns layers of model_b."""
+
+    model_a: str
+    model_b: str
+    mean: pd.DataFrame
+    std: pd.DataFrame | None = None
+
+    @property
+    def title(self) -> str:
+        if self.model_a == self.model_b:
+            return f"{self.model_a} × {self.model_a} (intra)"
+        return f"{self.model_a} → {self.model_b} (inter)"
+
+
+@dataclass
+class HeatmapSet:
+    """Panels meant to be compared: one figure, one colour scale."""
+
+    key: str  # file stem, e.g. heatmap-pearson-best_mean
+    metric: str
+    statistic: str  # best_mean, pct_well or value (layer-level metric)
+    image: str | None  # None: mean +- std over images
+    title: str
+    cbar_label: str
+    vmin: float
+    vmax: float
+    cmap: str
+    fmt: str
+    panels: list[Panel] = field(default_factory=list)
+
+
+def _grid(frame: pd.DataFrame, rows: list[str], cols: list[str], column: str) -> pd.DataFrame:
+    grid = frame.pivot_table(index="layer_a", columns="layer_b", values=column,
+                             aggfunc="first", dropna=False)
+    grid = grid.reindex(index=rows, columns=cols)
+    grid.index.name, grid.columns.name = "layer_a", "layer_b"
+    return grid.astype(float)
+
+
+def _select(frame: pd.DataFrame, metric: str, model_a: str, model_b: str) -> pd.DataFrame:
+    out = frame[(frame["metric"].astype(str) == metric)
+                & (frame["model_a"].astype(str) == model_a)
+                & (frame["model_b"].astype(str) == model_b)].copy()
+    for col in ("layer_a", "layer_b"):
+        out[col] = out[col].astype(str)
+    return out
+
+
+def summary_grid(summary: pd.DataFrame, metric: str, model_a: str, model_b: str,
+                 statistic: str, rows: list[str], cols: list[str]
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean and std over images of one pivot statistic, layer_a x layer_b, from summary.csv."""
+    sel = _select(summary, metric, model_a, model_b)
+    sel = sel[sel["statistic"] == statistic]
+    return _grid(sel, rows, cols, "mean"), _grid(sel, rows, cols, "std")
+
+
+def pivot_grid(pivot: pd.DataFrame, image: str, metric: str, model_a: str, model_b: str,
+               statistic: str, rows: list[str], cols: list[str]) -> pd.DataFrame:
+    """One image's pivot statistic, layer_a x layer_b, from pivot.csv."""
+    sel = _select(pivot, metric, model_a, model_b)
+    sel = sel[sel["image"].astype(str) == image]
+    return _grid(sel, rows, cols, statistic)
+
+
+def layer_metric_grids(table: pd.DataFrame, metric: str, model_a: str, model_b: str,
+                       rows: list[str], cols: list[str], symmetric: bool = True
+                       ) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, pd.DataFrame]:
+    """A layer-level metric from layer_similarity.csv: per-image grids, mean and std (ddof=1).
+
+    A cell missing in one direction is read from the other when the metric is symmetric;
+    undefined values (empty, with a ``reason``) stay NaN and are skipped by mean and std.
+    """
+    sel = _select(table, metric, model_a, model_b)
+    if symmetric:
+        back = _select(table, metric, model_b, model_a).rename(
+            columns={"layer_a": "layer_b", "layer_b": "layer_a"})
+        sel = pd.concat([sel, back], ignore_index=True).drop_duplicates(
+            subset=["image", "layer_a", "layer_b"], keep="first")
+    sel["value"] = pd.to_numeric(sel["value"], errors="coerce")
+    per_image = {}
+    for image in dict.fromkeys(sel["image"].astype(str)):
+        per_image[image] = _grid(sel[sel["image"].astype(str) == image], rows, cols, "value")
+    stack = [g.to_numpy() for i, g in per_image.items() if i != POOLED_IMAGE]
+    if stack:
+        cube = np.stack(stack)
+        mean, std = _nanmean(cube), _nanstd(cube)
+    else:
+        mean = std = np.full((len(rows), len(cols)), np.nan)
+    like = pd.DataFrame(mean, index=rows, columns=cols)
+    return per_image, like, pd.DataFrame(std, index=rows, columns=cols)
+
+
+def _nanmean(cube: np.ndarray) -> np.ndarray:
+    count = np.sum(~np.isnan(cube), axis=0)
+    total = np.nansum(cube, axis=0)
+    with np.errstate(all="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _nanstd(cube: np.ndarray) -> np.ndarray:
+    count = np.sum(~np.isnan(cube), axis=0)
+    mean = _nanmean(cube)
+    dev = np.nansum((cube - mean) ** 2, axis=0)
+    with np.errstate(all="ignore"):
+        return np.where(count > 1, np.sqrt(dev / np.maximum(count - 1, 1)), np.nan)
+
+
+# ---------------------------------------------------------------------- sets of panels
+def _threshold(results: Results, metric: str) -> float | None:
+    for frame in (results.summary, results.pivot, results.best):
+        if frame is None or "threshold" not in frame:
+            continue
+        values = frame.loc[frame["metric"].astype(str) == metric, "threshold"].dropna().unique()
+        if len(values):
+            return float(values[0])
+    return None
+
+
+def _labels(view: MetricView, statistic: str, threshold: float | None) -> tuple[str, str]:
+    """(title, colour-bar label) of a statistic."""
+    kind = "similarity" if view.higher_is_more_similar else "distance: lower is more similar"
+    if statistic == "best_mean":
+        return (f"{view.label} ({kind}): mean over maps of the best partner's value "
+                f"({view.best_word}), threshold {threshold:g}" if threshold is not None else
+                f"{view.label} ({kind}): mean over maps of the best partner's value "
+                f"({view.best_word})",
+                f"mean of {view.best_word} {view.label}")
+    if statistic == "pct_well":
+        rule = view.passes_word(threshold) if threshold is not None else "passing"
+        return (f"{view.label} ({kind}): % of maps well correlated (best value {rule})",
+                f"% maps with {view.best_word} {view.label} {rule}")
+    return (f"{view.label} ({kind}): layer-level value", view.label)
+
+
+def _range(view: MetricView, statistic: str, grids: list[pd.DataFrame]) -> tuple[float, float]:
+    if statistic == "pct_well":
+        return 0.0, 100.0
+    bounded = view.bounded_range()
+    if bounded is not None:
+        return bounded
+    values = np.concatenate([g.to_numpy().ravel() for g in grids]) if grids else np.array([])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = float(values.min()), float(values.max())
+    return (low, high) if high > low else (low - 0.5, high + 0.5)
+
+
+def _cmap(view: MetricView, statistic: str) -> str:
+    if statistic == "pct_well":
+        return "rocket"
+    return "viridis" if view.higher_is_more_similar else "viridis_r"
+
+
+def heatmap_sets(results: Results) -> list[HeatmapSet]:
+    """Every heat-map set of a run: per metric and statistic, the mean set then one per image."""
+    sets: list[HeatmapSet] = []
+    comparisons = results.comparisons()
+    images = results.images()
+    pooled = results.table("pooled/pivot")
+    views = results.metrics()
+    if results.layer_similarity is not None:  # a metric run.json does not describe: defaults
+        for label in dict.fromkeys(results.layer_similarity["metric"].astype(str)):
+            views.setdefault(label, results.metric(label))
+    for label, view in views.items():
+        threshold = _threshold(results, label)
+        if view.granularity == "map" and results.summary is not None:
+            for statistic in STATISTICS:
+                sets.extend(_map_sets(results, view, statistic, threshold, comparisons,
+                                      images, pooled))
+        ls = results.layer_similarity
+        if ls is not None and (ls["metric"].astype(str) == label).any():
+            sets.extend(_layer_sets(results, view, comparisons))
+    return sets
+
+
+def _map_sets(results: Results, view: MetricView, statistic: str, threshold: float | None,
+              comparisons: list[tuple[str, str]], images: list[str],
+              pooled: pd.DataFrame | None) -> list[HeatmapSet]:
+    title, cbar = _labels(view, statistic, threshold)
+    fmt = ".1f" if statistic == "pct_well" else ".2f"
+    n = len(images)
+    mean_panels, image_panels = [], {i: [] for i in images}
+    pooled_panels = []
+    for a, b in comparisons:
+        rows, cols = results.layers(a), results.layers(b)
+        mean, std = summary_grid(results.summary, view.label, a, b, statistic, rows, cols)
+        if mean.isna().all().all():
+            continue
+        mean_panels.append(Panel(a, b, mean, std))
+        for image in images:
+            image_panels[image].append(Panel(a, b, pivot_grid(
+                results.pivot, image, view.label, a, b, statistic, rows, cols)))
+        if pooled is not None:
+            grid = pivot_grid(pooled, POOLED_IMAGE, view.label, a, b, statistic, rows, cols)
+            if not grid.isna().all().all():
+                pooled_panels.append(Panel(a, b, grid))
+    if not mean_panels:
+        return []
+    grids = [p.mean for p in mean_panels] + [p.mean for ps in image_panels.values() for p in ps]
+    vmin, vmax = _range(view, statistic, grids + [p.mean for p in pooled_panels])
+    cmap = _cmap(view, statistic)
+    stem = f"heatmap-{view.label}-{statistic}"
+    out = [HeatmapSet(stem, view.label, statistic, None,
+                      f"{title}\nmean ± std over {n} image(s)", cbar, vmin, vmax, cmap, fmt,
+                      mean_panels)]
+    for image, panels in image_panels.items():
+        out.append(HeatmapSet(f"{stem}-image-{image}", view.label, statistic, image,
+                              f"{title}\nimage {image}", cbar, vmin, vmax, cmap, fmt, panels))
+    if pooled_panels:
+        out.append(HeatmapSet(f"{stem}-pooled", view.label, statistic, POOLED_IMAGE,
+                              f"{title}\npooled: moments merged over {n} image(s)", cbar,
+                              vmin, vmax, cmap, fmt, pooled_panels))
+    return out
+
+
+def _layer_sets(results: Results, view: MetricView,
+                comparisons: list[tuple[str, str]]) -> list[HeatmapSet]:
+    title, cbar = _labels(view, "value", None)
+    mean_panels: list[Panel] = []
+    per_image: dict[str, list[Panel]] = {}
+    seen: set[tuple[str, str]] = set()
+    for a, b in comparisons:
+        if view.symmetric and (b, a) in seen:
+            continue  # a symmetric metric: one direction is enough
+        rows, cols = results.layers(a), results.layers(b)
+        images, mean, std = layer_metric_grids(results.layer_similarity, view.label, a, b,
+                                               rows, cols, view.symmetric)
+        if not images:
+            continue
+        seen.add((a, b))
+        mean_panels.append(Panel(a, b, mean, std))
+        for image, grid in images.items():
+            per_image.setdefault(image, []).append(Panel(a, b, grid))
+    if not mean_panels:
+        return []
+    grids = [p.mean for p in mean_panels] + [p.mean for ps in per_image.values() for p in ps]
+    vmin, vmax = _range(view, "value", grids)
+    cmap = _cmap(view, "value")
+    n = sum(1 for i in per_image if i != POOLED_IMAGE)
+    stem = f"heatmap-{view.label}-value"
+    out = [HeatmapSet(stem, view.label, "value", None, f"{title}\nmean ± std over {n} image(s)",
+                      cbar, vmin, vmax, cmap, ".2f", mean_panels)]
+    for image, panels in per_image.items():
+        suffix = "pooled" if image == POOLED_IMAGE else f"image-{image}"
+        which = "pooled over images" if image == POOLED_IMAGE else f"image {image}"
+        out.append(HeatmapSet(f"{stem}-{suffix}", view.label, "value", image,
+                              f"{title}\n{which}",
+                              cbar, vmin, vmax, cmap, ".2f", panels))
+    return out
+
+
+# ---------------------------------------------------------------------- drawing
+def annotations(panel: Panel, fmt: str) -> np.ndarray:
+    """Cell texts: ``mean`` or ``mean\\n±std``; ``n/a`` where undefined."""
+    mean = panel.mean.to_numpy()
+    std = panel.std.to_numpy() if panel.std is not None else np.full(mean.shape, np.nan)
+    text = np.empty(mean.shape, dtype=object)
+    for idx in np.ndindex(mean.shape):
+        m, s = mean[idx], std[idx]
+        if np.isnan(m):
+            text[idx] = "n/a"
+        elif np.isnan(s):
+            text[idx] = format(m, fmt)
+        else:
+            text[idx] = f"{format(m, fmt)}\n±{format(s, fmt)}"
+    return text
+
+
+def draw_set(hs: HeatmapSet) -> Figure:
+    """The figure of one heat-map set: panels side by side, one colour bar."""
+    big = any(max(p.mean.shape) > ANNOTATE_MAX for p in hs.panels)
+    with_std = big and any(p.std is not None for p in hs.panels)
+    n_rows = 2 if with_std else 1
+    widths = [max(p.mean.shape[1], 2) for p in hs.panels]
+    height_cells = max(p.mean.shape[0] for p in hs.panels)
+    cell = 0.3 if big else 0.75
+    fig = Figure(figsize=(max(5.0, cell * sum(widths) + 1.6 * len(widths) + 1.5),
+                          n_rows * (cell * height_cells + 1.6) + 1.0), dpi=100,
+                 layout="constrained")
+    grid = fig.add_gridspec(n_rows, len(widths) + 1, width_ratios=[*widths, 0.35])
+    for r in range(n_rows):
+        cax = fig.add_subplot(grid[r, -1])
+        for c, panel in enumerate(hs.panels):
+            ax = fig.add_subplot(grid[r, c])
+            data = panel.mean if r == 0 else panel.std
+            kwargs = dict(vmin=hs.vmin, vmax=hs.vmax, cmap=hs.cmap) if r == 0 else dict(
+                vmin=0, cmap="Greys")
+            annot = annotations(panel, hs.fmt) if not big else False
+            sns.heatmap(data, ax=ax, cbar=c == 0, cbar_ax=cax if c == 0 else None,
+                        annot=annot, fmt="", annot_kws={"fontsize": 8}, square=False,
+                        linewidths=0.5, linecolor="white",
+                        cbar_kws={"label": hs.cbar_label if r == 0 else f"std of {hs.cbar_label}"},
+                        **kwargs)
+            ax.set_facecolor("#d9d9d9")  # undefined cells
+            ax.set_title(panel.title if r == 0 else f"{panel.title}: std", fontsize=9)
+            ax.set_ylabel(f"{panel.model_a} layer (maps)", fontsize=8)
+            ax.set_xlabel(f"{panel.model_b} layer (partner)", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
+            ax.set_xticklabels(ax.get_xticklabels(), rotation=45, ha="right")
+    fig.suptitle(hs.title, fontsize=9)
+    return fig
