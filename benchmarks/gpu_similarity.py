@@ -180,6 +180,10 @@ def main() -> None:
                 t = timed(lambda: model(image), device, repeats)
             forward.append(f"cudnn.benchmark {bench}: {t * 1e3:.1f} ms")
         torch.backends.cudnn.benchmark = False
+        model.to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            t = timed(lambda: model(image), device, repeats)
+        forward.append(f"channels_last: {t * 1e3:.1f} ms")
 
     ref = float64_pearson(z)
     every = slice(0, z.shape[0])

@@ -179,6 +179,10 @@ class Runner:
             if mspec.in_channels is not None:
                 loaded.in_channels = mspec.in_channels
             loaded.module.to(self.device).eval()
+            if self.device.type == "cuda":
+                # cuDNN's tensor-core convolutions run on channels-last tensors without
+                # transposes (same float32 values; maps are copied out of the hooks anyway)
+                loaded.module.to(memory_format=torch.channels_last)
             extractor = self.registry.create(
                 "extractor", mspec.extractor.name, mspec.extractor.model_dump(exclude={"name"})
             )
