@@ -27,6 +27,8 @@ def machine(device: str) -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     host = f"{cpu}, {cores} cores usable, torch threads {torch.get_num_threads()}"
+    if hasattr(os, "getloadavg"):
+        host += f", load average {os.getloadavg()[0]:.1f} at the end"
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} (host: {host})"
     return host

@@ -66,6 +66,15 @@ def probe_layout(
     return Layout(blocks) if blocks else None
 
 
+def builder_settings(device: torch.device | str, chunk_pixels: int | None) -> dict:
+    """How the moments are built on ``device`` (from benchmarks/gpu_similarity.py on an
+    H100: products of 128-row blocks after the forward pass, chunks of 2048 pixels, 1.2x
+    a plain product; on CPUs each layer's products are made in its hook)."""
+    if torch.device(device).type == "cuda":
+        return {"chunk_pixels": chunk_pixels or 2048, "block_rows": 128}
+    return {"chunk_pixels": chunk_pixels, "block_rows": None}
+
+
 def can_stream(extractors: Sequence[object], metrics: Sequence[object]) -> bool:
     """True when every metric reads moments and every extractor has ``stream``."""
     return all(getattr(m, "uses_moments", False) for m in metrics) and all(
@@ -96,7 +105,8 @@ def stream_group(
     height, width = layout.blocks[0].shape
     n_pixels = height * width if mask is None else int(mask.sum())
     if builder is None or builder.n_maps != n_maps or builder.n_pixels != n_pixels:
-        builder = MomentsBuilder(n_maps, n_pixels, device, chunk_pixels)
+        builder = MomentsBuilder(n_maps, n_pixels, device, **builder_settings(device,
+                                                                             chunk_pixels))
     builder.reset()
     expected = iter(layout.blocks)
     flat_mask = None if mask is None else mask.reshape(-1).to(device)
