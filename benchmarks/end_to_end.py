@@ -3,7 +3,9 @@
 Run (GPU, the issue's target): ``python benchmarks/end_to_end.py --device cuda`` -- CNN10 (all
 10 modules), 60 images of 1376 x 1104 px, Pearson plus the metrics of ``--metrics`` that are
 installed, the study's tables (max, min, threshold, pivot) written as CSV.
-CPU: ``python benchmarks/end_to_end.py --device cpu --depth 6 --layers blocks.0,blocks.1,blocks.3,blocks.5 --size 256x256 --images 20``.
+CPU: ``python benchmarks/end_to_end.py --device cpu --depth 6 --layers
+blocks.0,blocks.1,blocks.3,blocks.5 --size 256x256 --images 20`` (``--kernel-size 3`` for fcn's
+default kernels; the study's networks use 7).
 ``--memory 1,10,100`` runs the same spec on 1, 10 and 100 images, each in a fresh process, and
 reports peak host memory (max RSS) and peak GPU memory for each. ``--quick`` shrinks everything.
 
@@ -143,7 +145,8 @@ def main() -> None:
             stats.sort_stats("cumulative").print_stats(60)
             args.profile.write_text(text.getvalue())
         n, seconds = info["n"], info["seconds"]
-        lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}), layers {args.layers}, {height}x{width} px, "
+        lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}), layers {args.layers}, "
+                     f"{height}x{width} px, "
                      f"{n} images, metrics {', '.join(info['metrics'])}, aggregators "
                      f"{args.aggregators}: {seconds:.2f} s, {n / seconds:.2f} images/s, "
                      f"{seconds / n:.3f} s/image")

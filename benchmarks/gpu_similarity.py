@@ -35,7 +35,12 @@ from _report import append, smooth_image  # noqa: E402
 from mapsim.core.models import build_model  # noqa: E402
 from mapsim.core.moments import Moments, MomentsBuilder, compute_moments  # noqa: E402
 from mapsim.core.plugins import load_registry  # noqa: E402
-from mapsim.core.similarity import MapStack, layer_similarity, map_similarity, stack_maps  # noqa: E402
+from mapsim.core.similarity import (  # noqa: E402
+    MapStack,
+    layer_similarity,
+    map_similarity,
+    stack_maps,
+)
 from mapsim.core.streaming import builder_settings  # noqa: E402
 from mapsim.plugins.hooks import HooksExtractor  # noqa: E402
 
@@ -188,7 +193,8 @@ def main() -> None:
 
     ref = float64_pearson(z)
     every = slice(0, z.shape[0])
-    errors = {"stacked": pearson_error(compute_moments(z)), "streamed": pearson_error(fill(builder))}
+    errors = {"stacked": pearson_error(compute_moments(z)),
+              "streamed": pearson_error(fill(builder))}
 
     # the per-pair method on the device, a sample of pairs, extrapolated
     rng = np.random.default_rng(0)
