@@ -405,12 +405,19 @@ class Runner:
 
     def _complete(self, pending: tuple, sink: Callable[[str, pd.DataFrame], None]) -> None:
         image_id, done, event = pending
+        threads = torch.get_num_threads()
         if event is not None:
             start = time.perf_counter()
             event.synchronize()
             self.timings["forward_and_moments"] += time.perf_counter() - start
-        for index, models, stack, moments in done:
-            self._emit(image_id, index, models, stack, moments, sink)
+            # the host part is small matrices (maps x maps) beside the reader and writer
+            # threads: a pool of many threads there costs more in waiting than it saves
+            torch.set_num_threads(1)
+        try:
+            for index, models, stack, moments in done:
+                self._emit(image_id, index, models, stack, moments, sink)
+        finally:
+            torch.set_num_threads(threads)
 
     def pooled_tables(self, sink: Callable[[str, pd.DataFrame], None]) -> None:
         """Tables from the moments merged over all images (moment-based metrics only)."""
