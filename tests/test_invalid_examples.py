@@ -26,7 +26,7 @@ EXPECTED: dict[str, tuple[str, list[str]]] = {
     "unknown-metric.yaml": (
         "validate",
         ["  metrics.0: unknown metric 'pearsn'.", "Closest: pearson.",
-         "Registered metrics: pearson", "`mapsim plugins`"],
+         "Registered metrics: cka, cosine, euclidean, pearson", "`mapsim plugins`"],
     ),
     "wrong-parameter-type.yaml": (
         "validate",

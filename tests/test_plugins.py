@@ -12,7 +12,7 @@ from mapsim.core.errors import DuplicatePluginError, PluginLoadError, UnknownNam
 from mapsim.core.plugins import KINDS, Provider, build_registry, load_registry
 
 BUILTINS = {
-    "metric": {"pearson"},
+    "metric": {"pearson", "cosine", "euclidean", "cka"},
     "aggregator": {"max", "min", "threshold", "pivot"},
     "architecture": {"fcn"},
     "extractor": {"hooks"},

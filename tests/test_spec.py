@@ -271,7 +271,7 @@ def test_unknown_metric(metric: Any) -> None:
     assert line.startswith("metrics.0: ")
     assert "unknown metric 'pearsn'" in line
     assert "Closest: pearson" in line
-    assert "Registered metrics: pearson" in line
+    assert "Registered metrics: cka, cosine, euclidean, pearson" in line
     assert "mapsim plugins" in line
     assert line.count("'pearsn'") == 1
 
@@ -301,7 +301,7 @@ def test_unknown_plugin_param() -> None:
 
 def test_plugin_choice_without_name() -> None:
     line = problem_lines(error_of(minimal(metrics=[{"absolute": True}])))[0]
-    assert line == "metrics.0: missing 'name': one of pearson"
+    assert line == "metrics.0: missing 'name': one of cka, cosine, euclidean, pearson"
 
 
 def test_comparison_with_unknown_model() -> None:

@@ -10,6 +10,7 @@ from mapsim.core.plugin_api import (
     Metric,
     MetricInfo,
     Params,
+    Undefined,
 )
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "Metric",
     "MetricInfo",
     "Params",
+    "Undefined",
     "__version__",
     "hookimpl",
 ]

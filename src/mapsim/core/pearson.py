@@ -36,6 +36,7 @@ class Pearson(Metric):
         invariances=("scale", "shift", "sign"),
     )
     dead_fill = (1.0, 0.0)
+    examples = ({"absolute": True}, {"absolute": False})
 
     def __init__(self, params: PearsonParams | None = None) -> None:
         super().__init__(params)

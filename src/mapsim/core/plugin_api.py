@@ -14,7 +14,7 @@ mapsim builds the spec schema from those models and constructs the plugin as
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -130,19 +130,54 @@ class MetricInfo:
     invariances: tuple[str, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class Undefined:
+    """A layer-granularity value that does not exist, and why (never a bare NaN).
+
+    A layer metric returns ``Undefined("zero variance: ...")`` instead of a number when its
+    value is undefined for the inputs (e.g. a layer whose maps are all constant, or too few
+    samples for an unbiased estimator). ``layer_similarity.csv`` then gets ``value`` NaN and
+    the text in its ``reason`` column.
+    """
+
+    reason: str
+
+
 class Metric(Plugin):
     """A similarity (or distance) between maps.
 
-    A moment-based metric implements :meth:`from_moments` and is served by the one matrix
-    product per image; any metric may implement :meth:`from_maps` (the generic path, which
-    receives the maps themselves). Values that are undefined (dead maps) are NaN here; the
-    engine flags them and applies the spec's dead-map policy.
+    There are three ways to compute a metric; a metric implements one or more of them:
+
+    * **moments** (``uses_moments = True``): :meth:`from_moments` reads the means and centred
+      co-moments that the engine computes once per image and comparison group (one matrix
+      product shared by every moment-based metric). A metric that also needs the per-pixel
+      squared norms of each layer (see :class:`mapsim.core.moments.Moments`) sets
+      ``needs_layer_norms = True``.
+    * **generic** (``uses_moments = False``): :meth:`from_maps` receives the maps themselves.
+      Moment-based metrics should implement it too: the contract tests
+      (:mod:`mapsim.testing`) check both paths against each other.
+    * **across images** (``accumulates = True``): values that need all images at once (e.g.
+      CKA with images as samples). The runner calls :meth:`update` once per image with that
+      image's maps and :meth:`finish` once per comparison after the last image; keep only
+      bounded state (e.g. one minibatch) between calls. Such metrics must have layer
+      granularity; their rows go to ``layer_similarity.csv`` with the image ``all-images``.
+
+    Map-granularity values that are undefined (dead maps) are NaN; the engine flags them and
+    applies the spec's dead-map policy. Layer-granularity values that are undefined are
+    returned as :class:`Undefined` with a reason.
     """
 
     info: ClassVar[MetricInfo] = MetricInfo()
     uses_moments: ClassVar[bool] = True
+    #: True when :meth:`from_moments` reads ``moments.layer_norms`` (layer granularity only)
+    needs_layer_norms: ClassVar[bool] = False
+    #: True for a metric computed across images through :meth:`update` and :meth:`finish`
+    accumulates: ClassVar[bool] = False
     #: values the original library used for (both dead, one dead); None: no such rule.
     dead_fill: ClassVar[tuple[float, float] | None] = None
+    #: parameter sets the contract tests exercise (``tests/test_metric_contract.py`` runs
+    #: :class:`mapsim.testing.MetricContract` over each set of every registered metric)
+    examples: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
@@ -158,8 +193,28 @@ class Metric(Plugin):
         raise MetricPathError(f"metric {self.name!r} has no moments path (uses_moments=False)")
 
     def from_maps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Values between the rows of ``x`` (C_a, P) and of ``y`` (C_b, P): the generic path."""
+        """Values between the rows of ``x`` (C_a, P) and of ``y`` (C_b, P): the generic path.
+
+        Map granularity: a (C_a, C_b) float64 tensor. Layer granularity: one value (a float
+        or 0-d tensor) or :class:`Undefined`.
+        """
         raise MetricPathError(f"metric {self.name!r} has no generic path (from_maps)")
+
+    def update(self, image_id: str, maps: Mapping[str, Mapping[str, torch.Tensor]],
+               mask: torch.Tensor | None = None) -> None:
+        """Across-image metrics: take in one image's maps ``{model: {layer: (C, H, W)}}``.
+
+        ``mask`` is the image's ROI mask (H, W) when the spec sets ``engine.roi``. Called once
+        per image, in dataset order, for every model of the run.
+        """
+        raise MetricPathError(f"metric {self.name!r} does not accumulate over images")
+
+    def finish(self, model_a: str, model_b: str) -> dict[tuple[str, str], Any]:
+        """Across-image metrics: ``{(layer_a, layer_b): value or Undefined}`` after all images.
+
+        Called once per comparison after the last :meth:`update`; may be called several times.
+        """
+        raise MetricPathError(f"metric {self.name!r} does not accumulate over images")
 
     def describe(self) -> dict[str, Any]:
         """Name, parameters and metadata, as recorded in run.json."""
@@ -188,6 +243,9 @@ class Aggregator(Plugin):
     order: ClassVar[int] = 100
     requires: ClassVar[tuple[str, ...]] = ()
     summarise: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def prepare(self, metrics: Sequence[Metric]) -> None:
+        """Check the run's metrics before the first image (raise a SpecError to refuse one)."""
 
     @abstractmethod
     def aggregate(

@@ -31,11 +31,14 @@ from mapsim.core.similarity import (
     MapStack,
     comparison_groups,
     layer_similarity,
+    layer_value,
     map_similarity,
     stack_maps,
 )
 
 POOLED_IMAGE = "pooled"
+#: the image column of rows computed across all images (metrics with ``accumulates``)
+ACROSS_IMAGES = "all-images"
 
 
 @dataclass
@@ -105,6 +108,8 @@ class Runner:
         self.groups = comparison_groups(self.comparisons)
         self.metrics: list[Metric] = [self._metric(m) for m in spec.metrics]
         self.aggregators: list[Aggregator] = self._aggregators(spec.aggregators)
+        for aggregator in self.aggregators:
+            aggregator.prepare(self.metrics)
         self.timings: dict[str, float] = defaultdict(float)
         self.dead_counts: dict[tuple[str, str, str], list[int]] = {}
         self.pooled: dict[int, Moments] = {}
@@ -124,7 +129,8 @@ class Runner:
         params = choice.model_dump(exclude={"name", "label"})
         metric = self.registry.create("metric", choice.name, params)
         metric.label = choice.label or choice.name
-        if self.spec.engine.dead_maps == "original" and metric.dead_fill is None:
+        if (self.spec.engine.dead_maps == "original" and metric.dead_fill is None
+                and metric.info.granularity == "map"):  # layer values have no dead-map rule
             raise SpecError(
                 f"engine.dead_maps: 'original' is not defined for metric {choice.name!r}; "
                 "use 'exclude'"
@@ -242,6 +248,8 @@ class Runner:
         """Every metric (default: all of the spec's) and aggregator for one stacked group."""
         engine = self.spec.engine
         for metric in self.metrics if metrics is None else metrics:
+            if metric.accumulates:  # served by update() and finish()
+                continue
             for a, b in self.comparisons:
                 if a not in group_models:
                     continue
@@ -327,10 +335,16 @@ class Runner:
         mask = self.mask_for(item)
         self._sync()
         self.timings["forward"] += time.perf_counter() - start
+        for metric in self.metrics:
+            if metric.accumulates:
+                metric.update(item.id, acts, mask)
+        norms = any(m.needs_layer_norms for m in self.metrics)
         for index, models in enumerate(self.groups):
             start = time.perf_counter()
             stack = stack_maps(acts, models, None if mask is None else mask.to(self.device))
-            moments = compute_moments(stack.z, chunk_pixels=self.spec.engine.chunk_pixels)
+            moments = compute_moments(
+                stack.z, chunk_pixels=self.spec.engine.chunk_pixels,
+                layers=[(b.start, b.stop) for b in stack.blocks] if norms else None)
             self._sync()
             self.timings["moments"] += time.perf_counter() - start
             if self.streamable:
@@ -429,6 +443,16 @@ class Runner:
                               lambda name, frame: sink(f"pooled/{name}", frame),
                               metrics=[m for m in self.metrics if m.uses_moments])
 
+    def across_image_tables(self, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        """Rows of the metrics that accumulate over images, after the last image."""
+        for metric in self.metrics:
+            if not metric.accumulates:
+                continue
+            for a, b in self.comparisons:
+                values = [layer_value(metric, a, la, b, lb, result)
+                          for (la, lb), result in metric.finish(a, b).items()]
+                sink("layer_similarity", _layer_frame(ACROSS_IMAGES, values))
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -477,6 +501,9 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
         for aggregator in runner.aggregators:
             for table, keys in aggregator.summarise.items():
                 summaries[table] = aggregation.SummaryAccumulator(keys)
+        from_aggregators = set(summaries)  # written even when empty
+        summaries["layer_similarity"] = aggregation.SummaryAccumulator(
+            ("metric", "model_a", "layer_a", "model_b", "layer_b"))
 
         # images are read ahead in a thread; CSV parts are written behind, in writer
         # processes (or a thread), in order per table
@@ -508,9 +535,12 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
             raise ImageError("the images entry gave no images")
         if spec.engine.pooled:
             runner.pooled_tables(writer.append)
+        runner.across_image_tables(writer.append)
         for table, accumulator in summaries.items():
-            name = "summary" if table == "pivot" else f"{table}_summary"
-            writer.write_table(name, accumulator.table())
+            frame = accumulator.table()
+            if table in from_aggregators or not frame.empty:
+                name = "summary" if table == "pivot" else f"{table}_summary"
+                writer.write_table(name, frame)
         info = run_info(spec, runner, n_images, time.perf_counter() - started)
         writer.write_json("run.json", info)
         if runner.capture is not None:

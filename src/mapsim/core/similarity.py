@@ -15,7 +15,7 @@ import torch
 
 from mapsim.core.errors import MapsimError, ShapeMismatchError
 from mapsim.core.moments import Moments
-from mapsim.core.plugin_api import Metric
+from mapsim.core.plugin_api import Metric, Undefined
 
 DEAD_POLICIES = ("exclude", "original")
 
@@ -72,7 +72,10 @@ class SimilarityMatrix:
 
 @dataclass
 class LayerValue:
-    """One value of a layer-granularity metric for a layer pair."""
+    """One value of a layer-granularity metric for a layer pair.
+
+    An undefined value is NaN with the metric's explanation in ``reason`` (else empty).
+    """
 
     metric: str
     model_a: str
@@ -80,6 +83,23 @@ class LayerValue:
     model_b: str
     layer_b: str
     value: float
+    reason: str = ""
+
+
+def layer_value(metric: Metric, model_a: str, layer_a: str, model_b: str, layer_b: str,
+                result: object) -> LayerValue:
+    """A metric's result for one layer pair as a row; a bare NaN is a plugin bug."""
+    if isinstance(result, Undefined):
+        return LayerValue(metric.label, model_a, layer_a, model_b, layer_b, float("nan"),
+                          result.reason)
+    value = float(result)
+    if value != value:
+        raise MapsimError(
+            f"metric {metric.name!r} returned NaN for layers {model_a}.{layer_a} and "
+            f"{model_b}.{layer_b} without a reason; a layer metric returns mapsim.Undefined("
+            "reason) for undefined values. This is a bug in the metric plugin."
+        )
+    return LayerValue(metric.label, model_a, layer_a, model_b, layer_b, value)
 
 
 @dataclass
@@ -246,6 +266,5 @@ def layer_similarity(
                 value = metric.from_moments(moments, ra, rb)
             else:
                 value = metric.from_maps(stack.z[ra], stack.z[rb])
-            out.append(LayerValue(metric.label, model_a, ba.layer, model_b, bb.layer,
-                                  float(value)))
+            out.append(layer_value(metric, model_a, ba.layer, model_b, bb.layer, value))
     return out

@@ -76,10 +76,10 @@ def builder_settings(device: torch.device | str, chunk_pixels: int | None) -> di
 
 
 def can_stream(extractors: Sequence[object], metrics: Sequence[object]) -> bool:
-    """True when every metric reads moments and every extractor has ``stream``."""
-    return all(getattr(m, "uses_moments", False) for m in metrics) and all(
-        callable(getattr(e, "stream", None)) for e in extractors
-    )
+    """True when every metric reads plain moments (no per-layer pixel statistics, which
+    debiased CKA needs) and every extractor has ``stream``."""
+    return all(getattr(m, "uses_moments", False) and not getattr(m, "needs_layer_norms", False)
+               for m in metrics) and all(callable(getattr(e, "stream", None)) for e in extractors)
 
 
 class _LayoutChanged(Exception):

@@ -7,7 +7,8 @@ from pydantic import Field
 
 from mapsim.core import aggregation
 from mapsim.core.hookspecs import hookimpl
-from mapsim.core.plugin_api import Aggregator, Params
+from mapsim.core.errors import SpecError, closest_matches
+from mapsim.core.plugin_api import Aggregator, Metric, Params
 from mapsim.core.similarity import SimilarityMatrix
 
 Tables = dict[str, pd.DataFrame]
@@ -37,9 +38,10 @@ class ThresholdParams(Params):
     """Parameters of ``threshold``."""
 
     value: float = 0.8
-    """A map is well correlated when its best value is >= this (<= for a distance)."""
+    """A map is well correlated when its best value is >= this (similarity metrics)."""
     per_metric: dict[str, float] = Field(default_factory=dict)
-    """Thresholds for particular metrics (by metric label), overriding ``value``."""
+    """Thresholds for particular metrics (by metric label), overriding ``value``. A distance
+    metric (e.g. euclidean) must have one: a map passes when its best distance is <= it."""
 
 
 class ThresholdAggregator(Aggregator):
@@ -49,6 +51,33 @@ class ThresholdAggregator(Aggregator):
     Params = ThresholdParams
     order = 30
     requires = ("max",)
+
+    def prepare(self, metrics: list[Metric]) -> None:
+        """Refuse a distance metric without a threshold of its own in ``per_metric``, and a
+        ``per_metric`` label that names no metric of the run (a typo would be ignored).
+
+        ``value`` (default 0.8) is a similarity threshold; a distance
+        (``higher_is_more_similar = False``) has no meaningful default, so it needs an entry
+        ``per_metric: {label: maximum distance}``.
+        """
+        labels = [m.label for m in metrics]
+        for label in self.params.per_metric:
+            if label not in labels:
+                matches = closest_matches(label, labels)
+                near = f" Closest: {', '.join(matches)}." if matches else ""
+                raise SpecError(
+                    f"threshold.per_metric: {label!r} is not a metric label of this run "
+                    f"({', '.join(labels)}).{near}"
+                )
+        for metric in metrics:
+            if (metric.info.granularity == "map" and not metric.info.higher_is_more_similar
+                    and metric.label not in self.params.per_metric):
+                raise SpecError(
+                    f"threshold: metric {metric.label!r} is a distance (lower is more similar), "
+                    f"so the similarity threshold value {self.params.value:g} does not apply to "
+                    f"it; give it its own maximum distance, e.g. {{name: threshold, "
+                    f"per_metric: {{{metric.label}: 1.5}}}}"
+                )
 
     def aggregate(self, sim: SimilarityMatrix, tables: Tables) -> Tables:
         threshold = self.params.per_metric.get(sim.metric, self.params.value)

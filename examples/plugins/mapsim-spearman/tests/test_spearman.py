@@ -1,4 +1,8 @@
-"""Tests of the ``spearman`` metric plugin: values, properties, registration, engine use."""
+"""Tests of the ``spearman`` metric plugin: values, properties, registration, engine use.
+
+The generic properties come from ``mapsim.testing.MetricContract`` (last class below); the
+tests before it check the values against scipy and what is special about ranks.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from mapsim.core.moments import compute_moments
 from mapsim.core.pearson import Pearson
 from mapsim.core.plugins import Provider, build_registry
 from mapsim.core.similarity import MapStack, map_similarity, stack_maps
+from mapsim.testing import MetricContract
 
 import mapsim_spearman
 from mapsim_spearman import Spearman
@@ -103,3 +108,12 @@ def test_engine_flags_constant_maps_as_dead(rng):
     live = [0, 1, 3]
     np.testing.assert_allclose(sim.values[np.ix_(live, live)],
                                reference(stack.z[live], stack.z[live], True), atol=1e-6)
+
+
+class TestSpearmanContract(MetricContract):
+    """mapsim's contract: symmetry, self-similarity 1, range, the declared invariances
+    (scale, shift, monotonic, sign) and NaN only for dead maps, for both settings."""
+
+    @pytest.fixture(params=[True, False], ids=["absolute", "signed"])
+    def metric(self, request):
+        return Spearman(Spearman.Params(absolute=request.param))

@@ -107,11 +107,11 @@ class SyntheticVessels(Dataset):
         ] = (0.10, 0.20)
         tortuosity: NonNegativeFloat = 0.35
         gamma: PositiveFloat = 0.6
-        blur: NonNegativeFloat = 1.0
+        blur: NonNegativeFloat = 1.5
         background: NonNegativeFloat = 0.18
-        texture: NonNegativeFloat = 0.05
-        illumination: Annotated[float, Field(ge=0, lt=1)] = 0.35
-        photons: PositiveFloat = 40.0
+        texture: NonNegativeFloat = 0.15
+        illumination: Annotated[float, Field(ge=0, lt=1)] = 0.6
+        photons: PositiveFloat = 10.0
         read_noise: NonNegativeFloat = 0.02
 
         @model_validator(mode="after")

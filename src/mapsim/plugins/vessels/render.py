@@ -34,11 +34,11 @@ class AppearanceParams:
     """
 
     gamma: float = 0.6
-    blur: float = 1.0
+    blur: float = 1.5
     background: float = 0.18
-    texture: float = 0.05
-    illumination: float = 0.35
-    photons: float = 40.0
+    texture: float = 0.15
+    illumination: float = 0.6
+    photons: float = 10.0
     read_noise: float = 0.02
 
 

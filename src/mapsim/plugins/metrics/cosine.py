@@ -1,0 +1,72 @@
+"""``cosine``: cosine similarity between flattened maps, from the shared moments.
+
+cos_ij = S_ij / sqrt(S_ii S_jj) with the uncentred products S = G + n m m^T, so cosine costs
+no pass over the maps beyond the one product per image that Pearson uses.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from mapsim.core.hookspecs import hookimpl
+from mapsim.core.moments import Moments
+from mapsim.core.plugin_api import Metric, MetricInfo, Params
+
+
+class CosineParams(Params):
+    """Parameters of ``cosine``."""
+
+    absolute: bool = True
+    """Report |cos| (like the study's |r|) rather than the signed cosine."""
+
+
+class Cosine(Metric):
+    """Cosine of the angle between two maps, each flattened over the compared pixels.
+
+    Unlike Pearson, the maps are not centred: adding a constant changes the value, scaling
+    does not. A map is dead when it is all zero, i.e. its root mean square is <= ``dead_std``
+    (a zero vector has no direction); dead pairs are handled exactly like Pearson's
+    (excluded, or 1.0 both dead / 0.0 one dead with ``engine.dead_maps: original``).
+    """
+
+    name = "cosine"
+    Params = CosineParams
+    info: ClassVar[MetricInfo] = MetricInfo(
+        granularity="map", higher_is_more_similar=True, symmetric=True,
+        value_range=(0.0, 1.0), invariances=("scale", "sign"),
+    )
+    dead_fill = (1.0, 0.0)
+    examples = ({"absolute": True}, {"absolute": False})
+
+    def __init__(self, params: CosineParams | None = None) -> None:
+        super().__init__(params)
+        if not self.params.absolute:
+            self.info = MetricInfo("map", True, True, (-1.0, 1.0), ("scale",))
+
+    def dead(self, moments: Moments, dead_std: float) -> torch.Tensor:
+        """All-zero maps: mean square (not variance) <= ``dead_std``^2."""
+        return torch.diagonal(moments.products()) / moments.n <= dead_std**2
+
+    def from_moments(self, moments: Moments, rows: slice, cols: slice) -> torch.Tensor:
+        return self._cosine(moments.products(), rows, cols)
+
+    def from_maps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = x.to(torch.float64), y.to(torch.float64)
+        z = torch.cat([x, y])
+        return self._cosine(z @ z.T, slice(0, len(x)), slice(len(x), len(z)))
+
+    def _cosine(self, s: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        diag = torch.diagonal(s)
+        denom = torch.sqrt(torch.outer(diag[rows], diag[cols]))
+        live = denom > 0
+        c = torch.where(live, s[rows, cols] / torch.where(live, denom, 1.0), torch.nan)
+        c = c.clamp(-1.0, 1.0)  # rounding only: |cos| <= 1 holds for exact products
+        return c.abs() if self.params.absolute else c
+
+
+@hookimpl
+def register_metrics(register) -> None:
+    """Register ``cosine``."""
+    register(Cosine)

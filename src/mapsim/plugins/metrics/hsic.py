@@ -1,0 +1,128 @@
+"""HSIC and CKA arithmetic shared by the ``cka`` variants (float64 throughout).
+
+Notation: n samples; a layer's features are an (n, D) matrix X; its Gram matrix K = k(X, X).
+
+* biased HSIC (Gretton et al. 2005): tr(K~ L~) / (n - 1)^2 with K~ = H K H, H = I - 11^T/n;
+* unbiased HSIC (Song et al. 2012):
+  [tr(K0 L0) + (1^T K0 1)(1^T L0 1) / ((n-1)(n-2)) - 2/(n-2) 1^T K0 L0 1] / (n (n-3)),
+  K0 = K with a zero diagonal; needs n >= 4;
+* CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) (Kornblith et al. 2019).
+
+All functions take a stack of Gram matrices (L, n, n) and return every layer pair (L, L) in
+one einsum, with no (n x n) x (n x n) matrix products.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from mapsim.core.plugin_api import Undefined
+
+#: the documented reasons for undefined CKA values ({side}: layer_a or layer_b)
+ZERO_VARIANCE = "zero variance: every map of {side} is constant over the samples"
+TOO_FEW = "too few samples: n={n} < 4 for the unbiased HSIC estimator"
+NOT_POSITIVE = "the unbiased HSIC of {side} with itself is {value:.3g} <= 0"
+ZERO_BANDWIDTH = "zero RBF bandwidth: the median pairwise distance of {side} is 0"
+
+Median = Literal["all", "off_diagonal"]
+
+
+def linear_gram(x: torch.Tensor) -> torch.Tensor:
+    """(n, n) Gram matrix of the rows of ``x`` (n, D), centred first for precision."""
+    x = x.to(torch.float64)
+    x = x - x.mean(dim=0, keepdim=True)
+    return x @ x.T
+
+
+def squared_distances(x: torch.Tensor) -> torch.Tensor:
+    """(n, n) squared Euclidean distances between the rows of ``x`` (float64, zero diagonal)."""
+    x = x.to(torch.float64)
+    x = x - x.mean(dim=0, keepdim=True)
+    sq = (x * x).sum(dim=1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp(min=0.0)  # rounding only
+    d2.fill_diagonal_(0.0)
+    return d2
+
+
+def median_squared_distance(d2: torch.Tensor, convention: Median) -> float:
+    """The median of the squared distances: over all n^2 entries (``all``, zero diagonal
+    included, as Kornblith et al.'s demo code does) or over the n(n-1) off-diagonal ones.
+
+    numpy's median (mean of the two middle values for an even count) is used, so the
+    ``all`` convention reproduces the published reference values exactly.
+    """
+    if convention == "all":
+        values = d2.reshape(-1)
+    else:
+        n = d2.shape[0]
+        values = d2[~torch.eye(n, dtype=torch.bool, device=d2.device)]
+    count = values.numel()
+    upper = float(torch.kthvalue(values, count // 2 + 1).values)  # selection, not a full sort
+    if count % 2:
+        return upper
+    return (float(torch.kthvalue(values, count // 2).values) + upper) / 2
+
+
+def rbf_gram(x: torch.Tensor, fraction: float, convention: Median) -> torch.Tensor | None:
+    """RBF Gram matrix exp(-d^2 / (2 sigma^2)), sigma = ``fraction`` x the median distance.
+
+    sigma^2 = fraction^2 x median(d^2), the median taken by :func:`median_squared_distance`.
+    None when that median is 0 (the bandwidth would be 0).
+    """
+    d2 = squared_distances(x)
+    median = median_squared_distance(d2, convention)
+    if median <= 0:
+        return None
+    return torch.exp(-d2 / (2.0 * fraction**2 * median))
+
+
+def hsic_biased(grams: torch.Tensor) -> torch.Tensor:
+    """(L, L) biased HSIC between every pair of the Gram matrices ``grams`` (L, n, n)."""
+    n = grams.shape[-1]
+    centred = grams - grams.mean(dim=1, keepdim=True)
+    centred = centred - centred.mean(dim=2, keepdim=True)
+    return torch.einsum("lij,kij->lk", centred, centred) / (n - 1) ** 2
+
+
+def hsic_unbiased(grams: torch.Tensor) -> torch.Tensor:
+    """(L, L) unbiased HSIC between every pair of the Gram matrices ``grams`` (L, n, n).
+
+    Needs n >= 4 (a ValueError otherwise).
+    """
+    n = grams.shape[-1]
+    if n < 4:
+        raise ValueError(f"the unbiased HSIC estimator needs n >= 4 samples, got {n}")
+    k0 = grams.clone()
+    k0.diagonal(dim1=1, dim2=2).zero_()
+    trace = torch.einsum("lij,kij->lk", k0, k0)
+    rows = k0.sum(dim=2)  # (L, n): K0 1
+    totals = rows.sum(dim=1)  # (L,): 1^T K0 1
+    value = (trace + torch.outer(totals, totals) / ((n - 1) * (n - 2))
+             - 2.0 / (n - 2) * rows @ rows.T)
+    return value / (n * (n - 3))
+
+
+def cka_value(hsic: torch.Tensor, a: int, b: int, reasons: list[str | None],
+              unbiased: bool) -> float | Undefined:
+    """CKA of layers ``a`` and ``b`` from an HSIC matrix, or why it is undefined.
+
+    ``reasons[l]`` is a template (with ``{side}``) when layer l is undefined on its own.
+    """
+    for index, side in ((a, "layer_a"), (b, "layer_b")):
+        if reasons[index] is not None:
+            return Undefined(reasons[index].format(side=side))
+    for index, side in ((a, "layer_a"), (b, "layer_b")):
+        own = float(hsic[index, index])
+        if own <= 0:
+            if unbiased:
+                return Undefined(NOT_POSITIVE.format(side=side, value=own))
+            return Undefined(ZERO_VARIANCE.format(side=side))
+    return float(hsic[a, b]) / math.sqrt(float(hsic[a, a]) * float(hsic[b, b]))
+
+
+def is_constant(x: torch.Tensor) -> bool:
+    """True when every row (sample) of ``x`` is the same."""
+    return bool((x == x[:1]).all())
