@@ -56,6 +56,10 @@ def spec(args: argparse.Namespace, folder: Path, n: int) -> object:
         except Exception:  # noqa: BLE001 - not installed in this checkout
             pass
     paths = sorted(str(p) for p in folder.glob("img-*.png"))[:n]
+    aggregators: list = args.aggregators.split(",")
+    if "threshold" in aggregators and "euclidean" in metrics:  # a distance needs its own limit
+        aggregators[aggregators.index("threshold")] = {
+            "name": "threshold", "per_metric": {"euclidean": 1.5}}
     return validate_spec({
         "name": "bench",
         "models": {"cnn": {"architecture": {"name": "fcn", "depth": args.depth, "width": 64,
@@ -64,7 +68,7 @@ def spec(args: argparse.Namespace, folder: Path, n: int) -> object:
         "images": {"name": "files", "paths": paths},
         "comparisons": [["cnn", "cnn"]],
         "metrics": metrics,
-        "aggregators": args.aggregators.split(","),
+        "aggregators": aggregators,
         "device": args.device,
     })
 

@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--metrics", default="pearson,cosine,euclidean,cka")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sample-pairs", type=int, default=2000)
+    parser.add_argument("--no-sweep", action="store_true", help="skip the layout sweep")
     parser.add_argument("--results", type=Path, default=None)
     args = parser.parse_args()
     device = args.device
@@ -160,7 +161,8 @@ def main() -> None:
         return float((r - ref)[live].abs().max())
 
     sweep = []
-    configs = [(None, 2048, False), (128, 2048, False)] if args.quick else [
+    quick_configs = [(None, 2048, False), (128, 2048, False)]
+    configs = [] if args.no_sweep else quick_configs if args.quick else [
         (rows, chunk, False) for rows in (None, 128, 320) for chunk in (512, 1024, 2048, 4096)
     ] + [(rows, chunk, True) for rows in (None, 128, 320) for chunk in (2048, 8192, 32768)]
     for block_rows, chunk, f64 in configs:
@@ -231,8 +233,9 @@ def main() -> None:
         f"per-pair on the same device: {per_pair:.0f} s for {n * n} pairs (from "
         f"{len(pairs)} sampled pairs) = {per_pair / t_stacked:.0f}x mapsim's step",
     ]
-    lines.append("moments built from the maps, by layout and chunk pixels (x floor, Pearson "
-                 "error vs float64): " + "; ".join(sweep))
+    if sweep:
+        lines.append("moments built from the maps, by layout and chunk pixels (x floor, "
+                     "Pearson error vs float64): " + "; ".join(sweep))
     lines.append(f"default layout, {diag}")
     if forward:
         lines.append("CNN10 forward pass alone (TF32 convolutions, PyTorch's default): "
