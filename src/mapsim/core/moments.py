@@ -23,10 +23,12 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-#: default pixels per chunk: keeps a float32 chunk product accurate to ~1e-6 in r.
-DEFAULT_CHUNK_PIXELS = 16384
+#: default pixels per chunk: keeps a float32 chunk product accurate to ~1e-6 in r (16384 gave
+#: up to 5e-6 on CPU BLAS, see tests/test_streaming.py).
+DEFAULT_CHUNK_PIXELS = 4096
 #: default memory for one centred float32 chunk (bytes).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -152,9 +154,69 @@ def chunk_size(n_maps: int, n_pixels: int, chunk_pixels: int | None = None,
     return max(1, min(int(chunk_pixels), max(n_pixels, 1)))
 
 
+#: maps per block row of the symmetric product (only blocks on or above the diagonal are
+#: multiplied; the rest is mirrored).
+DEFAULT_BLOCK_ROWS = 128
+
+
+def row_sums(x: torch.Tensor, dims: tuple[int, ...] = (1,)) -> torch.Tensor:
+    """float64 sums of a float32 tensor over ``dims``. On the CPU through numpy, whose float64
+    reduction of float32 data is ~10x faster than torch's; elsewhere through torch."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(
+            np.asarray(np.add.reduce(x.numpy(), axis=dims, dtype=np.float64)))
+    return x.sum(dim=dims, dtype=torch.float64)
+
+
+def gram(
+    centred: torch.Tensor, rows: slice, cols: slice, step: int
+) -> torch.Tensor:
+    """float64 sum over pixel chunks of the float32 products ``centred[rows] @ centred[cols].T``.
+
+    The pixel axis is cut into chunks of ``step`` pixels; all whole chunks are multiplied in one
+    batched product (a strided view, no copy), each chunk's float32 result is summed in float64,
+    and a last partial chunk is added the same way. TF32 must be off (see
+    :func:`exact_float32_matmul`).
+    """
+    a_all, b_all = centred[rows], centred[cols]
+    n_pixels = centred.shape[1]
+    whole = (n_pixels // step) * step
+    out = torch.zeros(a_all.shape[0], b_all.shape[0], dtype=torch.float64, device=centred.device)
+    if whole:
+        k = whole // step
+        a = a_all[:, :whole].unflatten(1, (k, step)).transpose(0, 1)  # (k, rows, step)
+        b = b_all[:, :whole].unflatten(1, (k, step)).transpose(0, 1)
+        out += torch.bmm(a, b.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
+    if whole < n_pixels:
+        out += (a_all[:, whole:] @ b_all[:, whole:].T).to(torch.float64)
+    return out
+
+
+def symmetric_gram(centred: torch.Tensor, step: int, block_rows: int = DEFAULT_BLOCK_ROWS
+                   ) -> torch.Tensor:
+    """float64 ``centred @ centred.T`` from the blocks on and above the diagonal only.
+
+    Rows are taken ``block_rows`` at a time; each block row is multiplied with itself and the
+    rows after it, and the part below the diagonal is mirrored, which saves close to half of the
+    multiplications of a full product.
+    """
+    n_maps = centred.shape[0]
+    out = torch.empty(n_maps, n_maps, dtype=torch.float64, device=centred.device)
+    for start in range(0, n_maps, block_rows):
+        stop = min(start + block_rows, n_maps)
+        upper = gram(centred, slice(start, stop), slice(start, n_maps), step)
+        out[start:stop, start:] = upper
+        out[stop:, start:stop] = upper[:, stop - start:].T
+    return (out + out.T) / 2  # diagonal blocks: exactly symmetric
+
+
 def compute_moments(z: torch.Tensor, chunk_pixels: int | None = None,
-                    layers: list[tuple[int, int]] | None = None) -> Moments:
+                    layers: list[tuple[int, int]] | None = None,
+                    block_rows: int = DEFAULT_BLOCK_ROWS) -> Moments:
     """Moments of the rows of ``z`` (C maps x P pixels) on z's device.
+
+    ``z`` is not modified: pixels are centred a memory-bounded stretch at a time (a whole
+    number of chunks within :data:`DEFAULT_CHUNK_BYTES`, at least one chunk).
 
     Args:
         z: (C, P) maps; cast to float32 if needed. Restrict pixels (ROI) before calling.
@@ -162,6 +224,7 @@ def compute_moments(z: torch.Tensor, chunk_pixels: int | None = None,
             lowered so one centred chunk stays within :data:`DEFAULT_CHUNK_BYTES`).
         layers: row ranges (start, stop) of the layers; when given, the per-layer statistics
             ``layer_norms`` and ``layer_third`` are accumulated too (float64, same pass).
+        block_rows: maps per block row of the symmetric product.
     """
     if z.dim() != 2:
         raise ValueError(f"expected maps as a (C, P) matrix, got shape {tuple(z.shape)}")
@@ -170,10 +233,11 @@ def compute_moments(z: torch.Tensor, chunk_pixels: int | None = None,
         raise ValueError("cannot compute moments over zero pixels")
     z = z.to(torch.float32)
     step = chunk_size(n_maps, n_pixels, chunk_pixels)
+    stretch = step * max(1, DEFAULT_CHUNK_BYTES // (4 * max(n_maps, 1) * step))
 
     total = torch.zeros(n_maps, dtype=torch.float64, device=z.device)
-    for start in range(0, n_pixels, step):
-        total += z[:, start:start + step].sum(dim=1, dtype=torch.float64)
+    for start in range(0, n_pixels, stretch):
+        total += row_sums(z[:, start:start + stretch])
     mean = total / n_pixels
     mean32 = mean.to(torch.float32).unsqueeze(1)
 
@@ -183,18 +247,122 @@ def compute_moments(z: torch.Tensor, chunk_pixels: int | None = None,
     residual = torch.zeros(n_maps, dtype=torch.float64, device=z.device)
     stats = None if layers is None else _LayerStats(layers, n_maps, z.device)
     with exact_float32_matmul():
-        for start in range(0, n_pixels, step):
-            centred = z[:, start:start + step] - mean32
-            comoment += (centred @ centred.T).to(torch.float64)
-            residual += centred.sum(dim=1, dtype=torch.float64)
+        for start in range(0, n_pixels, stretch):
+            centred = z[:, start:start + stretch] - mean32
+            comoment += symmetric_gram(centred, step, block_rows)
+            residual += row_sums(centred)
             if stats is not None:
-                stats.add(z[:, start:start + step].to(torch.float64) - mean[:, None])
-    residual /= n_pixels
-    comoment -= n_pixels * torch.outer(residual, residual)
-    comoment = (comoment + comoment.T) / 2
+                for part in range(start, min(start + stretch, n_pixels), step):
+                    stats.add(z[:, part:part + step].to(torch.float64) - mean[:, None])
+    moments = _finish(n_pixels, mean, comoment, residual)
     if stats is None:
-        return Moments(n_pixels, mean, comoment)
-    return Moments(n_pixels, mean, comoment, stats.layers, stats.norms, stats.third)
+        return moments
+    return Moments(n_pixels, moments.mean, moments.comoment, stats.layers, stats.norms,
+                   stats.third)
+
+
+def _finish(n_pixels: int, mean: torch.Tensor, comoment: torch.Tensor,
+            residual_sum: torch.Tensor) -> Moments:
+    residual = residual_sum / n_pixels
+    comoment = comoment - n_pixels * torch.outer(residual, residual)
+    comoment = (comoment + comoment.T) / 2
+    return Moments(n_pixels, mean, comoment)
+
+
+class MomentsBuilder:
+    """Moments of maps that arrive one layer at a time (e.g. from forward hooks).
+
+    The builder owns one float32 buffer laid out chunk-major, ``(chunks, n_maps, chunk
+    pixels)``, zero-padded at the end of the pixel axis (zeros add nothing to centred sums and
+    products), so that every chunk product is one matrix of one batched multiplication with no
+    copy. :meth:`add` centres a layer's maps into their rows (means summed in float64); with
+    ``block_rows=None`` it also multiplies them at once with every row already added (the
+    blocks on and below the diagonal only), so the caller can drop the activation as soon as
+    :meth:`add` returns; with ``block_rows=N`` the products are made in :meth:`finish`, N rows
+    at a time, blocks on and above the diagonal only. :meth:`finish` gives the same
+    :class:`Moments` as :func:`compute_moments` on the stacked maps (same precision policy:
+    float32 chunk products with TF32 off, float64 accumulation). ``float64_products`` converts
+    the centred chunks to float64 before multiplying (more exact; as fast as float32 only on
+    GPUs with fast float64, such as the H100).
+    """
+
+    def __init__(self, n_maps: int, n_pixels: int, device: torch.device | str,
+                 chunk_pixels: int | None = None, block_rows: int | None = None,
+                 float64_products: bool = False) -> None:
+        if n_pixels <= 0:
+            raise ValueError("cannot compute moments over zero pixels")
+        self.n_maps = n_maps
+        self.n_pixels = n_pixels
+        self.step = chunk_size(n_maps, n_pixels, chunk_pixels)
+        self.block_rows = block_rows
+        self.float64_products = float64_products
+        self.n_chunks = -(-n_pixels // self.step)
+        self.buffer = torch.zeros(self.n_chunks, n_maps, self.step, dtype=torch.float32,
+                                  device=device)
+        self.mean = torch.zeros(n_maps, dtype=torch.float64, device=device)
+        self.residual = torch.zeros(n_maps, dtype=torch.float64, device=device)
+        self.comoment = torch.zeros(n_maps, n_maps, dtype=torch.float64, device=device)
+        self.filled = 0
+
+    def reset(self) -> None:
+        """Start a new set of maps (the buffers are reused)."""
+        self.filled = 0
+
+    def _gram(self, rows: slice, cols: slice) -> torch.Tensor:
+        chunks = self.buffer[:, rows]  # (chunks, rows, step): a strided batch, no copy
+        others = self.buffer[:, cols]
+        if not self.float64_products:
+            with exact_float32_matmul():
+                return torch.bmm(chunks, others.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
+        out = torch.zeros(chunks.shape[1], others.shape[1], dtype=torch.float64,
+                          device=chunks.device)
+        group = max(1, DEFAULT_CHUNK_BYTES // (8 * max(others.shape[1], 1) * self.step))
+        for k in range(0, self.n_chunks, group):
+            a = chunks[k:k + group].to(torch.float64)
+            b = others[k:k + group].to(torch.float64)
+            out += torch.bmm(a, b.transpose(1, 2)).sum(dim=0)
+        return out
+
+    def add(self, maps: torch.Tensor) -> slice:
+        """Add the next ``maps`` (C, P), in row order; returns their rows."""
+        maps = maps.reshape(maps.shape[0], -1).to(torch.float32)
+        rows = slice(self.filled, self.filled + int(maps.shape[0]))
+        if rows.stop > self.n_maps or maps.shape[1] != self.n_pixels:
+            raise ValueError(
+                f"maps of shape {tuple(maps.shape)} do not fit rows {rows.start}:{rows.stop} "
+                f"of a {self.n_maps} x {self.n_pixels} builder"
+            )
+        mean = row_sums(maps) / self.n_pixels
+        mean32 = mean.to(torch.float32).unsqueeze(1)
+        whole = self.n_pixels // self.step
+        if whole:
+            source = maps[:, :whole * self.step].unflatten(1, (whole, self.step))
+            torch.sub(source.transpose(0, 1), mean32, out=self.buffer[:whole, rows])
+        if whole < self.n_chunks:
+            tail = maps[:, whole * self.step:]
+            torch.sub(tail, mean32, out=self.buffer[whole, rows, :tail.shape[1]])
+        self.mean[rows] = mean
+        # the centred maps' mean is mean - mean32, exactly up to the rounding of each centred
+        # value (below 1e-7 of the spread), so no pass over the buffer is needed for it
+        self.residual[rows] = (mean - mean32.squeeze(1).to(torch.float64)) * self.n_pixels
+        if self.block_rows is None:
+            block = self._gram(rows, slice(0, rows.stop))
+            self.comoment[rows, :rows.stop] = block
+            self.comoment[:rows.start, rows] = block[:, :rows.start].T
+        self.filled = rows.stop
+        return rows
+
+    def finish(self) -> Moments:
+        """The moments of every row added (all ``n_maps`` rows must have been added)."""
+        if self.filled != self.n_maps:
+            raise ValueError(f"only {self.filled} of {self.n_maps} maps were added")
+        if self.block_rows is not None:
+            for start in range(0, self.n_maps, self.block_rows):
+                stop = min(start + self.block_rows, self.n_maps)
+                upper = self._gram(slice(start, stop), slice(start, self.n_maps))
+                self.comoment[start:stop, start:] = upper
+                self.comoment[stop:, start:stop] = upper[:, stop - start:].T
+        return _finish(self.n_pixels, self.mean.clone(), self.comoment, self.residual)
 
 
 class _LayerStats:

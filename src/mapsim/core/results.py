@@ -49,15 +49,24 @@ class ResultsWriter:
 
     def append(self, table: str, frame: pd.DataFrame) -> None:
         """Append rows to ``<table>.csv`` (header written once; columns must not change)."""
+        job = self.append_job(table, frame)
+        if job is not None:
+            write_csv_part(*job)
+
+    def append_job(self, table: str, frame: pd.DataFrame) -> tuple[Path, pd.DataFrame, bool] | None:
+        """What :meth:`append` writes, for writing elsewhere (in order, per table) with
+        :func:`write_csv_part`: (path, frame with the table's columns, write the header?)."""
         if frame.empty:
-            return
+            return None
         path = self.staging / f"{table}.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
         columns = list(frame.columns)
+        first = table not in self._headers
+        if first:
+            path.parent.mkdir(parents=True, exist_ok=True)
         known = self._headers.setdefault(table, columns)
         if known != columns:
             frame = frame.reindex(columns=known)
-        frame.to_csv(path, mode="a", header=not path.exists(), index=False)
+        return path, frame, first
 
     def write_table(self, table: str, frame: pd.DataFrame) -> None:
         """Write ``<table>.csv`` whole."""
@@ -88,6 +97,11 @@ class ResultsWriter:
     def discard(self) -> None:
         """Remove the staging folder (after a failure)."""
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def write_csv_part(path: Path, frame: pd.DataFrame, header: bool) -> None:
+    """Append ``frame`` to the CSV file ``path`` (with the header when ``header``)."""
+    frame.to_csv(path, mode="a", header=header, index=False)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

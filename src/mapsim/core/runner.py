@@ -22,8 +22,10 @@ from mapsim.core.extraction import resolve_layers
 from mapsim.core.images import roi_mask
 from mapsim.core.models import LoadedModel, build_model
 from mapsim.core.moments import Moments, compute_moments
+from mapsim.core.pipeline import make_sink, prefetch
 from mapsim.core.plugin_api import Aggregator, Extractor, ImageItem, Metric
 from mapsim.core.plugins import Registry, load_registry
+from mapsim.core.streaming import Layout, can_stream, probe_layout, stream_group
 from mapsim.core.similarity import (
     LayerValue,
     MapStack,
@@ -113,6 +115,9 @@ class Runner:
         self.pooled: dict[int, Moments] = {}
         self.pooled_stacks: dict[int, MapStack] = {}
         self.models: dict[str, PreparedModel] = {}
+        self.layouts: dict[tuple, Layout] = {}  # (group, image shape) -> layout, for streaming
+        self.builders: dict[int, Any] = {}
+        self._pending: tuple | None = None  # the fast-path image whose tables are not out yet
         self.capture = None  # keeps thumbnails and matrices when plots are requested
         if spec.output.plots or spec.output.report:
             from mapsim.plots.capture import PlotCapture
@@ -180,6 +185,10 @@ class Runner:
             if mspec.in_channels is not None:
                 loaded.in_channels = mspec.in_channels
             loaded.module.to(self.device).eval()
+            if self.device.type == "cuda":
+                # cuDNN's tensor-core convolutions run on channels-last tensors without
+                # transposes (same float32 values; maps are copied out of the hooks anyway)
+                loaded.module.to(memory_format=torch.channels_last)
             extractor = self.registry.create(
                 "extractor", mspec.extractor.name, mspec.extractor.model_dump(exclude={"name"})
             )
@@ -190,15 +199,9 @@ class Runner:
     # ------------------------------------------------------------------ per image
     def extract(self, item: ImageItem) -> dict[str, dict[str, torch.Tensor]]:
         """Capture the chosen layers of every model for one image: {model: {label: (C,H,W)}}."""
-        image = torch.from_numpy(np.ascontiguousarray(item.image)).to(self.device)[None]
+        image = self._input(item)
         out = {}
         for name, model in self.models.items():
-            expected = model.loaded.in_channels
-            if expected is not None and image.shape[1] != expected:
-                raise ImageError(
-                    f"image {item.id} has {image.shape[1]} channel(s) but model {name!r} expects "
-                    f"{expected}; set the dataset's 'color' (e.g. rgb or luminance)."
-                )
             captured = model.extractor.extract(model.loaded.module, list(model.layers.values()),
                                                image)
             maps = {}
@@ -214,6 +217,18 @@ class Runner:
                 maps[label] = tensor[0]
             out[name] = maps
         return out
+
+    def _input(self, item: ImageItem) -> torch.Tensor:
+        """The image as a (1, C, H, W) tensor on the device, checked against every model."""
+        image = torch.from_numpy(np.ascontiguousarray(item.image)).to(self.device)[None]
+        for name, model in self.models.items():
+            expected = model.loaded.in_channels
+            if expected is not None and image.shape[1] != expected:
+                raise ImageError(
+                    f"image {item.id} has {image.shape[1]} channel(s) but model {name!r} expects "
+                    f"{expected}; set the dataset's 'color' (e.g. rgb or luminance)."
+                )
+        return image
 
     def mask_for(self, item: ImageItem) -> torch.Tensor | None:
         """The ROI mask of an image, if the spec asks for one."""
@@ -283,7 +298,14 @@ class Runner:
         return pd.DataFrame(rows)
 
     def process(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> None:
-        """Everything for one image."""
+        """Everything for one image (its tables are all emitted when this returns)."""
+        self.submit(item, sink)
+        self.flush(sink)
+
+    def submit(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        """Start one image. On the fast path its tables are emitted at the next :meth:`submit`
+        or :meth:`flush`, so the device computes this image while the host finishes the last.
+        """
         try:
             self._process(item, sink)
         except torch.cuda.OutOfMemoryError as exc:
@@ -292,7 +314,20 @@ class Runner:
                 "per run, a smaller engine.chunk_pixels, or --device cpu will fit"
             ) from exc
 
+    def flush(self, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        """Emit the tables of the image still in flight, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._complete(pending, sink)
+
     def _process(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        pending = self._stream(item)
+        if pending is not None:
+            previous, self._pending = self._pending, pending
+            if previous is not None:
+                self._complete(previous, sink)
+            return
+        self.flush(sink)  # keep the images' tables in order
         start = time.perf_counter()
         acts = self.extract(item)
         if self.capture is not None:
@@ -312,19 +347,91 @@ class Runner:
                 layers=[(b.start, b.stop) for b in stack.blocks] if norms else None)
             self._sync()
             self.timings["moments"] += time.perf_counter() - start
-            start = time.perf_counter()
-            nested = self.timings["aggregate"] + self.timings["write"]
-            sink("dead_maps", self._count_dead(item.id, stack, moments))
-            self.similarities(item.id, stack, moments, models, sink)
-            # similarity time without the aggregation and writing done inside it
-            nested = self.timings["aggregate"] + self.timings["write"] - nested
-            self.timings["similarity"] += time.perf_counter() - start - nested
-            if self.spec.engine.pooled:
-                previous = self.pooled.get(index)
-                self.pooled[index] = moments if previous is None else previous.merge(moments)
-                if index not in self.pooled_stacks:  # blocks only; no pixel data kept
-                    self.pooled_stacks[index] = MapStack(stack.z[:, :0], stack.blocks)
+            if self.streamable:
+                self.layouts[(index, item.image.shape)] = Layout.of(stack)
+            self._emit(item.id, index, models, stack, moments, sink)
         del acts
+
+    def _emit(self, image_id: str, index: int, models: list[str], stack: MapStack,
+              moments: Moments, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        """Dead-map counts, metrics and tables of one group, and the pooled moments."""
+        start = time.perf_counter()
+        nested = self.timings["aggregate"]
+        sink("dead_maps", self._count_dead(image_id, stack, moments))
+        self.similarities(image_id, stack, moments, models, sink)
+        # similarity time without the aggregation done inside it (writing is in its thread)
+        nested = self.timings["aggregate"] - nested
+        self.timings["similarity"] += time.perf_counter() - start - nested
+        if self.spec.engine.pooled:
+            previous = self.pooled.get(index)
+            self.pooled[index] = moments if previous is None else previous.merge(moments)
+            if index not in self.pooled_stacks:  # blocks only; no pixel data kept
+                self.pooled_stacks[index] = MapStack(stack.z[:, :0], stack.blocks)
+
+    @property
+    def streamable(self) -> bool:
+        """Whether images can take the fast path (see :mod:`mapsim.core.streaming`); not when
+        plots need the maps themselves."""
+        return self.capture is None and can_stream(
+            [m.extractor for m in self.models.values()], self.metrics)
+
+    def _stream(self, item: ImageItem) -> tuple | None:
+        """Launch the fast path for one image (moments built in the hooks); None: not possible.
+
+        Returns what :meth:`_complete` needs: the moments are copied to the host without
+        waiting, and an event marks when they are there.
+        """
+        if not self.streamable:
+            return None
+        start = time.perf_counter()
+        image = self._input(item)
+        mask = self.mask_for(item)
+
+        def run_model(name: str, on_output: Callable[[str, torch.Tensor], None]) -> bool:
+            model = self.models[name]
+            return model.extractor.stream(model.loaded.module, list(model.layers.values()),
+                                          image, on_output)
+
+        done = []
+        for index, models in enumerate(self.groups):
+            labels = {n: {p: lb for lb, p in self.models[n].layers.items()} for n in models}
+            key = (index, item.image.shape)
+            if key not in self.layouts:  # first image of this size: learn the layout
+                layout = probe_layout(models, run_model, labels)
+                if layout is None:
+                    return None
+                self.layouts[key] = layout
+            out = stream_group(self.layouts[key], run_model, labels, self.device, mask,
+                               self.spec.engine.chunk_pixels, self.builders.get(index))
+            if out is None:
+                return None
+            stack, moments, self.builders[index] = out
+            host = Moments(moments.n, moments.mean.to("cpu", non_blocking=True),
+                           moments.comoment.to("cpu", non_blocking=True))
+            done.append((index, models, MapStack(torch.empty(stack.z.shape[0], 0),
+                                                 stack.blocks), host))
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.timings["forward_and_moments"] += time.perf_counter() - start
+        return item.id, done, event
+
+    def _complete(self, pending: tuple, sink: Callable[[str, pd.DataFrame], None]) -> None:
+        image_id, done, event = pending
+        threads = torch.get_num_threads()
+        if event is not None:
+            start = time.perf_counter()
+            event.synchronize()
+            self.timings["forward_and_moments"] += time.perf_counter() - start
+            # the host part is small matrices (maps x maps) beside the reader and writer
+            # threads: a pool of many threads there costs more in waiting than it saves
+            torch.set_num_threads(1)
+        try:
+            for index, models, stack, moments in done:
+                self._emit(image_id, index, models, stack, moments, sink)
+        finally:
+            torch.set_num_threads(threads)
 
     def pooled_tables(self, sink: Callable[[str, pd.DataFrame], None]) -> None:
         """Tables from the moments merged over all images (moment-based metrics only)."""
@@ -349,6 +456,12 @@ class Runner:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _write_part(name: str, job: tuple) -> None:
+    from mapsim.core.results import write_csv_part
+
+    write_csv_part(*job)
 
 
 def _with_image(frame: pd.DataFrame, image_id: str) -> pd.DataFrame:
@@ -392,22 +505,32 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
         summaries["layer_similarity"] = aggregation.SummaryAccumulator(
             ("metric", "model_a", "layer_a", "model_b", "layer_b"))
 
+        # images are read ahead in a thread; CSV parts are written behind, in writer
+        # processes (or a thread), in order per table
+        background = make_sink(_write_part, len(dataset))
+
         def sink(name: str, frame: pd.DataFrame) -> None:
             t = time.perf_counter()
-            writer.append(name, frame)
             if name in summaries:
                 summaries[name].add(frame, skip=("image",))
-            runner.timings["write"] += time.perf_counter() - t
-
+            job = writer.append_job(name, frame)
+            if job is not None:
+                background.put(name, job)
+            runner.timings["write"] += time.perf_counter() - t  # queueing; writing overlaps
         n_images = 0
         ids: set[str] = set()
-        for item in tqdm(dataset, total=len(dataset), desc=spec.name, unit="image",
-                         disable=not progress):
-            if item.id in ids:
-                raise ImageError(f"two images have the id {item.id!r}; image ids must be unique")
-            ids.add(item.id)
-            runner.process(item, sink)
-            n_images += 1
+        try:
+            for item in tqdm(prefetch(dataset, depth=2), total=len(dataset), desc=spec.name,
+                             unit="image", disable=not progress):
+                if item.id in ids:
+                    raise ImageError(
+                        f"two images have the id {item.id!r}; image ids must be unique")
+                ids.add(item.id)
+                runner.submit(item, sink)
+                n_images += 1
+            runner.flush(sink)
+        finally:
+            background.close()
         if n_images == 0:
             raise ImageError("the images entry gave no images")
         if spec.engine.pooled:

@@ -5,6 +5,10 @@ the model runs once under ``torch.inference_mode()``, and each module's output i
 (detached and copied, so that a later in-place operation such as ``ReLU(inplace=True)``
 cannot change it). The hooks are always removed afterwards, even when the forward pass fails.
 
+:meth:`HooksExtractor.stream` is the engine's fast path: each output is handed to a callback
+inside its hook (no copy kept), and the forward pass stops as soon as the last requested
+module has run, so later layers (e.g. a classification head) cost nothing.
+
 TorchScript models (``torch.jit.load``) cannot be hooked. For them the requested outputs are
 computed by *chain replay*: the model's children are called one after the other, descending into
 a child where a nested path is requested (``blocks.0.relu``), and at every level the replayed
@@ -14,7 +18,7 @@ chain must reproduce the module's own output. This works for sequential networks
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -59,6 +63,31 @@ class HooksExtractor(mapsim.Extractor):
             return _replay_script(model, list(layers), inputs)
         return _extract_with_hooks(model, modules, list(layers), inputs)
 
+    def stream(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        inputs: torch.Tensor,
+        on_output: Callable[[str, torch.Tensor], None],
+    ) -> bool:
+        """Call ``on_output(path, output)`` inside each requested module's hook.
+
+        The output is only valid during the call (copy what must be kept). The forward pass
+        stops after the last requested module has run. Returns False, calling nothing, for a
+        TorchScript model (use :meth:`extract`). Raises as :meth:`extract` does.
+        """
+        modules = dict(model.named_modules())
+        known = [name for name in modules if name]
+        for layer in layers:
+            if layer not in known:
+                raise LayerNotFoundError(
+                    "layer", layer, known, hint="`mapsim layers` lists a model's layers."
+                )
+        if isinstance(model, torch.jit.ScriptModule):
+            return False
+        _extract_with_hooks(model, modules, list(layers), inputs, on_output)
+        return True
+
 
 def _describe_type(value: Any) -> str:
     if isinstance(value, (tuple, list)):
@@ -86,8 +115,19 @@ def _forward_error(inputs: torch.Tensor, exc: Exception) -> ExtractionError:
     )
 
 
+class _StopForward(Exception):
+    """Raised in the last requested hook to end the forward pass early."""
+
+
+_SEEN = torch.empty(0)
+
+
 def _extract_with_hooks(
-    model: nn.Module, modules: dict[str, nn.Module], layers: list[str], inputs: torch.Tensor
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    layers: list[str],
+    inputs: torch.Tensor,
+    on_output: Callable[[str, torch.Tensor], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     captured: dict[str, torch.Tensor] = {}
     handles = []
@@ -103,6 +143,12 @@ def _extract_with_hooks(
                     "reused), so its output is ambiguous. Choose another layer, e.g. the "
                     "module that contains it.",
                 )
+            if on_output is not None:
+                captured[layer] = _SEEN  # the output itself is not kept
+                on_output(layer, output.detach())
+                if len(captured) == len(layers):
+                    raise _StopForward
+                return
             # clone: a later in-place op (ReLU(inplace=True)) must not change what we keep
             captured[layer] = output.detach().clone()
 
@@ -120,6 +166,8 @@ def _extract_with_hooks(
         with torch.inference_mode():
             try:
                 model(inputs)
+            except _StopForward:
+                pass
             except (RuntimeError, ValueError) as exc:
                 raise _forward_error(inputs, exc) from None
     finally:
@@ -133,6 +181,8 @@ def _extract_with_hooks(
             "pass (the model's forward never calls them, or calls them inside TorchScript "
             "code, which cannot be hooked). Choose layers that the forward pass uses."
         )
+    if on_output is not None:
+        return {}
     return {layer: captured[layer] for layer in layers}
 
 

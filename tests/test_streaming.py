@@ -1,0 +1,182 @@
+"""The fast paths: symmetric product, moments built in the hooks, early stop of the forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import relu_like_maps
+
+from mapsim.core.models import build_model
+from mapsim.core.moments import MomentsBuilder, compute_moments, symmetric_gram
+from mapsim.core.plugins import load_registry
+from mapsim.core.runner import Runner, run
+from mapsim.core.spec import validate_spec
+from mapsim.plugins.hooks import HooksExtractor
+
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+
+
+def centred64(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    z = z.astype(np.float64)
+    mean = z.mean(axis=1)
+    zc = z - mean[:, None]
+    return mean, zc @ zc.T
+
+
+def maps(rng, n_maps=37, side=40) -> np.ndarray:
+    z = relu_like_maps(rng, n_maps, side, side).reshape(n_maps, -1)
+    z[3] += 500.0  # a large-mean map: centring must keep its precision
+    z[5] = 0.0  # a dead map
+    return z
+
+
+@pytest.mark.parametrize("block_rows,step", [(1, 100), (7, 333), (16, 1600), (100, 5000)])
+def test_symmetric_gram_matches_float64(rng, block_rows, step):
+    z = rng.standard_normal((23, 1600)).astype(np.float32)
+    got = symmetric_gram(torch.from_numpy(z), step, block_rows).numpy()
+    ref = z.astype(np.float64) @ z.astype(np.float64).T
+    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
+    np.testing.assert_array_equal(got, got.T)
+
+
+@pytest.mark.parametrize("block_rows", [5, 128])
+def test_compute_moments_blocks_agree_with_float64(rng, block_rows):
+    z = maps(rng)
+    mean, ref = centred64(z)
+    m = compute_moments(torch.from_numpy(z), chunk_pixels=300, block_rows=block_rows)
+    np.testing.assert_allclose(m.mean.numpy(), mean, rtol=1e-12, atol=1e-9)
+    assert np.abs(m.comoment.numpy() - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("block_rows,f64", [(None, False), (8, False), (64, False), (None, True),
+                                           (8, True)])
+def test_builder_matches_float64_and_is_reusable(rng, block_rows, f64):
+    # 1600 pixels in chunks of 500: the last chunk is zero-padded
+    builder = MomentsBuilder(37, 1600, "cpu", chunk_pixels=500, block_rows=block_rows,
+                             float64_products=f64)
+    for trial in range(2):  # the second image reuses the buffers
+        z = maps(rng)
+        builder.reset()
+        for start, stop in [(0, 10), (10, 11), (11, 30), (30, 37)]:
+            assert builder.add(torch.from_numpy(z[start:stop])) == slice(start, stop)
+        m = builder.finish()
+        mean, ref = centred64(z)
+        np.testing.assert_allclose(m.mean.numpy(), mean, rtol=1e-12, atol=1e-9)
+        assert np.abs(m.comoment.numpy() - ref).max() <= 1e-6 * np.abs(ref).max(), trial
+        assert m.n == 1600
+    with pytest.raises(ValueError, match="do not fit"):
+        builder.reset()
+        builder.add(torch.zeros(38, 1600))
+    builder.reset()
+    builder.add(torch.zeros(5, 1600))
+    with pytest.raises(ValueError, match="only 5 of 37"):
+        builder.finish()
+
+
+def fcn(depth=4, width=6):
+    arch = load_registry().create("architecture", "fcn", {"depth": depth, "width": width})
+    return build_model("m", architecture=arch, seed=3).module.eval()
+
+
+def test_stream_stops_after_the_last_layer_and_gives_the_same_outputs():
+    model = fcn()
+    x = torch.randn(1, 1, 24, 20)
+    layers = ["blocks.0", "blocks.2"]
+    ran = []
+    later = [model.blocks[3].register_forward_hook(lambda *a: ran.append("blocks.3")),
+             model.head.register_forward_hook(lambda *a: ran.append("head"))]
+    streamed = {}
+    ok = HooksExtractor().stream(model, layers, x,
+                                 lambda p, out: streamed.__setitem__(p, out.clone()))
+    assert ok and ran == []  # blocks.3 and the head never ran
+    full = HooksExtractor().extract(model, layers, x)
+    assert ran == ["blocks.3", "head"]
+    for hook in later:
+        hook.remove()
+    for layer in layers:
+        torch.testing.assert_close(streamed[layer], full[layer], rtol=0, atol=0)
+    # hooks are removed after an early stop: a plain forward is unchanged
+    assert not model.blocks[0]._forward_hooks and not model.blocks[2]._forward_hooks
+
+
+def spec(**overrides):
+    data = {
+        "name": "s",
+        "models": {
+            "a": {"architecture": {"name": "fcn", "depth": 3, "width": 6}, "seed": 1},
+            "b": {"architecture": {"name": "fcn", "depth": 2, "width": 5}, "seed": 2},
+        },
+        "layers": {"a": ["blocks.0", "blocks.2"], "b": {"first": "blocks.0", "last": "blocks.1"}},
+        "images": {"name": "files", "paths": str(DATA / "vessels-*.png"),
+                   "labels": str(DATA / "labels")},
+        "comparisons": [["a", "a"], ["a", "b"]],
+        "aggregators": ["max", "min", "pivot"],
+        "engine": {"pooled": True},
+        "output": {"pairs": True},
+    }
+    data.update(overrides)
+    return validate_spec(data)
+
+
+@pytest.mark.parametrize("engine,metrics", [
+    ({"pooled": True}, ["pearson"]),
+    ({"pooled": True, "roi": {"dilate": 2}}, ["pearson"]),
+    ({"pooled": True}, ["pearson", "cosine", "euclidean", "cka"]),
+])
+def test_streamed_run_equals_the_stacked_run(tmp_path, monkeypatch, engine, metrics):
+    calls = []
+    original = Runner._stream
+
+    def counting(self, item):
+        pending = original(self, item)
+        calls.append(pending is not None)
+        return pending
+
+    monkeypatch.setattr(Runner, "_stream", counting)
+    limits = {"euclidean": 1.5} if "euclidean" in metrics else {}
+    aggregators = ["max", "min", {"name": "threshold", "per_metric": limits}, "pivot"]
+    fast = run(spec(engine=engine, metrics=metrics, aggregators=aggregators),
+               out_dir=tmp_path / "fast", progress=False)
+    assert all(calls) and len(calls) >= 2  # every image streamed (the first after a probe)
+    monkeypatch.setattr(Runner, "streamable", property(lambda self: False))
+    slow = run(spec(engine=engine, metrics=metrics, aggregators=aggregators),
+               out_dir=tmp_path / "slow", progress=False)
+    assert fast.tables == slow.tables
+    for csv in sorted((tmp_path / "slow").rglob("*.csv")):
+        a = pd.read_csv(csv)
+        b = pd.read_csv(tmp_path / "fast" / csv.relative_to(tmp_path / "slow"))
+        # float32 chunk products in two layouts: each is within ~1e-5 of float64
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=2e-5, atol=2e-5)
+
+
+def test_run_with_writer_processes_equals_the_run_with_a_writer_thread(tmp_path, monkeypatch):
+    import shutil
+
+    from mapsim.core import pipeline
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(9):
+        shutil.copy(DATA / f"vessels-{k % 3 + 1}.png", folder / f"img-{k}.png")
+    data = {"images": {"name": "files", "paths": str(folder / "*.png")}, "engine": {}}
+    used = []
+    original = pipeline.make_sink
+
+    def recording(write, n_items, min_items_for_processes=8):
+        sink = original(write, n_items, min_items_for_processes)
+        used.append(type(sink).__name__)
+        return sink
+
+    monkeypatch.setattr("mapsim.core.runner.make_sink", recording)
+    run(spec(**data), out_dir=tmp_path / "procs", progress=False)
+    monkeypatch.setattr("mapsim.core.runner.make_sink",
+                        lambda write, n: original(write, n, min_items_for_processes=10**9))
+    run(spec(**data), out_dir=tmp_path / "thread", progress=False)
+    assert used == ["ProcessSink"]
+    for csv in sorted((tmp_path / "thread").rglob("*.csv")):
+        assert csv.read_text() == (tmp_path / "procs" / csv.relative_to(tmp_path / "thread")
+                                   ).read_text(), csv.name
