@@ -34,12 +34,17 @@ def maps(rng, n_maps=37, side=40) -> np.ndarray:
     return z
 
 
+# float32 chunk products: ~sqrt(chunk) x 6e-8 relative; BLAS libraries round differently
+# (1.2e-6 was seen with a server CPU's BLAS), hence the margin
+RELATIVE = 3e-6
+
+
 @pytest.mark.parametrize("block_rows,step", [(1, 100), (7, 333), (16, 1600), (100, 5000)])
 def test_symmetric_gram_matches_float64(rng, block_rows, step):
     z = rng.standard_normal((23, 1600)).astype(np.float32)
     got = symmetric_gram(torch.from_numpy(z), step, block_rows).numpy()
     ref = z.astype(np.float64) @ z.astype(np.float64).T
-    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
+    assert np.abs(got - ref).max() <= RELATIVE * np.abs(ref).max()
     np.testing.assert_array_equal(got, got.T)
 
 
@@ -49,7 +54,7 @@ def test_compute_moments_blocks_agree_with_float64(rng, block_rows):
     mean, ref = centred64(z)
     m = compute_moments(torch.from_numpy(z), chunk_pixels=300, block_rows=block_rows)
     np.testing.assert_allclose(m.mean.numpy(), mean, rtol=1e-12, atol=1e-9)
-    assert np.abs(m.comoment.numpy() - ref).max() <= 1e-6 * np.abs(ref).max()
+    assert np.abs(m.comoment.numpy() - ref).max() <= RELATIVE * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("block_rows,f64", [(None, False), (8, False), (64, False), (None, True),
@@ -66,7 +71,7 @@ def test_builder_matches_float64_and_is_reusable(rng, block_rows, f64):
         m = builder.finish()
         mean, ref = centred64(z)
         np.testing.assert_allclose(m.mean.numpy(), mean, rtol=1e-12, atol=1e-9)
-        assert np.abs(m.comoment.numpy() - ref).max() <= 1e-6 * np.abs(ref).max(), trial
+        assert np.abs(m.comoment.numpy() - ref).max() <= RELATIVE * np.abs(ref).max(), trial
         assert m.n == 1600
     with pytest.raises(ValueError, match="do not fit"):
         builder.reset()
@@ -149,7 +154,14 @@ def test_streamed_run_equals_the_stacked_run(tmp_path, monkeypatch, engine, metr
     for csv in sorted((tmp_path / "slow").rglob("*.csv")):
         a = pd.read_csv(csv)
         b = pd.read_csv(tmp_path / "fast" / csv.relative_to(tmp_path / "slow"))
-        # float32 chunk products in two layouts: each is within ~1e-5 of float64
+        # float32 chunk products in two layouts: each is within ~1e-5 of float64. Partners
+        # may differ only where two candidates tie within that (e.g. cosine minima of maps
+        # with disjoint support, all ~0): the values must still agree.
+        if "map_b" in a:
+            ties = (a["map_b"] != b["map_b"]) & a["map_b"].notna()
+            assert ties.mean() < 0.05, csv
+            assert ((a["value"] - b["value"])[ties].abs() <= 2e-5).all(), csv
+            a, b = a.drop(columns="map_b"), b.drop(columns="map_b")
         pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=2e-5, atol=2e-5)
 
 

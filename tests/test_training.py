@@ -41,6 +41,7 @@ def tiny_spec(**changes):
         "batch_size": 2,
         "crop": 16,
         "augment": {"flips": True, "rot90": True},
+        "device": "cpu",  # the determinism checks are made on the CPU, also on a GPU machine
     }
     data.update(changes)
     return validate_train_spec(data)

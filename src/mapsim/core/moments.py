@@ -168,6 +168,35 @@ def row_sums(x: torch.Tensor, dims: tuple[int, ...] = (1,)) -> torch.Tensor:
     return x.sum(dim=dims, dtype=torch.float64)
 
 
+def local_centre_(chunks: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre every chunk of every map on the chunk's own mean, in place.
+
+    ``chunks`` is a (k, C, n) float32 view whose first ``count`` pixels per chunk are data.
+    Returns ``(a, s)``, both (k, C) float64: the float32 means that were subtracted and the
+    sums of the values left. Maps are already centred on their global mean, but a map that is
+    nearly constant over a chunk (e.g. a ReLU map that is zero almost everywhere) still gives a
+    long run of same-signed products there, and a GPU's float32 products accumulate such runs
+    with an error that grows with the chunk length; after this step each chunk product only
+    sums what varies within the chunk. :func:`local_correction` adds back the exact rest.
+    """
+    data = chunks[..., :count]
+    mean = data.sum(dim=2, dtype=torch.float64) / count
+    a32 = mean.to(torch.float32)
+    data.sub_(a32.unsqueeze(2))
+    a = a32.to(torch.float64)
+    # the values left sum to count * (mean - a), up to the rounding of each subtraction (far
+    # below the spread of the values), so no second pass over the chunk is needed
+    s = (mean - a) * count
+    return a, s
+
+
+def local_correction(a: torch.Tensor, s: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(C, C) float64 term that :func:`local_centre_` took out of the chunk products:
+    sum over chunks of a s^T + s a^T + count a a^T (``a``, ``s``: (k, C); ``counts``: (k,))."""
+    cross = a.T @ s
+    return cross + cross.T + (a * counts.unsqueeze(1)).T @ a
+
+
 def gram(
     centred: torch.Tensor, rows: slice, cols: slice, step: int
 ) -> torch.Tensor:
@@ -192,21 +221,39 @@ def gram(
     return out
 
 
-def symmetric_gram(centred: torch.Tensor, step: int, block_rows: int = DEFAULT_BLOCK_ROWS
-                   ) -> torch.Tensor:
+def symmetric_gram(centred: torch.Tensor, step: int, block_rows: int = DEFAULT_BLOCK_ROWS,
+                   overwrite: bool = False) -> torch.Tensor:
     """float64 ``centred @ centred.T`` from the blocks on and above the diagonal only.
+
+    Each chunk is first centred on its own means (:func:`local_centre_`; the exact remainder is
+    added back in float64), in place when ``overwrite`` is true, else on a copy.
 
     Rows are taken ``block_rows`` at a time; each block row is multiplied with itself and the
     rows after it, and the part below the diagonal is mirrored, which saves close to half of the
     multiplications of a full product.
     """
-    n_maps = centred.shape[0]
+    if not overwrite:
+        centred = centred.clone()
+    n_maps, n_pixels = centred.shape
+    whole = (n_pixels // step) * step
+    parts = []  # (a, s, counts) of the whole chunks and of the last partial one
+    if whole:
+        chunks = centred[:, :whole].unflatten(1, (whole // step, step)).transpose(0, 1)
+        a, s = local_centre_(chunks, step)
+        parts.append((a, s, torch.full((a.shape[0],), float(step), dtype=torch.float64,
+                                       device=centred.device)))
+    if whole < n_pixels:
+        a, s = local_centre_(centred[None, :, whole:], n_pixels - whole)
+        parts.append((a, s, torch.full((1,), float(n_pixels - whole), dtype=torch.float64,
+                                       device=centred.device)))
     out = torch.empty(n_maps, n_maps, dtype=torch.float64, device=centred.device)
     for start in range(0, n_maps, block_rows):
         stop = min(start + block_rows, n_maps)
         upper = gram(centred, slice(start, stop), slice(start, n_maps), step)
         out[start:stop, start:] = upper
         out[stop:, start:stop] = upper[:, stop - start:].T
+    for a, s, counts in parts:
+        out += local_correction(a, s, counts)
     return (out + out.T) / 2  # diagonal blocks: exactly symmetric
 
 
@@ -249,8 +296,8 @@ def compute_moments(z: torch.Tensor, chunk_pixels: int | None = None,
     with exact_float32_matmul():
         for start in range(0, n_pixels, stretch):
             centred = z[:, start:start + stretch] - mean32
-            comoment += symmetric_gram(centred, step, block_rows)
             residual += row_sums(centred)
+            comoment += symmetric_gram(centred, step, block_rows, overwrite=True)
             if stats is not None:
                 for part in range(start, min(start + stretch, n_pixels), step):
                     stats.add(z[:, part:part + step].to(torch.float64) - mean[:, None])
@@ -352,16 +399,33 @@ class MomentsBuilder:
         self.filled = rows.stop
         return rows
 
+    def _local_centre(self) -> torch.Tensor:
+        """Centre each chunk on its own means (see :func:`local_centre_`); the float64
+        correction to add to the products."""
+        full = self.n_pixels // self.step  # chunks without padding
+        correction = torch.zeros(self.n_maps, self.n_maps, dtype=torch.float64,
+                                 device=self.buffer.device)
+        for chunks, count in ((self.buffer[:full], self.step),
+                              (self.buffer[full:], self.n_pixels - full * self.step)):
+            if chunks.shape[0] and count:
+                a, s = local_centre_(chunks, count)
+                counts = torch.full((a.shape[0],), float(count), dtype=torch.float64,
+                                    device=a.device)
+                correction += local_correction(a, s, counts)
+        return correction
+
     def finish(self) -> Moments:
         """The moments of every row added (all ``n_maps`` rows must have been added)."""
         if self.filled != self.n_maps:
             raise ValueError(f"only {self.filled} of {self.n_maps} maps were added")
         if self.block_rows is not None:
+            correction = self._local_centre()
             for start in range(0, self.n_maps, self.block_rows):
                 stop = min(start + self.block_rows, self.n_maps)
                 upper = self._gram(slice(start, stop), slice(start, self.n_maps))
                 self.comoment[start:stop, start:] = upper
                 self.comoment[stop:, start:stop] = upper[:, stop - start:].T
+            self.comoment += correction
         return _finish(self.n_pixels, self.mean.clone(), self.comoment, self.residual)
 
 
