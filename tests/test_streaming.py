@@ -192,3 +192,24 @@ def test_run_with_writer_processes_equals_the_run_with_a_writer_thread(tmp_path,
     for csv in sorted((tmp_path / "thread").rglob("*.csv")):
         assert csv.read_text() == (tmp_path / "procs" / csv.relative_to(tmp_path / "thread")
                                    ).read_text(), csv.name
+
+
+@pytest.mark.parametrize("block_rows", [None, 4])
+def test_builder_is_exact_for_maps_that_change_level_between_chunks(rng, block_rows):
+    # Each chunk is centred on its own mean before the float32 product; the levels taken out
+    # (here 1000 + a different step per chunk, with small noise on top) come back exactly.
+    n_maps, n_pixels, step = 9, 1000, 128  # 7 whole chunks and a padded one of 104
+    levels = 1000 + 50 * rng.standard_normal((n_maps, 1)) * (np.arange(n_pixels) // step)
+    z = (levels + 0.01 * rng.standard_normal((n_maps, n_pixels))).astype(np.float32)
+    z[3] = 0.0
+    z[3, 7] = 1e-3  # a map that is zero almost everywhere
+    builder = MomentsBuilder(n_maps, n_pixels, "cpu", chunk_pixels=step, block_rows=block_rows)
+    builder.add(torch.from_numpy(z[:5]))
+    builder.add(torch.from_numpy(z[5:]))
+    m = builder.finish()
+    mean, ref = centred64(z)
+    np.testing.assert_allclose(m.mean.numpy(), mean, rtol=1e-12)
+    r_got = m.comoment.numpy() / np.sqrt(np.outer(np.diag(m.comoment.numpy()),
+                                                  np.diag(m.comoment.numpy())))
+    r_ref = ref / np.sqrt(np.outer(np.diag(ref), np.diag(ref)))
+    assert np.abs(r_got - r_ref).max() < 1e-6

@@ -347,7 +347,14 @@ class MomentsBuilder:
         self.buffer = torch.zeros(self.n_chunks, n_maps, self.step, dtype=torch.float32,
                                   device=device)
         self.mean = torch.zeros(n_maps, dtype=torch.float64, device=device)
-        self.residual = torch.zeros(n_maps, dtype=torch.float64, device=device)
+        #: pixels per chunk, (1, chunks); the last chunk may be shorter (zero-padded buffer)
+        self.counts = torch.full((1, self.n_chunks), float(self.step), dtype=torch.float64,
+                                 device=device)
+        self.counts[0, -1] = n_pixels - (self.n_chunks - 1) * self.step
+        #: per chunk and map: the (rounded) chunk mean subtracted minus the map's mean, and
+        #: the sum of the values written to the buffer, (chunks, maps), float64
+        self.offset = torch.zeros(self.n_chunks, n_maps, dtype=torch.float64, device=device)
+        self.leftover = torch.zeros(self.n_chunks, n_maps, dtype=torch.float64, device=device)
         self.comoment = torch.zeros(n_maps, n_maps, dtype=torch.float64, device=device)
         self.filled = 0
 
@@ -379,54 +386,61 @@ class MomentsBuilder:
                 f"maps of shape {tuple(maps.shape)} do not fit rows {rows.start}:{rows.stop} "
                 f"of a {self.n_maps} x {self.n_pixels} builder"
             )
-        mean = row_sums(maps) / self.n_pixels
-        mean32 = mean.to(torch.float32).unsqueeze(1)
+        # Each chunk of each map is centred on its own mean (float64 sum, rounded to float32)
+        # as it is written: a map that is nearly constant over a chunk (a ReLU map that is zero
+        # almost everywhere) then gives no long run of same-signed float32 products, whose
+        # rounding error grows with the chunk on a GPU. The exact rest is added in float64.
         whole = self.n_pixels // self.step
+        sums = torch.zeros(maps.shape[0], self.n_chunks, dtype=torch.float64, device=maps.device)
         if whole:
             source = maps[:, :whole * self.step].unflatten(1, (whole, self.step))
-            torch.sub(source.transpose(0, 1), mean32, out=self.buffer[:whole, rows])
+            sums[:, :whole] = row_sums(source, dims=(2,))
+        if whole < self.n_chunks:
+            sums[:, whole] = row_sums(maps[:, whole * self.step:])
+        chunk_mean = sums / self.counts
+        chunk_mean32 = chunk_mean.to(torch.float32)
+        if whole:
+            torch.sub(source.transpose(0, 1), chunk_mean32[:, :whole].T.unsqueeze(2),
+                      out=self.buffer[:whole, rows])
         if whole < self.n_chunks:
             tail = maps[:, whole * self.step:]
-            torch.sub(tail, mean32, out=self.buffer[whole, rows, :tail.shape[1]])
+            torch.sub(tail, chunk_mean32[:, whole:], out=self.buffer[whole, rows, :tail.shape[1]])
+        mean = sums.sum(dim=1) / self.n_pixels
         self.mean[rows] = mean
-        # the centred maps' mean is mean - mean32, exactly up to the rounding of each centred
-        # value (below 1e-7 of the spread), so no pass over the buffer is needed for it
-        self.residual[rows] = (mean - mean32.squeeze(1).to(torch.float64)) * self.n_pixels
+        rounded = chunk_mean32.to(torch.float64)
+        self.offset[:, rows] = (rounded - mean.unsqueeze(1)).T  # chunk mean used - map mean
+        # the values written sum to count * (chunk mean - rounded), up to the rounding of each
+        # subtraction (far below the spread of the values): no pass over the buffer is needed
+        self.leftover[:, rows] = ((chunk_mean - rounded) * self.counts).T
         if self.block_rows is None:
-            block = self._gram(rows, slice(0, rows.stop))
+            done = slice(0, rows.stop)
+            block = self._gram(rows, done) + self._correction(rows, done)
             self.comoment[rows, :rows.stop] = block
             self.comoment[:rows.start, rows] = block[:, :rows.start].T
         self.filled = rows.stop
         return rows
 
-    def _local_centre(self) -> torch.Tensor:
-        """Centre each chunk on its own means (see :func:`local_centre_`); the float64
-        correction to add to the products."""
-        full = self.n_pixels // self.step  # chunks without padding
-        correction = torch.zeros(self.n_maps, self.n_maps, dtype=torch.float64,
-                                 device=self.buffer.device)
-        for chunks, count in ((self.buffer[:full], self.step),
-                              (self.buffer[full:], self.n_pixels - full * self.step)):
-            if chunks.shape[0] and count:
-                a, s = local_centre_(chunks, count)
-                counts = torch.full((a.shape[0],), float(count), dtype=torch.float64,
-                                    device=a.device)
-                correction += local_correction(a, s, counts)
-        return correction
+    def _correction(self, rows: slice, cols: slice) -> torch.Tensor:
+        """What the chunk centring took out of the products of ``rows`` and ``cols``."""
+        a_rows, a_cols = self.offset[:, rows], self.offset[:, cols]
+        s_rows, s_cols = self.leftover[:, rows], self.leftover[:, cols]
+        weighted = a_rows * self.counts.T
+        return a_rows.T @ s_cols + s_rows.T @ a_cols + weighted.T @ a_cols
 
     def finish(self) -> Moments:
         """The moments of every row added (all ``n_maps`` rows must have been added)."""
         if self.filled != self.n_maps:
             raise ValueError(f"only {self.filled} of {self.n_maps} maps were added")
         if self.block_rows is not None:
-            correction = self._local_centre()
             for start in range(0, self.n_maps, self.block_rows):
                 stop = min(start + self.block_rows, self.n_maps)
-                upper = self._gram(slice(start, stop), slice(start, self.n_maps))
+                cols = slice(start, self.n_maps)
+                upper = self._gram(slice(start, stop), cols)
+                upper += self._correction(slice(start, stop), cols)
                 self.comoment[start:stop, start:] = upper
                 self.comoment[stop:, start:stop] = upper[:, stop - start:].T
-            self.comoment += correction
-        return _finish(self.n_pixels, self.mean.clone(), self.comoment, self.residual)
+        comoment = (self.comoment + self.comoment.T) / 2
+        return Moments(self.n_pixels, self.mean.clone(), comoment)
 
 
 class _LayerStats:
