@@ -322,7 +322,8 @@ class MomentsBuilder:
     The builder owns one float32 buffer laid out chunk-major, ``(chunks, n_maps, chunk
     pixels)``, zero-padded at the end of the pixel axis (zeros add nothing to centred sums and
     products), so that every chunk product is one matrix of one batched multiplication with no
-    copy. :meth:`add` centres a layer's maps into their rows (means summed in float64); with
+    copy. :meth:`add` writes a layer's maps into their rows, each chunk centred on its own
+    mean (sums in float64; the exact remainder is added to the products in float64); with
     ``block_rows=None`` it also multiplies them at once with every row already added (the
     blocks on and below the diagonal only), so the caller can drop the activation as soon as
     :meth:`add` returns; with ``block_rows=N`` the products are made in :meth:`finish`, N rows
