@@ -253,18 +253,17 @@ def map_similarity(
 def layer_similarity(
     metric: Metric, stack: MapStack, moments: Moments, model_a: str, model_b: str
 ) -> list[LayerValue]:
-    """One value per (layer of A, layer of B) for a layer-granularity metric."""
-    out = []
-    for ba in stack.blocks:
-        if ba.model != model_a:
-            continue
-        for bb in stack.blocks:
-            if bb.model != model_b:
-                continue
-            ra, rb = slice(ba.start, ba.stop), slice(bb.start, bb.stop)
-            if metric.uses_moments:
-                value = metric.from_moments(moments, ra, rb)
-            else:
-                value = metric.from_maps(stack.z[ra], stack.z[rb])
-            out.append(layer_value(metric, model_a, ba.layer, model_b, bb.layer, value))
-    return out
+    """One value per (layer of A, layer of B) for a layer-granularity metric.
+
+    Moment-based metrics give every layer pair in one :meth:`Metric.layers_from_moments` call.
+    """
+    blocks_a = [b for b in stack.blocks if b.model == model_a]
+    blocks_b = [b for b in stack.blocks if b.model == model_b]
+    rows = [slice(b.start, b.stop) for b in blocks_a]
+    cols = [slice(b.start, b.stop) for b in blocks_b]
+    if metric.uses_moments:
+        table = metric.layers_from_moments(moments, rows, cols)
+    else:
+        table = [[metric.from_maps(stack.z[ra], stack.z[rb]) for rb in cols] for ra in rows]
+    return [layer_value(metric, model_a, ba.layer, model_b, bb.layer, value)
+            for ba, line in zip(blocks_a, table) for bb, value in zip(blocks_b, line)]
