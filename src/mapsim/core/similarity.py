@@ -195,18 +195,20 @@ def apply_dead_policy(
     fill: tuple[float, float] | None,
 ) -> torch.Tensor:
     """Mark (``exclude``) or fill (``original``: both dead, one dead) the pairs of dead maps."""
+    if policy not in DEAD_POLICIES:
+        raise MapsimError(f"unknown dead-map policy {policy!r}; use one of {DEAD_POLICIES}")
+    if policy == "original" and fill is None:
+        raise MapsimError("this metric has no original dead-map rule; use dead_maps: exclude")
+    if not bool(dead_a.any() | dead_b.any()):  # nothing to mark: no copy
+        return values
     values = values.clone()
     one_dead = dead_a[:, None] | dead_b[None, :]
     if policy == "exclude":
         values[one_dead] = torch.nan
-    elif policy == "original":
-        if fill is None:
-            raise MapsimError("this metric has no original dead-map rule; use dead_maps: exclude")
+    else:
         both_dead = dead_a[:, None] & dead_b[None, :]
         values[one_dead] = fill[1]
         values[both_dead] = fill[0]
-    else:
-        raise MapsimError(f"unknown dead-map policy {policy!r}; use one of {DEAD_POLICIES}")
     return values
 
 
@@ -229,7 +231,9 @@ def map_similarity(
     values = values.to(torch.float64)
     dead = metric.dead(moments, dead_std)
     dead_a, dead_b = dead[rows], dead[cols]
-    undefined = torch.isnan(values) & ~(dead_a[:, None] | dead_b[None, :])
+    undefined = torch.isnan(values)
+    if bool(dead_a.any() | dead_b.any()):
+        undefined &= ~(dead_a[:, None] | dead_b[None, :])
     if bool(undefined.any()):
         i, j = (int(k) for k in torch.nonzero(undefined)[0])
         raise MapsimError(
