@@ -201,3 +201,4 @@ def test_pairs_table_has_every_pair(rng):
                 & (table.map_b == 0)].iloc[0]
     assert row.value == sim.values[4, 0]
     assert table[table.dead_a].shape[0] == 5
+

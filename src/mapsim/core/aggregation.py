@@ -112,7 +112,10 @@ def group_codes(frame: pd.DataFrame, keys: Sequence[str]) -> np.ndarray:
     ``groupby(keys, sort=False).ngroup()``), from one factorisation per column."""
     codes = np.zeros(len(frame), dtype=np.int64)
     for key in keys:
-        column, uniques = pd.factorize(frame[key], sort=False)
+        values = frame[key].to_numpy()
+        if len(values) and (values == values[0]).all():  # e.g. one metric: nothing to split
+            continue
+        column, uniques = pd.factorize(values, sort=False, use_na_sentinel=False)
         codes = codes * len(uniques) + column
     return pd.factorize(codes, sort=False)[0]
 
