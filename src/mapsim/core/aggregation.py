@@ -137,8 +137,8 @@ def pivot(best: pd.DataFrame, threshold: float, higher_is_more_similar: bool) ->
     well = live & passes(best["value"], threshold, higher_is_more_similar).to_numpy()
     n_maps = np.bincount(codes, minlength=n_groups)
     first = np.unique(codes, return_index=True)[1]  # codes count up from 0 in row order
-    out = best[list(PIVOT_KEYS)].iloc[first].reset_index(drop=True)
-    out["threshold"] = threshold
+    out = {key: best[key].to_numpy()[first] for key in PIVOT_KEYS}
+    out["threshold"] = np.full(n_groups, threshold, dtype=float)
     out["n_maps"] = n_maps
     out["n_dead"] = np.bincount(codes, weights=best["dead_a"].to_numpy(dtype=float),
                                 minlength=n_groups).astype(int)
@@ -152,7 +152,11 @@ def pivot(best: pd.DataFrame, threshold: float, higher_is_more_similar: bool) ->
         out[f"{prefix}_mean"] = grouped.mean().to_numpy()
         out[f"{prefix}_median"] = grouped.median().to_numpy()
         out[f"{prefix}_std"] = grouped.std(ddof=1).to_numpy()
-    return out[columns]
+    frame = pd.DataFrame(out, columns=columns)
+    for key in PIVOT_KEYS:  # keep the key columns' types (e.g. categories) as they were
+        if frame[key].dtype != best[key].dtype:
+            frame[key] = frame[key].astype(best[key].dtype)
+    return frame
 
 
 class SummaryAccumulator:
@@ -176,14 +180,16 @@ class SummaryAccumulator:
     def add(self, table: pd.DataFrame, skip: Iterable[str] = ()) -> None:
         """Add one image's table (one row per key)."""
         skip = set(skip) | set(self.keys)
-        stats = [c for c in table.columns
-                 if c not in skip and pd.api.types.is_numeric_dtype(table[c])
-                 and not pd.api.types.is_bool_dtype(table[c])]
+        stats = [c for c, dtype in table.dtypes.items()
+                 if c not in skip and pd.api.types.is_numeric_dtype(dtype)
+                 and not pd.api.types.is_bool_dtype(dtype)]
         if not stats or table.empty:
             return
         keys = zip(*(table[k].tolist() for k in self.keys)) if self.keys else \
             (() for _ in range(len(table)))
-        rows = np.array([self._row(tuple(key)) for key in keys], dtype=np.int64)
+        known, row = self._rows, self._row
+        rows = np.array([known[k] if k in known else row(k) for k in map(tuple, keys)],
+                        dtype=np.int64)
         cols = np.array([self._column(stat) for stat in stats], dtype=np.int64)
         self._grow()
         values = table[stats].to_numpy(dtype=float, na_value=np.nan)
