@@ -12,6 +12,7 @@ import torch
 
 from mapsim.core.hookspecs import hookimpl
 from mapsim.core.moments import Moments
+from mapsim.core.pearson import normalised
 from mapsim.core.plugin_api import Metric, MetricInfo, Params
 
 
@@ -67,11 +68,9 @@ class Cosine(Metric):
 
     def _from_products(self, block: torch.Tensor, diag_rows: torch.Tensor,
                        diag_cols: torch.Tensor) -> torch.Tensor:
-        denom = torch.sqrt(torch.outer(diag_rows, diag_cols))
-        live = denom > 0
-        c = torch.where(live, block / torch.where(live, denom, 1.0), torch.nan)
-        c = c.clamp(-1.0, 1.0)  # rounding only: |cos| <= 1 holds for exact products
-        return c.abs() if self.params.absolute else c
+        c = normalised(block, diag_rows, diag_cols)
+        c.clamp_(-1.0, 1.0)  # rounding only: |cos| <= 1 holds for exact products
+        return c.abs_() if self.params.absolute else c
 
 
 def _product_diagonal(moments: Moments) -> torch.Tensor:
