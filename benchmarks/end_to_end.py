@@ -236,7 +236,8 @@ def main() -> None:
             f"{k} {v}" for k, v in info["timings"].items()))
         if "gpu_gib" in info:
             lines.append(f"peak GPU memory {info['gpu_gib']:.2f} GiB")
-    append("end_to_end" + (" memory" if counts else ""), args.device, lines, args.results)
+    label = " host only" if args.host_only else " memory" if counts else ""
+    append("end_to_end" + label, args.device, lines, args.results)
 
 
 if __name__ == "__main__":
