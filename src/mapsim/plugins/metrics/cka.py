@@ -162,14 +162,17 @@ class CKA(Metric):
         if self.debiased and moments.layer_norms is None:
             return super().layers_from_moments(moments, rows, cols)  # raises the clear error
         g = moments.comoment
-        squared = g * g
-        e_rows = _indicator(rows, moments.size, g.device)
-        e_cols = _indicator(cols, moments.size, g.device)
-        cross = e_rows @ squared @ e_cols.T  # ||G_ab||_F^2
-        self_rows = ((e_rows @ squared) * e_rows).sum(dim=1)  # ||G_aa||_F^2
-        self_cols = ((e_cols @ squared) * e_cols).sum(dim=1)
-        diag = torch.diagonal(g)
-        parts = [cross.reshape(-1), self_rows, self_cols, e_rows @ diag, e_cols @ diag]
+        # every block sum of G o G over the layers of both sides comes from one matrix, so
+        # that a layer's self term is the very number its cross term with itself is
+        union = list(dict.fromkeys((r.start, r.stop) for r in (*rows, *cols)))
+        e = _indicator([slice(*u) for u in union], moments.size, g.device)
+        blocks = e @ (g * g) @ e.T  # ||G_kl||_F^2
+        ir = torch.tensor([union.index((r.start, r.stop)) for r in rows], device=g.device)
+        ic = torch.tensor([union.index((c.start, c.stop)) for c in cols], device=g.device)
+        cross = blocks[ir][:, ic]
+        own = torch.diagonal(blocks)
+        traces = e @ torch.diagonal(g)
+        parts = [cross.reshape(-1), own[ir], own[ic], traces[ir], traces[ic]]
         if self.debiased:
             ia = torch.tensor([moments.layer_index(r) for r in rows], device=g.device)
             ib = torch.tensor([moments.layer_index(c) for c in cols], device=g.device)
