@@ -6,6 +6,10 @@ installed, the study's tables (max, min, threshold, pivot) written as CSV.
 CPU: ``python benchmarks/end_to_end.py --device cpu --depth 6 --layers
 blocks.0,blocks.1,blocks.3,blocks.5 --size 256x256 --images 20`` (``--kernel-size 3`` for fcn's
 default kernels; the study's networks use 7).
+``--host-only`` times the per-image host work of the GPU fast path alone (the metrics from
+one image's precomputed moments, the tables, summaries and writer queueing), one torch thread:
+``python benchmarks/end_to_end.py --host-only --device cpu --depth 10 --kernel-size 3 --size
+64x64 --images 30``.
 ``--memory 1,10,100`` runs the same spec on 1, 10 and 100 images, each in a fresh process, and
 reports peak host memory (max RSS) and peak GPU memory for each. ``--quick`` shrinks everything.
 
@@ -90,6 +94,71 @@ def one_run(args: argparse.Namespace, folder: Path, n: int, out: Path) -> dict:
     return info
 
 
+def host_only(args: argparse.Namespace, folder: Path, out: Path) -> list[str]:
+    """The per-image host work of the GPU fast path, alone: one image's moments are computed
+    once, then metrics, tables, summaries and queueing to the writer processes are timed per
+    image with one torch thread (as :meth:`Runner._complete` runs them beside the device)."""
+    from mapsim.core import aggregation
+    from mapsim.core.moments import compute_moments
+    from mapsim.core.pipeline import make_sink
+    from mapsim.core.results import ResultsWriter
+    from mapsim.core.runner import Runner, _write_part
+    from mapsim.core.similarity import stack_maps
+
+    s = spec(args, folder, 1)
+    runner = Runner(s, folder, device="cpu")
+    item = next(iter(runner.check(folder)))
+    models = runner.groups[0]
+    stack = stack_maps(runner.extract(item), models)
+    moments = compute_moments(stack.z, layers=[(b.start, b.stop) for b in stack.blocks])
+    stack.z = stack.z[:, :0]  # the fast path keeps no pixels on the host
+    writer = ResultsWriter(out, overwrite=True)
+    summaries = {t: aggregation.SummaryAccumulator(k)
+                 for a in runner.aggregators for t, k in a.summarise.items()}
+    summaries["layer_similarity"] = aggregation.SummaryAccumulator(
+        ("metric", "model_a", "layer_a", "model_b", "layer_b"))
+    background = make_sink(_write_part, args.images)
+
+    def sink(name: str, frame) -> None:
+        if name in summaries:
+            summaries[name].add(frame, skip=("image",))
+        job = writer.append_job(name, frame)
+        if job is not None:
+            background.put(name, job)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runner._emit("warm-up", 0, models, stack, moments, sink)
+        start, cpu = time.perf_counter(), time.process_time()
+        for k in range(args.images):
+            runner._emit(f"img-{k:04d}", 0, models, stack, moments, sink)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        background.close()
+        total = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+        writer.discard()
+    names = ", ".join(m.label for m in runner.metrics)
+    return [f"host only: {stack.z.shape[0]} maps, metrics {names}, aggregators "
+            f"{args.aggregators}, {args.images} images: {1000 * seconds / args.images:.1f} "
+            f"ms/image on the main thread, {1000 * cpu / args.images:.1f} ms/image of CPU time "
+            f"in this process ({1000 * total / args.images:.1f} ms/image until the writers are "
+            "done); run.json-style timings (s): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in runner.timings.items())]
+
+
+def write_profile(profiler, path: Path) -> None:
+    import io
+    import pstats
+
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(60)
+    path.write_text(text.getvalue())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -108,6 +177,9 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None,
                         help="write a cProfile summary of the measured run to this file")
     parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--host-only", action="store_true",
+                        help="time only the per-image host work (metrics from precomputed "
+                        "moments, tables, summaries, queueing to the writers), one thread")
     args = parser.parse_args()
     if args.quick:
         args.size, args.images = "64x80", min(args.images, 4)
@@ -121,7 +193,19 @@ def main() -> None:
     make_images(folder, max([args.images, *counts]), height, width)
 
     lines = []
-    if counts:
+    if args.host_only:
+        profiler = None
+        if args.profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+        lines = host_only(args, folder, work / "out-host")
+        if profiler is not None:
+            profiler.disable()
+            write_profile(profiler, args.profile)
+        print(lines[0], flush=True)
+    elif counts:
         for n in counts:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--child", str(n),
                    "--workdir", str(work)]
@@ -135,19 +219,13 @@ def main() -> None:
         one_run(args, folder, 1, work / "warm")  # warm-up: first-call costs, cuDNN choice
         if args.profile:
             import cProfile
-            import io
-            import pstats
 
             profiler = cProfile.Profile()
             profiler.enable()
         info = one_run(args, folder, args.images, work / "out")
         if args.profile:
             profiler.disable()
-            text = io.StringIO()
-            stats = pstats.Stats(profiler, stream=text)
-            stats.sort_stats("tottime").print_stats(45)
-            stats.sort_stats("cumulative").print_stats(60)
-            args.profile.write_text(text.getvalue())
+            write_profile(profiler, args.profile)
         n, seconds = info["n"], info["seconds"]
         lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}), layers {args.layers}, "
                      f"{height}x{width} px, "
@@ -158,7 +236,8 @@ def main() -> None:
             f"{k} {v}" for k, v in info["timings"].items()))
         if "gpu_gib" in info:
             lines.append(f"peak GPU memory {info['gpu_gib']:.2f} GiB")
-    append("end_to_end" + (" memory" if counts else ""), args.device, lines, args.results)
+    label = " host only" if args.host_only else " memory" if counts else ""
+    append("end_to_end" + label, args.device, lines, args.results)
 
 
 if __name__ == "__main__":

@@ -201,3 +201,37 @@ def test_pairs_table_has_every_pair(rng):
                 & (table.map_b == 0)].iloc[0]
     assert row.value == sim.values[4, 0]
     assert table[table.dead_a].shape[0] == 5
+
+
+
+@pytest.mark.parametrize("sizes", [(4, 4, 4), (3, 5, 4)])
+def test_partners_equal_sized_and_ragged_layers_match_a_per_map_loop(sizes):
+    """Both code paths of partners() (one argmax over equal-sized layers, or one pass per
+    layer) against a plain loop over maps, with ties, dead maps and the self-pair rule."""
+    rng = np.random.default_rng(3)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    blocks = [Block("m", f"l{k}", int(starts[k]), int(starts[k + 1]), (2, 2))
+              for k in range(len(sizes))]
+    n = int(starts[-1])
+    values = np.round(rng.random((n, n)), 1)  # ties: the first best map wins
+    dead = np.zeros(n, dtype=bool)
+    dead[[1, 6]] = True
+    values[dead, :] = np.nan
+    values[:, dead] = np.nan
+    sim = SimilarityMatrix("r", "m", "m", values, blocks, blocks, dead, dead)
+    for best in (True, False):
+        table = aggregation.partners(sim, best=best)
+        expected = []
+        for ba in blocks:
+            for bb in blocks:
+                for i in range(ba.n_maps):
+                    row = values[ba.start + i, bb.start:bb.stop].copy()
+                    if ba.layer == bb.layer:
+                        row[i] = np.nan
+                    if np.isnan(row).all():
+                        expected.append((None, math.nan))
+                        continue
+                    j = int(np.nanargmax(row) if best else np.nanargmin(row))
+                    expected.append((j, row[j]))
+        assert [None if pd.isna(v) else int(v) for v in table["map_b"]] == [e[0] for e in expected]
+        np.testing.assert_array_equal(table["value"].to_numpy(), [e[1] for e in expected])

@@ -20,7 +20,9 @@ metric's :class:`mapsim.MetricInfo` promises, on seeded random and ReLU-like inp
 * every defined value lies inside ``value_range``;
 * each declared invariance (names in :data:`TRANSFORMS`) leaves the values unchanged;
 * a moment-based metric's :meth:`~mapsim.Metric.from_moments` agrees with its generic
-  :meth:`~mapsim.Metric.from_maps` to 1e-5;
+  :meth:`~mapsim.Metric.from_maps` to 1e-5, and (layer granularity) its
+  :meth:`~mapsim.Metric.layers_from_moments` agrees with :meth:`~mapsim.Metric.from_moments`
+  per layer pair;
 * undefined values are explicit: NaN only where :meth:`~mapsim.Metric.dead` flags a map (map
   granularity), :class:`mapsim.Undefined` rather than a bare NaN (layer granularity).
 
@@ -256,6 +258,25 @@ class MetricContract:
             pytest.fail("a moment-based metric should implement from_maps too: the contract "
                         "checks the moments path against it")
         _close(evaluate(metric, x, y, "moments"), generic, "from_moments != from_maps")
+
+    def test_all_layer_pairs_at_once_agree_with_each_pair(self, metric, inputs):
+        if (metric.accumulates or not metric.uses_moments
+                or metric.info.granularity != "layer"):
+            pytest.skip("only for layer metrics with a moments path")
+        x, y = inputs
+        xf = torch.from_numpy(x[0].reshape(x.shape[1], -1)).float()
+        yf = torch.from_numpy(y[0].reshape(y.shape[1], -1)).float()
+        dead = torch.zeros_like(xf[:1])  # a constant layer: undefined values too
+        z = torch.cat([xf, yf, dead])
+        layers = [(0, len(xf)), (len(xf), len(xf) + len(yf)), (len(z) - 1, len(z))]
+        moments = compute_moments(z, layers=layers if metric.needs_layer_norms else None)
+        slices = [slice(a, b) for a, b in layers]
+        table = metric.layers_from_moments(moments, slices, slices[::-1])
+        assert len(table) == 3 and all(len(line) == 3 for line in table)
+        for i, rows in enumerate(slices):
+            for j, cols in enumerate(slices[::-1]):
+                _close(table[i][j], metric.from_moments(moments, rows, cols),
+                       "layers_from_moments != from_moments")
 
     def test_undefined_values_are_explicit(self, metric, inputs):
         x, y = inputs

@@ -34,48 +34,65 @@ def partners(sim: SimilarityMatrix, best: bool = True) -> pd.DataFrame:
 
     A map with no eligible partner (it is dead, or every map of b is) gets an empty partner
     and value; its ``dead_a`` flag says why. Rows are ordered by layer of A, layer of B, map
-    of A. Vectorised over the maps of A: one pass per layer of B.
+    of A. Vectorised: one argmax over all layers of B at once when they are equal-sized and
+    contiguous, else one pass per layer of B.
     """
     prefer_high = sim.higher_is_more_similar == best
     filler = -np.inf if prefer_high else np.inf
-    n_a = sim.values.shape[0]
-    rows = np.arange(n_a)
-    partner, value, has = [], [], []
-    for bb in sim.blocks_b:
-        sub = sim.values[:, bb.start:bb.stop].copy()
-        if sim.same_model:
-            for ba in sim.blocks_a:
+    values = sim.values
+    if sim.same_model:  # a map is never its own partner
+        values = values.copy()
+        for ba in sim.blocks_a:
+            for bb in sim.blocks_b:
                 if ba.layer == bb.layer:
-                    np.fill_diagonal(sub[ba.start:ba.stop], np.nan)
-        valid = ~np.isnan(sub)
-        scored = np.where(valid, sub, filler)
-        idx = scored.argmax(axis=1) if prefer_high else scored.argmin(axis=1)
-        ok = valid.any(axis=1)
-        partner.append(idx)
-        value.append(np.where(ok, sub[rows, idx], np.nan))
-        has.append(ok)
-    partner_b, value_b, has_b = np.array(partner), np.array(value), np.array(has)  # (nb, n_a)
-    dead_of_partner = np.array([sim.dead_b[bb.start:bb.stop][idx]
-                                for bb, idx in zip(sim.blocks_b, partner_b)])
-    n_b = len(sim.blocks_b)
+                    k = np.arange(min(ba.n_maps, bb.n_maps))
+                    values[ba.start + k, bb.start + k] = np.nan
+    valid = ~np.isnan(values)
+    scored = np.where(valid, values, filler)
+    pick = np.argmax if prefer_high else np.argmin
+    n_a, n_b = values.shape[0], len(sim.blocks_b)
+    sizes = {bb.n_maps for bb in sim.blocks_b}
+    contiguous = all(bb.start == k * bb.n_maps and bb.stop == (k + 1) * bb.n_maps
+                     for k, bb in enumerate(sim.blocks_b))
+    if len(sizes) == 1 and contiguous and values.shape[1] == n_b * sizes.pop():
+        shape = (n_a, n_b, -1)
+        idx = pick(scored.reshape(shape), axis=2)  # (n_a, nb)
+        has = valid.reshape(shape).any(axis=2)
+        value = np.take_along_axis(values.reshape(shape), idx[:, :, None], axis=2)[:, :, 0]
+        starts = np.array([bb.start for bb in sim.blocks_b])
+        dead_of_partner = sim.dead_b[starts[None, :] + idx]
+        partner_b, value_b, has_b, dead_b_all = idx.T, value.T, has.T, dead_of_partner.T
+    else:
+        rows = np.arange(n_a)
+        partner, value, has, dead_p = [], [], [], []
+        for bb in sim.blocks_b:
+            idx = pick(scored[:, bb.start:bb.stop], axis=1)
+            partner.append(idx)
+            value.append(values[rows, bb.start + idx])
+            has.append(valid[:, bb.start:bb.stop].any(axis=1))
+            dead_p.append(sim.dead_b[bb.start:bb.stop][idx])
+        partner_b, value_b, has_b, dead_b_all = (np.array(partner), np.array(value),
+                                                  np.array(has), np.array(dead_p))
+    value_b = np.where(has_b, value_b, np.nan)  # (nb, n_a)
 
     def order(values: np.ndarray) -> np.ndarray:  # (nb, n_a) -> layer a, layer b, map a
         return np.concatenate([values[:, ba.start:ba.stop].reshape(-1) for ba in sim.blocks_a])
 
     has_all = order(has_b)
     map_b = pd.array(np.where(has_all, order(partner_b), 0), dtype="Int64")
-    map_b[~has_all] = pd.NA
-    dead_b = pd.array(np.where(has_all, order(dead_of_partner), False), dtype="boolean")
-    dead_b[~has_all] = pd.NA
+    dead_b = pd.array(np.where(has_all, order(dead_b_all), False), dtype="boolean")
+    if not has_all.all():
+        map_b[~has_all] = pd.NA
+        dead_b[~has_all] = pd.NA
+    layers_b = np.array([bb.layer for bb in sim.blocks_b], dtype=object)
     return pd.DataFrame({
         "metric": sim.metric,
         "model_a": sim.model_a,
-        "layer_a": np.repeat([ba.layer for ba in sim.blocks_a],
+        "layer_a": np.repeat(np.array([ba.layer for ba in sim.blocks_a], dtype=object),
                              [ba.n_maps * n_b for ba in sim.blocks_a]),
         "map_a": np.concatenate([np.tile(np.arange(ba.n_maps), n_b) for ba in sim.blocks_a]),
         "model_b": sim.model_b,
-        "layer_b": np.concatenate([np.repeat([bb.layer for bb in sim.blocks_b], ba.n_maps)
-                                   for ba in sim.blocks_a]),
+        "layer_b": np.concatenate([np.repeat(layers_b, ba.n_maps) for ba in sim.blocks_a]),
         "map_b": map_b,
         "value": order(value_b),
         "dead_a": np.concatenate([np.tile(sim.dead_a[ba.start:ba.stop], n_b)
@@ -90,6 +107,19 @@ def passes(values: pd.Series, threshold: float, higher_is_more_similar: bool) ->
     return ok.fillna(False).astype(bool)
 
 
+def group_codes(frame: pd.DataFrame, keys: Sequence[str]) -> np.ndarray:
+    """Group numbers of the rows by ``keys``, in order of first appearance (as pandas'
+    ``groupby(keys, sort=False).ngroup()``), from one factorisation per column."""
+    codes = np.zeros(len(frame), dtype=np.int64)
+    for key in keys:
+        values = frame[key].to_numpy()
+        if len(values) and (values == values[0]).all():  # e.g. one metric: nothing to split
+            continue
+        column, uniques = pd.factorize(values, sort=False, use_na_sentinel=False)
+        codes = codes * len(uniques) + column
+    return pd.factorize(codes, sort=False)[0]
+
+
 def pivot(best: pd.DataFrame, threshold: float, higher_is_more_similar: bool) -> pd.DataFrame:
     """The study's Table 3 from a best-partner table (one row per layer pair).
 
@@ -100,28 +130,33 @@ def pivot(best: pd.DataFrame, threshold: float, higher_is_more_similar: bool) ->
                "well_std"]
     if best.empty:
         return pd.DataFrame(columns=columns)
-    codes = best.groupby(list(PIVOT_KEYS), sort=False).ngroup().to_numpy()
+    codes = group_codes(best, PIVOT_KEYS)
     n_groups = int(codes.max()) + 1
     values = best["value"].to_numpy(dtype=float)
     live = ~np.isnan(values)
     well = live & passes(best["value"], threshold, higher_is_more_similar).to_numpy()
     n_maps = np.bincount(codes, minlength=n_groups)
-    out = best.groupby(codes, sort=True)[list(PIVOT_KEYS)].first().reset_index(drop=True)
-    out["threshold"] = threshold
+    first = np.unique(codes, return_index=True)[1]  # codes count up from 0 in row order
+    out = {key: best[key].to_numpy()[first] for key in PIVOT_KEYS}
+    out["threshold"] = np.full(n_groups, threshold, dtype=float)
     out["n_maps"] = n_maps
     out["n_dead"] = np.bincount(codes, weights=best["dead_a"].to_numpy(dtype=float),
                                 minlength=n_groups).astype(int)
     out["n_live"] = np.bincount(codes, weights=live, minlength=n_groups).astype(int)
+    n_well = np.bincount(codes, weights=well, minlength=n_groups).astype(int)
     for prefix, keep in (("best", live), ("well", well)):
         grouped = pd.Series(np.where(keep, values, np.nan)).groupby(codes, sort=True)
         if prefix == "well":
-            n_well = np.bincount(codes, weights=keep, minlength=n_groups).astype(int)
             out["n_well"] = n_well
             out["pct_well"] = 100.0 * n_well / n_maps
         out[f"{prefix}_mean"] = grouped.mean().to_numpy()
         out[f"{prefix}_median"] = grouped.median().to_numpy()
         out[f"{prefix}_std"] = grouped.std(ddof=1).to_numpy()
-    return out[columns]
+    frame = pd.DataFrame(out, columns=columns)
+    for key in PIVOT_KEYS:  # keep the key columns' types (e.g. categories) as they were
+        if frame[key].dtype != best[key].dtype:
+            frame[key] = frame[key].astype(best[key].dtype)
+    return frame
 
 
 class SummaryAccumulator:
@@ -129,48 +164,91 @@ class SummaryAccumulator:
 
     Memory is O(rows of one image's table), whatever the number of images. A value that is
     undefined for an image (NaN) is skipped; ``n_images`` counts the images that had one.
+    Vectorised: one Welford step per table over a (keys x statistics) array.
     """
 
     def __init__(self, keys: Sequence[str]) -> None:
         self.keys = list(keys)
-        self._state: dict[tuple, list[float]] = {}  # (key..., stat) -> [n, mean, m2]
-        self._order: list[tuple] = []
+        self._rows: dict[tuple, int] = {}  # key -> row of the state arrays
+        self._stats: dict[str, int] = {}  # statistic -> column
+        self._n = np.zeros((0, 0), dtype=np.int64)
+        self._mean = np.zeros((0, 0))
+        self._m2 = np.zeros((0, 0))
+        self._seen = np.zeros((0, 0), dtype=bool)
+        self._order: list[tuple[int, int]] = []  # (row, column) in order of first appearance
 
     def add(self, table: pd.DataFrame, skip: Iterable[str] = ()) -> None:
         """Add one image's table (one row per key)."""
         skip = set(skip) | set(self.keys)
-        stats = [c for c in table.columns
-                 if c not in skip and pd.api.types.is_numeric_dtype(table[c])
-                 and not pd.api.types.is_bool_dtype(table[c])]
+        stats = [c for c, dtype in table.dtypes.items()
+                 if c not in skip and pd.api.types.is_numeric_dtype(dtype)
+                 and not pd.api.types.is_bool_dtype(dtype)]
+        if not stats or table.empty:
+            return
         keys = zip(*(table[k].tolist() for k in self.keys)) if self.keys else \
             (() for _ in range(len(table)))
-        values = table[stats].to_numpy(dtype=float, na_value=np.nan) if stats else None
-        for index, key in enumerate(keys):
-            key = tuple(key)
-            for column, stat in enumerate(stats):
-                value = float(values[index, column])
-                slot = key + (stat,)
-                state = self._state.get(slot)
-                if state is None:
-                    state = self._state[slot] = [0, 0.0, 0.0]
-                    self._order.append(slot)
-                if math.isnan(value):
-                    continue
-                n, mean, m2 = state
-                n += 1
-                delta = value - mean
-                mean += delta / n
-                m2 += delta * (value - mean)
-                state[:] = [n, mean, m2]
+        known, row = self._rows, self._row
+        rows = np.array([known[k] if k in known else row(k) for k in map(tuple, keys)],
+                        dtype=np.int64)
+        cols = np.array([self._column(stat) for stat in stats], dtype=np.int64)
+        self._grow()
+        values = table[stats].to_numpy(dtype=float, na_value=np.nan)
+        if len(np.unique(rows)) != len(rows):  # a key twice in one table: one row at a time
+            for index in range(len(rows)):
+                self._update(rows[index:index + 1], cols, values[index:index + 1])
+        else:
+            self._update(rows, cols, values)
+
+    def _row(self, key: tuple) -> int:
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows[key] = len(self._rows)
+        return row
+
+    def _column(self, stat: str) -> int:
+        column = self._stats.get(stat)
+        if column is None:
+            column = self._stats[stat] = len(self._stats)
+        return column
+
+    def _grow(self) -> None:
+        shape = (len(self._rows), len(self._stats))
+        if self._n.shape[0] >= shape[0] and self._n.shape[1] >= shape[1]:
+            return
+        size = (max(shape[0], 2 * self._n.shape[0]), shape[1])
+        for name in ("_n", "_mean", "_m2", "_seen"):
+            old = getattr(self, name)
+            new = np.zeros(size, dtype=old.dtype)
+            new[: old.shape[0], : old.shape[1]] = old
+            setattr(self, name, new)
+
+    def _update(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+        index = np.ix_(rows, cols)
+        new = ~self._seen[index]
+        if new.any():
+            r, c = np.nonzero(new)  # row-major: the order the slots first appear in
+            self._order.extend(zip(rows[r].tolist(), cols[c].tolist()))
+            self._seen[index] = True
+        ok = ~np.isnan(values)
+        n = self._n[index] + ok
+        mean, m2 = self._mean[index], self._m2[index]
+        safe = np.where(ok, values, 0.0)
+        delta = safe - mean
+        new_mean = np.where(ok, mean + delta / np.maximum(n, 1), mean)
+        self._m2[index] = np.where(ok, m2 + delta * (safe - new_mean), m2)
+        self._n[index], self._mean[index] = n, new_mean
 
     def table(self) -> pd.DataFrame:
         """Long form: keys, statistic, mean, std (ddof=1; empty below two images), n_images."""
+        keys = list(self._rows)
+        stats = list(self._stats)
         rows = []
-        for slot in self._order:
-            n, mean, m2 = self._state[slot]
+        for row, column in self._order:
+            n = int(self._n[row, column])
+            mean, m2 = float(self._mean[row, column]), float(self._m2[row, column])
             rows.append({
-                **dict(zip(self.keys, slot[:-1])),
-                "statistic": slot[-1],
+                **dict(zip(self.keys, keys[row])),
+                "statistic": stats[column],
                 "mean": mean if n else math.nan,
                 "std": math.sqrt(m2 / (n - 1)) if n > 1 else math.nan,
                 "n_images": n,

@@ -47,11 +47,9 @@ class Pearson(Metric):
     def from_moments(self, moments: Moments, rows: slice, cols: slice) -> torch.Tensor:
         g = moments.comoment
         diag = torch.diagonal(g)
-        denom = torch.sqrt(torch.outer(diag[rows], diag[cols]))
-        live = denom > 0
-        r = torch.where(live, g[rows, cols] / torch.where(live, denom, 1.0), torch.nan)
-        r = r.clamp(-1.0, 1.0)  # rounding only: |r| <= 1 holds exactly for exact moments
-        return r.abs() if self.params.absolute else r
+        r = normalised(g[rows, cols], diag[rows], diag[cols])
+        r.clamp_(-1.0, 1.0)  # rounding only: |r| <= 1 holds exactly for exact moments
+        return r.abs_() if self.params.absolute else r
 
     def from_maps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float64)
@@ -63,6 +61,21 @@ class Pearson(Metric):
         r = torch.where(live, (xc @ yc.T) / torch.where(live, denom, 1.0), torch.nan)
         r = r.clamp(-1.0, 1.0)
         return r.abs() if self.params.absolute else r
+
+
+def normalised(block: torch.Tensor, diag_rows: torch.Tensor,
+               diag_cols: torch.Tensor) -> torch.Tensor:
+    """``block / sqrt(outer(diag_rows, diag_cols))`` as a new tensor, NaN where that root is 0.
+
+    When no product can be 0 (checked on the smallest of each side: rounding is monotone)
+    it takes three passes over the matrix instead of six.
+    """
+    denom = torch.outer(diag_rows, diag_cols)
+    if len(diag_rows) and len(diag_cols) and float(diag_rows.min() * diag_cols.min()) > 0:
+        return block / denom.sqrt_()
+    denom.sqrt_()
+    live = denom > 0
+    return torch.where(live, block / torch.where(live, denom, 1.0), torch.nan)
 
 
 @hookimpl

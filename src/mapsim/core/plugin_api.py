@@ -192,6 +192,18 @@ class Metric(Plugin):
         """Values between maps ``rows`` and ``cols`` of the stacked maps, from their moments."""
         raise MetricPathError(f"metric {self.name!r} has no moments path (uses_moments=False)")
 
+    def layers_from_moments(self, moments: Moments, rows: Sequence[slice],
+                            cols: Sequence[slice]) -> list[list[Any]]:
+        """Layer granularity: the values of every layer pair (``rows[i]``, ``cols[j]``) at once.
+
+        Returns a ``len(rows)`` x ``len(cols)`` nested list of floats (or :class:`Undefined`).
+        The engine calls this instead of :meth:`from_moments` per layer pair; the default
+        loops over :meth:`from_moments`. Override it to compute all pairs with a few tensor
+        ops and one device -> host transfer (see ``cka``); the values must match
+        :meth:`from_moments` (the contract tests compare both).
+        """
+        return [[self.from_moments(moments, r, c) for c in cols] for r in rows]
+
     def from_maps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Values between the rows of ``x`` (C_a, P) and of ``y`` (C_b, P): the generic path.
 

@@ -465,7 +465,7 @@ def _write_part(name: str, job: tuple) -> None:
 
 
 def _with_image(frame: pd.DataFrame, image_id: str) -> pd.DataFrame:
-    frame = frame.copy()
+    frame = frame.copy(deep=False)  # only adds a column
     frame.insert(0, "image", image_id)
     return frame
 

@@ -195,18 +195,20 @@ def apply_dead_policy(
     fill: tuple[float, float] | None,
 ) -> torch.Tensor:
     """Mark (``exclude``) or fill (``original``: both dead, one dead) the pairs of dead maps."""
+    if policy not in DEAD_POLICIES:
+        raise MapsimError(f"unknown dead-map policy {policy!r}; use one of {DEAD_POLICIES}")
+    if policy == "original" and fill is None:
+        raise MapsimError("this metric has no original dead-map rule; use dead_maps: exclude")
+    if not bool(dead_a.any() | dead_b.any()):  # nothing to mark: no copy
+        return values
     values = values.clone()
     one_dead = dead_a[:, None] | dead_b[None, :]
     if policy == "exclude":
         values[one_dead] = torch.nan
-    elif policy == "original":
-        if fill is None:
-            raise MapsimError("this metric has no original dead-map rule; use dead_maps: exclude")
+    else:
         both_dead = dead_a[:, None] & dead_b[None, :]
         values[one_dead] = fill[1]
         values[both_dead] = fill[0]
-    else:
-        raise MapsimError(f"unknown dead-map policy {policy!r}; use one of {DEAD_POLICIES}")
     return values
 
 
@@ -229,7 +231,9 @@ def map_similarity(
     values = values.to(torch.float64)
     dead = metric.dead(moments, dead_std)
     dead_a, dead_b = dead[rows], dead[cols]
-    undefined = torch.isnan(values) & ~(dead_a[:, None] | dead_b[None, :])
+    undefined = torch.isnan(values)
+    if bool(dead_a.any() | dead_b.any()):
+        undefined &= ~(dead_a[:, None] | dead_b[None, :])
     if bool(undefined.any()):
         i, j = (int(k) for k in torch.nonzero(undefined)[0])
         raise MapsimError(
@@ -253,18 +257,17 @@ def map_similarity(
 def layer_similarity(
     metric: Metric, stack: MapStack, moments: Moments, model_a: str, model_b: str
 ) -> list[LayerValue]:
-    """One value per (layer of A, layer of B) for a layer-granularity metric."""
-    out = []
-    for ba in stack.blocks:
-        if ba.model != model_a:
-            continue
-        for bb in stack.blocks:
-            if bb.model != model_b:
-                continue
-            ra, rb = slice(ba.start, ba.stop), slice(bb.start, bb.stop)
-            if metric.uses_moments:
-                value = metric.from_moments(moments, ra, rb)
-            else:
-                value = metric.from_maps(stack.z[ra], stack.z[rb])
-            out.append(layer_value(metric, model_a, ba.layer, model_b, bb.layer, value))
-    return out
+    """One value per (layer of A, layer of B) for a layer-granularity metric.
+
+    Moment-based metrics give every layer pair in one :meth:`Metric.layers_from_moments` call.
+    """
+    blocks_a = [b for b in stack.blocks if b.model == model_a]
+    blocks_b = [b for b in stack.blocks if b.model == model_b]
+    rows = [slice(b.start, b.stop) for b in blocks_a]
+    cols = [slice(b.start, b.stop) for b in blocks_b]
+    if metric.uses_moments:
+        table = metric.layers_from_moments(moments, rows, cols)
+    else:
+        table = [[metric.from_maps(stack.z[ra], stack.z[rb]) for rb in cols] for ra in rows]
+    return [layer_value(metric, model_a, ba.layer, model_b, bb.layer, value)
+            for ba, line in zip(blocks_a, table) for bb, value in zip(blocks_b, line)]

@@ -81,7 +81,7 @@ class ThresholdAggregator(Aggregator):
 
     def aggregate(self, sim: SimilarityMatrix, tables: Tables) -> Tables:
         threshold = self.params.per_metric.get(sim.metric, self.params.value)
-        best = tables["max"].copy()
+        best = tables["max"].copy(deep=False)  # only adds columns
         best["threshold"] = threshold
         best["well_correlated"] = aggregation.passes(
             best["value"], threshold, sim.higher_is_more_similar

@@ -36,7 +36,7 @@ self-HSIC, a zero RBF bandwidth).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -154,6 +154,45 @@ class CKA(Metric):
         a, b = moments.layer_index(rows), moments.layer_index(cols)
         return _debiased_linear_cka(gab, gaa, gbb, float(norms[a, b]), float(norms[a, a]),
                                     float(norms[b, b]), moments.n)
+
+    def layers_from_moments(self, moments: Moments, rows: Sequence[slice],
+                            cols: Sequence[slice]) -> list[list[float | Undefined]]:
+        """Linear CKA of every layer pair at once: block sums of G o G through layer
+        indicator matrices (E_r (G o G) E_c^T) and one device -> host transfer."""
+        if self.debiased and moments.layer_norms is None:
+            return super().layers_from_moments(moments, rows, cols)  # raises the clear error
+        g = moments.comoment
+        # every block sum of G o G over the layers of both sides comes from one matrix, so
+        # that a layer's self term is the very number its cross term with itself is
+        union = list(dict.fromkeys((r.start, r.stop) for r in (*rows, *cols)))
+        e = _indicator([slice(*u) for u in union], moments.size, g.device)
+        blocks = e @ (g * g) @ e.T  # ||G_kl||_F^2
+        ir = torch.tensor([union.index((r.start, r.stop)) for r in rows], device=g.device)
+        ic = torch.tensor([union.index((c.start, c.stop)) for c in cols], device=g.device)
+        cross = blocks[ir][:, ic]
+        own = torch.diagonal(blocks)
+        traces = e @ torch.diagonal(g)
+        parts = [cross.reshape(-1), own[ir], own[ic], traces[ir], traces[ic]]
+        if self.debiased:
+            ia = torch.tensor([moments.layer_index(r) for r in rows], device=g.device)
+            ib = torch.tensor([moments.layer_index(c) for c in cols], device=g.device)
+            norms = moments.layer_norms
+            parts += [norms[ia][:, ib].reshape(-1), norms[ia, ia], norms[ib, ib]]
+        host = torch.cat(parts).cpu().tolist()
+        n_r, n_c = len(rows), len(cols)
+        sizes = [n_r * n_c, n_r, n_c, n_r, n_c] + ([n_r * n_c, n_r, n_c] if self.debiased else [])
+        chunks, offset = [], 0
+        for size in sizes:
+            chunks.append(host[offset:offset + size])
+            offset += size
+        cross, saa, sbb, ta, tb = chunks[:5]
+        if not self.debiased:
+            return [[_linear_cka_values(cross[i * n_c + j], saa[i], sbb[j], ta[i], tb[j])
+                     for j in range(n_c)] for i in range(n_r)]
+        nab, naa, nbb = chunks[5:]
+        return [[_debiased_cka_values(cross[i * n_c + j], saa[i], sbb[j], ta[i], tb[j],
+                                      nab[i * n_c + j], naa[i], nbb[j], moments.n)
+                 for j in range(n_c)] for i in range(n_r)]
 
     def from_maps(self, x: torch.Tensor, y: torch.Tensor) -> float | Undefined:
         """CKA between x (C_a, P) and y (C_b, P) with pixels as samples (generic path)."""
@@ -311,30 +350,51 @@ class CKA(Metric):
         return out
 
 
+def _indicator(slices: Sequence[slice], n_maps: int, device: torch.device) -> torch.Tensor:
+    """(len(slices), n_maps) float64: 1 where map j is in rows ``slices[l]``."""
+    e = torch.zeros(len(slices), n_maps, dtype=torch.float64, device=device)
+    for index, s in enumerate(slices):
+        e[index, s] = 1.0
+    return e
+
+
 def _linear_cka(gab: torch.Tensor, gaa: torch.Tensor, gbb: torch.Tensor) -> float | Undefined:
-    for g, side in ((gaa, "layer_a"), (gbb, "layer_b")):
-        if float(torch.trace(g)) <= 0:
+    return _linear_cka_values(float((gab * gab).sum()), float((gaa * gaa).sum()),
+                              float((gbb * gbb).sum()), float(torch.trace(gaa)),
+                              float(torch.trace(gbb)))
+
+
+def _linear_cka_values(sab: float, saa: float, sbb: float, ta: float,
+                       tb: float) -> float | Undefined:
+    """Biased linear CKA from ||G_ab||^2, ||G_aa||^2, ||G_bb||^2 and the traces."""
+    for t, side in ((ta, "layer_a"), (tb, "layer_b")):
+        if t <= 0:
             return Undefined(hsic.ZERO_VARIANCE.format(side=side))
-    num = float((gab * gab).sum())
-    return num / math.sqrt(float((gaa * gaa).sum()) * float((gbb * gbb).sum()))
+    return sab / math.sqrt(saa * sbb)
 
 
 def _debiased_linear_cka(gab: torch.Tensor, gaa: torch.Tensor, gbb: torch.Tensor,
                          nab: float, naa: float, nbb: float, n: int) -> float | Undefined:
+    return _debiased_cka_values(
+        float((gab * gab).sum()), float((gaa * gaa).sum()), float((gbb * gbb).sum()),
+        float(torch.trace(gaa)), float(torch.trace(gbb)), nab, naa, nbb, n)
+
+
+def _debiased_cka_values(sab: float, saa: float, sbb: float, ta: float, tb: float,
+                         nab: float, naa: float, nbb: float, n: int) -> float | Undefined:
     """Kornblith et al.'s feature-space unbiased HSIC (times n (n-3), which cancels)."""
     if n < 4:
         return Undefined(hsic.TOO_FEW.format(n=n))
-    ta, tb = float(torch.trace(gaa)), float(torch.trace(gbb))
     for t, side in ((ta, "layer_a"), (tb, "layer_b")):
         if t <= 0:
             return Undefined(hsic.ZERO_VARIANCE.format(side=side))
 
-    def scaled_hsic(g: torch.Tensor, cross: float, t1: float, t2: float) -> float:
-        return float((g * g).sum()) - n / (n - 2) * cross + t1 * t2 / ((n - 1) * (n - 2))
+    def scaled_hsic(s: float, cross: float, t1: float, t2: float) -> float:
+        return s - n / (n - 2) * cross + t1 * t2 / ((n - 1) * (n - 2))
 
-    hab = scaled_hsic(gab, nab, ta, tb)
-    haa = scaled_hsic(gaa, naa, ta, ta)
-    hbb = scaled_hsic(gbb, nbb, tb, tb)
+    hab = scaled_hsic(sab, nab, ta, tb)
+    haa = scaled_hsic(saa, naa, ta, ta)
+    hbb = scaled_hsic(sbb, nbb, tb, tb)
     for h, side in ((haa, "layer_a"), (hbb, "layer_b")):
         if h <= 0:
             return Undefined(hsic.NOT_POSITIVE.format(side=side, value=h / (n * (n - 3))))

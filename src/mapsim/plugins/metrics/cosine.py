@@ -12,6 +12,7 @@ import torch
 
 from mapsim.core.hookspecs import hookimpl
 from mapsim.core.moments import Moments
+from mapsim.core.pearson import normalised
 from mapsim.core.plugin_api import Metric, MetricInfo, Params
 
 
@@ -47,10 +48,14 @@ class Cosine(Metric):
 
     def dead(self, moments: Moments, dead_std: float) -> torch.Tensor:
         """All-zero maps: mean square (not variance) <= ``dead_std``^2."""
-        return torch.diagonal(moments.products()) / moments.n <= dead_std**2
+        return _product_diagonal(moments) / moments.n <= dead_std**2
 
     def from_moments(self, moments: Moments, rows: slice, cols: slice) -> torch.Tensor:
-        return self._cosine(moments.products(), rows, cols)
+        # the (rows, cols) block and the diagonal of moments.products(), computed alone
+        diag = _product_diagonal(moments)
+        block = moments.comoment[rows, cols] + moments.n * torch.outer(
+            moments.mean[rows], moments.mean[cols])
+        return self._from_products(block, diag[rows], diag[cols])
 
     def from_maps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, y = x.to(torch.float64), y.to(torch.float64)
@@ -59,11 +64,18 @@ class Cosine(Metric):
 
     def _cosine(self, s: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
         diag = torch.diagonal(s)
-        denom = torch.sqrt(torch.outer(diag[rows], diag[cols]))
-        live = denom > 0
-        c = torch.where(live, s[rows, cols] / torch.where(live, denom, 1.0), torch.nan)
-        c = c.clamp(-1.0, 1.0)  # rounding only: |cos| <= 1 holds for exact products
-        return c.abs() if self.params.absolute else c
+        return self._from_products(s[rows, cols], diag[rows], diag[cols])
+
+    def _from_products(self, block: torch.Tensor, diag_rows: torch.Tensor,
+                       diag_cols: torch.Tensor) -> torch.Tensor:
+        c = normalised(block, diag_rows, diag_cols)
+        c.clamp_(-1.0, 1.0)  # rounding only: |cos| <= 1 holds for exact products
+        return c.abs_() if self.params.absolute else c
+
+
+def _product_diagonal(moments: Moments) -> torch.Tensor:
+    """The diagonal of ``moments.products()`` (sum_p z_i^2), without the (C, C) matrix."""
+    return torch.diagonal(moments.comoment) + moments.n * (moments.mean * moments.mean)
 
 
 @hookimpl

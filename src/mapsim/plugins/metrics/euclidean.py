@@ -15,6 +15,7 @@ import torch
 
 from mapsim.core.hookspecs import hookimpl
 from mapsim.core.moments import Moments
+from mapsim.core.pearson import normalised
 from mapsim.core.plugin_api import Metric, MetricInfo, Params
 
 
@@ -73,16 +74,14 @@ class Euclidean(Metric):
                   cols: slice) -> torch.Tensor:
         diag = torch.diagonal(g)
         if self.params.standardise:
-            denom = torch.sqrt(torch.outer(diag[rows], diag[cols]))
-            live = denom > 0
-            r = torch.where(live, g[rows, cols] / torch.where(live, denom, 1.0), torch.nan)
-            squared = 2.0 * n * (1.0 - r.clamp(-1.0, 1.0))
+            r = normalised(g[rows, cols], diag[rows], diag[cols])
+            squared = 2.0 * n * (1.0 - r.clamp_(-1.0, 1.0))
         else:
             gap = mean[rows, None] - mean[None, cols]
             squared = diag[rows, None] + diag[None, cols] - 2.0 * g[rows, cols] + n * gap * gap
         # rounding only: an exact squared distance is >= 0 (NaN marks dead maps and stays)
-        distance = torch.sqrt(squared.clamp(min=0.0))
-        return distance / math.sqrt(n) if self.params.rms else distance
+        distance = squared.clamp_(min=0.0).sqrt_()
+        return distance.div_(math.sqrt(n)) if self.params.rms else distance
 
 
 @hookimpl
