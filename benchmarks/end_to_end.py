@@ -63,7 +63,8 @@ def spec(args: argparse.Namespace, folder: Path, n: int) -> object:
     return validate_spec({
         "name": "bench",
         "models": {"cnn": {"architecture": {"name": "fcn", "depth": args.depth, "width": 64,
-                                            "kernel_size": args.kernel_size}, "seed": 0}},
+                                            "kernel_size": args.kernel_size,
+                                            "conv": args.conv}, "seed": 0}},
         "layers": {"cnn": args.layers.split(",")},
         "images": {"name": "files", "paths": paths},
         "comparisons": [["cnn", "cnn"]],
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=10)
     parser.add_argument("--kernel-size", type=int, default=7,
                         help="7: the study's networks; 3: fcn's default")
+    parser.add_argument("--conv", default="auto", choices=["auto", "direct", "fft"],
+                        help="fcn's convolution algorithm (auto: FFT on the CPU for 7x7)")
     parser.add_argument("--layers", default="blocks.*")
     parser.add_argument("--size", default="1104x1376", help="height x width")
     parser.add_argument("--images", type=int, default=60)
@@ -149,7 +152,7 @@ def main() -> None:
             stats.sort_stats("cumulative").print_stats(60)
             args.profile.write_text(text.getvalue())
         n, seconds = info["n"], info["seconds"]
-        lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}), layers {args.layers}, "
+        lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}, conv {args.conv}), layers {args.layers}, "
                      f"{height}x{width} px, "
                      f"{n} images, metrics {', '.join(info['metrics'])}, aggregators "
                      f"{args.aggregators}: {seconds:.2f} s, {n / seconds:.2f} images/s, "

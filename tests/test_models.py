@@ -75,7 +75,6 @@ def test_loaded_model_fields() -> None:
                     "kernel_size": 3,
                     "in_channels": 3,
                     "classes": 2,
-                    "conv": "auto",
                 },
             }
         },

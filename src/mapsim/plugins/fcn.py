@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_serializer
 from torch import Tensor, nn
 
 import mapsim
@@ -143,6 +143,15 @@ class FCNArchitecture(mapsim.Architecture):
             description="convolution algorithm for inference: auto (FFT on the CPU for kernels "
             ">= 5 and >= 16 maps), direct, or fft (whenever applicable); training is direct",
         )
+
+        @model_serializer(mode="wrap")
+        def _omit_default_conv(self, handler):
+            # `conv` changes speed, not results (beyond float32 rounding): left out of dumps at its default, so specs,
+            # run.json and the pretrained cards read as before it existed
+            data = handler(self)
+            if isinstance(data, dict) and data.get("conv") == "auto":
+                del data["conv"]
+            return data
 
         @field_validator("kernel_size")
         @classmethod
