@@ -220,3 +220,12 @@ def test_pretrained_cnn6_pearson_agrees_between_fft_and_direct(vessel_image, tmp
             largest = max(largest, 0.0 if pd.isna(diff) else float(diff))
     print(f"CNN6 Pearson tables, largest |fft - direct| over {compared} columns: {largest:.2e}")
     assert compared > 0
+
+
+def test_bad_shapes_get_a_clear_error() -> None:
+    from mapsim.core.errors import ShapeMismatchError
+
+    with pytest.raises(ShapeMismatchError, match="same C"):
+        fft_conv2d(torch.randn(1, 3, 8, 8), torch.randn(2, 4, 3, 3), None, 1)
+    with pytest.raises(ShapeMismatchError, match="no output"):
+        fft_conv2d(torch.randn(1, 3, 2, 2), torch.randn(2, 3, 5, 5), None, 0)

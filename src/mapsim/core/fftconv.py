@@ -28,6 +28,8 @@ import weakref
 import torch
 from torch import Tensor
 
+from mapsim.core.errors import ShapeMismatchError
+
 # id(weight) -> (weak reference to the weight, cache key, spectrum); entries go with the weight
 _SPECTRA: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
 
@@ -94,9 +96,19 @@ def fft_conv2d(
     :returns: shape (N, O, H + 2 ph - kh + 1, W + 2 pw - kw + 1), dtype of ``x``.
     """
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
+        raise ShapeMismatchError(
+            f"fft_conv2d needs an input (N, C, H, W) and a weight (O, C, kh, kw) with the same C "
+            f"(got {tuple(x.shape)} and {tuple(weight.shape)}); groups are not supported"
+        )
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     out_h, out_w = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    if ph < 0 or pw < 0 or out_h < 1 or out_w < 1:
+        raise ShapeMismatchError(
+            f"fft_conv2d: padding {padding} with a {kh}x{kw} kernel on a {h}x{w} input gives no "
+            "output; use a padding >= 0 that leaves at least one output pixel"
+        )
     k = max(kh, kw)
     t = tile_size(k, out_h, out_w)
     vh, vw = t - kh + 1, t - kw + 1  # valid outputs per tile
