@@ -152,8 +152,8 @@ def main() -> None:
             stats.sort_stats("cumulative").print_stats(60)
             args.profile.write_text(text.getvalue())
         n, seconds = info["n"], info["seconds"]
-        lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}, conv {args.conv}), layers {args.layers}, "
-                     f"{height}x{width} px, "
+        lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}, conv {args.conv}), "
+                     f"layers {args.layers}, {height}x{width} px, "
                      f"{n} images, metrics {', '.join(info['metrics'])}, aggregators "
                      f"{args.aggregators}: {seconds:.2f} s, {n / seconds:.2f} images/s, "
                      f"{seconds / n:.3f} s/image")

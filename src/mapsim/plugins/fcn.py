@@ -146,8 +146,8 @@ class FCNArchitecture(mapsim.Architecture):
 
         @model_serializer(mode="wrap")
         def _omit_default_conv(self, handler):
-            # `conv` changes speed, not results (beyond float32 rounding): left out of dumps at its default, so specs,
-            # run.json and the pretrained cards read as before it existed
+            # `conv` changes speed, not results (beyond float32 rounding): left out of dumps
+            # at its default, so specs, run.json and the pretrained cards read as before
             data = handler(self)
             if isinstance(data, dict) and data.get("conv") == "auto":
                 del data["conv"]
