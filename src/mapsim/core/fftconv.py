@@ -2,9 +2,11 @@
 
 ``fft_conv2d(x, weight, bias, padding)`` equals ``F.conv2d(x, weight, bias, padding=padding)``
 (stride 1, dilation 1, groups 1, zero padding) up to float32 rounding. With the study's 7x7
-kernels at 64 -> 64 maps a direct convolution costs 2 * 49 * 64 * 64 multiply-adds per output
-pixel; here each output pixel costs one 64 x 64 complex matrix product per frequency bin of a
-small tile, plus the tiles' FFTs: about 10x fewer operations.
+kernels at 64 -> 64 maps a direct convolution costs 49 * 64 * 64 multiply-adds per output
+pixel; here the output pixels cost one 64 x 64 complex matrix product per frequency bin of a
+32 x 32 tile (544 bins for 676 output pixels), plus the tiles' FFTs: about 13x fewer
+floating-point operations. On this project's 2-core CPU it measured 2.8x faster per layer (the
+FFTs and transposes are memory-bound).
 
 Method (overlap-save): the zero-padded input is cut into overlapping ``T x T`` tiles (stride
 ``T - k + 1``), each tile is transformed with ``torch.fft.rfft2``, multiplied per frequency bin
