@@ -67,7 +67,8 @@ def spec(args: argparse.Namespace, folder: Path, n: int) -> object:
     return validate_spec({
         "name": "bench",
         "models": {"cnn": {"architecture": {"name": "fcn", "depth": args.depth, "width": 64,
-                                            "kernel_size": args.kernel_size}, "seed": 0}},
+                                            "kernel_size": args.kernel_size,
+                                            "conv": args.conv}, "seed": 0}},
         "layers": {"cnn": args.layers.split(",")},
         "images": {"name": "files", "paths": paths},
         "comparisons": [["cnn", "cnn"]],
@@ -166,6 +167,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=10)
     parser.add_argument("--kernel-size", type=int, default=7,
                         help="7: the study's networks; 3: fcn's default")
+    parser.add_argument("--conv", default="auto", choices=["auto", "direct", "fft"],
+                        help="fcn's convolution algorithm (auto: FFT on the CPU for 7x7)")
     parser.add_argument("--layers", default="blocks.*")
     parser.add_argument("--size", default="1104x1376", help="height x width")
     parser.add_argument("--images", type=int, default=60)
@@ -227,8 +230,8 @@ def main() -> None:
             profiler.disable()
             write_profile(profiler, args.profile)
         n, seconds = info["n"], info["seconds"]
-        lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}), layers {args.layers}, "
-                     f"{height}x{width} px, "
+        lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}, conv {args.conv}), "
+                     f"layers {args.layers}, {height}x{width} px, "
                      f"{n} images, metrics {', '.join(info['metrics'])}, aggregators "
                      f"{args.aggregators}: {seconds:.2f} s, {n / seconds:.2f} images/s, "
                      f"{seconds / n:.3f} s/image")
