@@ -20,7 +20,7 @@ from mapsim.core import aggregation
 from mapsim.core.errors import ExtractionError, ImageError, MapsimError, SpecError
 from mapsim.core.extraction import resolve_layers
 from mapsim.core.images import roi_mask
-from mapsim.core.models import LoadedModel, build_model
+from mapsim.core.models import LoadedModel, build_from_spec
 from mapsim.core.moments import Moments, compute_moments
 from mapsim.core.pipeline import make_sink, prefetch
 from mapsim.core.plugin_api import Aggregator, Extractor, ImageItem, Metric
@@ -166,24 +166,7 @@ class Runner:
         used = dict.fromkeys(m for pair in self.comparisons for m in pair)
         for name in used:
             mspec = self.spec.models[name]
-            architecture = None
-            if mspec.architecture is not None:
-                architecture = self.registry.create(
-                    "architecture", mspec.architecture.name,
-                    mspec.architecture.model_dump(exclude={"name"}),
-                )
-            loaded = build_model(
-                name,
-                architecture=architecture,
-                python=mspec.python,
-                kwargs=mspec.kwargs,
-                torchscript=mspec.torchscript,
-                weights=mspec.weights,
-                seed=mspec.seed,
-                base_dir=self.base_dir,
-            )
-            if mspec.in_channels is not None:
-                loaded.in_channels = mspec.in_channels
+            loaded = build_from_spec(name, mspec, self.registry, self.base_dir)
             loaded.module.to(self.device).eval()
             if self.device.type == "cuda":
                 # cuDNN's tensor-core convolutions run on channels-last tensors without

@@ -52,13 +52,7 @@ class HooksExtractor(mapsim.Extractor):
         :raises ExtractionError: the forward pass failed (e.g. the input has the wrong number
             of channels), or a TorchScript model is not a plain chain of its children.
         """
-        modules = dict(model.named_modules())
-        known = [name for name in modules if name]
-        for layer in layers:
-            if layer not in known:
-                raise LayerNotFoundError(
-                    "layer", layer, known, hint="`mapsim layers` lists a model's layers."
-                )
+        modules = _modules_with(model, layers)
         if isinstance(model, torch.jit.ScriptModule):
             return _replay_script(model, list(layers), inputs)
         return _extract_with_hooks(model, modules, list(layers), inputs)
@@ -76,13 +70,7 @@ class HooksExtractor(mapsim.Extractor):
         stops after the last requested module has run. Returns False, calling nothing, for a
         TorchScript model (use :meth:`extract`). Raises as :meth:`extract` does.
         """
-        modules = dict(model.named_modules())
-        known = [name for name in modules if name]
-        for layer in layers:
-            if layer not in known:
-                raise LayerNotFoundError(
-                    "layer", layer, known, hint="`mapsim layers` lists a model's layers."
-                )
+        modules = _modules_with(model, layers)
         if isinstance(model, torch.jit.ScriptModule):
             return False
         _extract_with_hooks(model, modules, list(layers), inputs, on_output)
@@ -254,3 +242,15 @@ def _replay_chain(
 def register_extractors(register) -> None:
     """Register the ``hooks`` extractor."""
     register(HooksExtractor)
+
+
+def _modules_with(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
+    """The model's modules by path, after checking that every one of ``layers`` is there."""
+    modules = dict(model.named_modules())
+    known = [name for name in modules if name]
+    for layer in layers:
+        if layer not in known:
+            raise LayerNotFoundError(
+                "layer", layer, known, hint="`mapsim layers` lists a model's layers."
+            )
+    return modules
