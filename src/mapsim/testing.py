@@ -157,9 +157,15 @@ def _best(metric: Metric) -> float:
     return high if metric.info.higher_is_more_similar else low
 
 
+def _require(condition: bool, message: str = "contract not met") -> None:
+    """Fail the contract test with ``message`` (an AssertionError, kept under ``python -O``)."""
+    if not condition:
+        raise AssertionError(message)
+
+
 def _close(a: Any, b: Any, what: str, atol: float = TOLERANCE) -> None:
     if isinstance(a, Undefined) or isinstance(b, Undefined):
-        assert isinstance(a, Undefined) and isinstance(b, Undefined), f"{what}: {a!r} vs {b!r}"
+        _require(isinstance(a, Undefined) and isinstance(b, Undefined), f"{what}: {a!r} vs {b!r}")
         return
     np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float),
                                rtol=TOLERANCE, atol=atol, err_msg=what)
@@ -195,18 +201,26 @@ class MetricContract:
 
     def test_info_is_well_formed(self, metric):
         info = metric.info
-        assert info.granularity in ("map", "layer"), info.granularity
+        _require(info.granularity in ("map", "layer"), info.granularity)
         low, high = info.value_range
-        assert low < high, f"value_range {info.value_range} is empty"
-        assert isinstance(info.higher_is_more_similar, bool)
-        assert not (metric.accumulates and info.granularity != "layer"), (
-            "a metric that accumulates over images must have layer granularity")
+        _require(low < high, f"value_range {info.value_range} is empty")
+        _require(isinstance(info.higher_is_more_similar, bool),
+                 "higher_is_more_similar must be a bool")
+        _require(
+            not (metric.accumulates and info.granularity != "layer"),
+            "a metric that accumulates over images must have layer granularity",
+        )
         unknown = set(info.invariances) - set(self.transforms)
-        assert not unknown, (
+        _require(
+            not unknown,
             f"invariances {sorted(unknown)} have no transform; known: {sorted(self.transforms)}"
-            " (extend `transforms` in your contract subclass)")
+            " (extend `transforms` in your contract subclass)",
+        )
         described = metric.describe()
-        assert described["name"] == metric.name and described["granularity"] == info.granularity
+        _require(
+            described["name"] == metric.name and described["granularity"] == info.granularity,
+            f"describe() disagrees with the metric: {described}",
+        )
 
     def test_symmetry(self, metric, inputs):
         if not metric.info.symmetric:
@@ -223,18 +237,20 @@ class MetricContract:
         if metric.info.granularity == "map":
             value = np.diagonal(value)
             value = value[~np.isnan(value)]
-            assert value.size, "every map of the input is undefined"
-        assert not isinstance(value, Undefined), f"value(x, x) is undefined: {value}"
+            _require(value.size, "every map of the input is undefined")
+        _require(not isinstance(value, Undefined), f"value(x, x) is undefined: {value}")
         _close(value, np.full(np.shape(value), _best(metric)), "value(x, x)", atol=1e-6)
 
     def test_values_lie_in_the_declared_range(self, metric, inputs):
         x, y = inputs
         low, high = metric.info.value_range
         values = _defined(evaluate(metric, x, y))
-        assert values.size, "no defined value on live inputs"
+        _require(values.size, "no defined value on live inputs")
         slack = 1e-9 * max(1.0, float(np.abs(values).max()))
-        assert values.min() >= low - slack and values.max() <= high + slack, (
-            f"values in [{values.min()}, {values.max()}] outside {metric.info.value_range}")
+        _require(
+            values.min() >= low - slack and values.max() <= high + slack,
+            f"values in [{values.min()}, {values.max()}] outside {metric.info.value_range}",
+        )
 
     def test_declared_invariances_hold(self, metric, inputs):
         if not metric.info.invariances:
@@ -272,7 +288,8 @@ class MetricContract:
         moments = compute_moments(z, layers=layers if metric.needs_layer_norms else None)
         slices = [slice(a, b) for a, b in layers]
         table = metric.layers_from_moments(moments, slices, slices[::-1])
-        assert len(table) == 3 and all(len(line) == 3 for line in table)
+        _require(len(table) == 3 and all(len(line) == 3 for line in table),
+                 f"layers_from_moments gave a table of the wrong shape: {table}")
         for i, rows in enumerate(slices):
             for j, cols in enumerate(slices[::-1]):
                 _close(table[i][j], metric.from_moments(moments, rows, cols),
@@ -284,10 +301,12 @@ class MetricContract:
         x[:, 0] = 0.0  # a dead (all-zero) map
         if metric.info.granularity == "layer":
             for value in (evaluate(metric, x, y), evaluate(metric, np.zeros_like(x), y)):
-                assert isinstance(value, Undefined) or math.isfinite(value), (
-                    f"a layer metric returned {value!r}: give a number or mapsim.Undefined")
+                _require(
+                    isinstance(value, Undefined) or math.isfinite(value),
+                    f"a layer metric returned {value!r}: give a number or mapsim.Undefined",
+                )
                 if isinstance(value, Undefined):
-                    assert value.reason, "Undefined needs a reason"
+                    _require(value.reason, "Undefined needs a reason")
             return
         values = evaluate(metric, x, y)
         xf = torch.from_numpy(x[0].reshape(x.shape[1], -1)).float()
@@ -296,4 +315,4 @@ class MetricContract:
         dead = metric.dead(moments, 1e-10).cpu().numpy()
         allowed = dead[: len(xf), None] | dead[None, len(xf):]
         unexplained = np.isnan(values) & ~allowed
-        assert not unexplained.any(), "NaN for a pair of maps that dead() calls live"
+        _require(not unexplained.any(), "NaN for a pair of maps that dead() calls live")
