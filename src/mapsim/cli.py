@@ -7,9 +7,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-from mapsim.core.errors import MapsimError, SpecError
+from mapsim.core.errors import MapsimError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -105,45 +104,14 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_spec_from(arg: str, model: str | None) -> tuple[str, Any, Path]:
-    """Read MODEL_SPEC: a run spec file, a model spec file, or inline YAML/JSON."""
-    from mapsim.core.spec import parse_document, read_document, spec_model
-
-    path = Path(arg)
-    if path.suffix.lower() in (".yaml", ".yml", ".json", ".toml") and path.exists():
-        data, base = read_document(path), path.resolve().parent
-    else:
-        data, base = parse_document(arg, "yaml", "MODEL_SPEC"), Path.cwd()
-    if "models" in data:  # a whole run spec
-        models = data["models"]
-        if not isinstance(models, dict) or not models:
-            raise SpecError(f"{arg}: 'models' must be a non-empty mapping")
-        name = model or next(iter(models))
-        if name not in models:
-            from mapsim.core.errors import UnknownNameError
-
-            raise UnknownNameError("model", name, models)
-        data = models[name]
-    else:
-        name = model or "model"
-    ModelSpec = spec_model().model_fields["models"].annotation.__args__[1]
-    from pydantic import ValidationError
-
-    from mapsim.core.spec import format_validation_error
-
-    try:
-        return name, ModelSpec.model_validate(data), base
-    except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, arg, data)) from None
-
-
 def _cmd_layers(args: argparse.Namespace) -> int:
     from mapsim.core.extraction import describe_layers, format_layers
     from mapsim.core.models import build_from_spec
     from mapsim.core.plugins import load_registry
+    from mapsim.core.spec import read_model_spec
 
     registry = load_registry()
-    name, mspec, base = _model_spec_from(args.model_spec, args.model)
+    name, mspec, base = read_model_spec(args.model_spec, args.model, registry=registry)
     loaded = build_from_spec(name, mspec, registry, base)
     extractor = registry.create("extractor", mspec.extractor.name,
                                 mspec.extractor.model_dump(exclude={"name"}))

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from mapsim.core.errors import SpecError, closest_matches
+from mapsim.core.errors import SpecError, UnknownNameError, closest_matches
 from mapsim.core.plugins import Registry, load_registry
 
 if sys.version_info >= (3, 11):
@@ -423,3 +423,33 @@ def validate_spec(data: dict[str, Any], source: str = "<spec>",
 def load_spec(path: str | Path, registry: Registry | None = None) -> BaseModel:
     """Read and validate the run spec in ``path``."""
     return validate_spec(read_document(path), str(path), registry)
+
+
+def read_model_spec(arg: str, model: str | None = None, *, registry: Registry | None = None,
+                    base_dir: Path | None = None) -> tuple[str, Any, Path]:
+    """Read a MODEL_SPEC argument: a run spec file (its model ``model``, default the first), a
+    model spec file, or inline YAML/JSON such as ``'{architecture: {name: fcn, depth: 6}}'``.
+
+    Returns ``(name, validated model spec, base directory)``; the base is the file's folder,
+    else ``base_dir`` (default: the current directory). The name is ``model``, the run spec's
+    key, or ``"model"``.
+    """
+    path = Path(arg)
+    if path.suffix.lower() in (".yaml", ".yml", ".json", ".toml") and path.exists():
+        data, base = read_document(path), path.resolve().parent
+    else:
+        data, base = parse_document(arg, "yaml", "MODEL_SPEC"), base_dir or Path.cwd()
+    name = model
+    if "models" in data:  # a whole run spec
+        models = data["models"]
+        if not isinstance(models, dict) or not models:
+            raise SpecError(f"{arg}: 'models' must be a non-empty mapping")
+        name = model or next(iter(models))
+        if name not in models:
+            raise UnknownNameError("model", name, models)
+        data = models[name]
+    model_spec = spec_model(registry).model_fields["models"].annotation.__args__[1]
+    try:
+        return name or "model", model_spec.model_validate(data), base
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, arg, data)) from None

@@ -28,12 +28,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> tuple[str, Any, Any]:
     """(name, loaded model, extractor) from MODEL_SPEC, like `mapsim layers`."""
-    from mapsim.cli import _model_spec_from
     from mapsim.core.models import build_from_spec
     from mapsim.core.plugins import load_registry
+    from mapsim.core.spec import read_model_spec
 
     registry = load_registry()
-    name, mspec, base = _model_spec_from(args.model_spec, args.model)
+    name, mspec, base = read_model_spec(args.model_spec, args.model, registry=registry)
     loaded = build_from_spec(name, mspec, registry, base)
     extractor = registry.create("extractor", mspec.extractor.name,
                                 mspec.extractor.model_dump(exclude={"name"}))

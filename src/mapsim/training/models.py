@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from mapsim.core.errors import ModelError, SpecError, UnknownNameError
+from mapsim.core.errors import ModelError, SpecError
 from mapsim.core.models import (
     PRETRAINED_PREFIX,
     LoadedModel,
@@ -29,13 +27,7 @@ from mapsim.core.models import (
     pretrained_card,
 )
 from mapsim.core.plugins import Registry, load_registry
-from mapsim.core.spec import (
-    NAME_PATTERN,
-    format_validation_error,
-    parse_document,
-    read_document,
-    spec_model,
-)
+from mapsim.core.spec import NAME_PATTERN, read_model_spec
 from mapsim.training.checkpoint import read_card
 
 _NAMED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)=(.+)$", re.DOTALL)
@@ -56,10 +48,6 @@ class SegmentationModel:
     loaded: LoadedModel
     card: dict[str, Any] | None = None
     normalise: str = "zscore"
-
-
-def _model_spec_type(registry: Registry) -> Any:
-    return spec_model(registry).model_fields["models"].annotation.__args__[1]
 
 
 def _from_card(name: str, card: dict[str, Any], weights: str, registry: Registry,
@@ -121,24 +109,7 @@ def load_segmentation_model(arg: str, *, base_dir: str | Path = ".",
 
 def _from_model_spec(arg: str, name: str | None, base: Path,
                      registry: Registry) -> SegmentationModel:
-    path = Path(arg)
-    if path.suffix.lower() in (".yaml", ".yml", ".json", ".toml") and path.exists():
-        data, base = read_document(path), path.resolve().parent
-    else:
-        data = parse_document(arg, "yaml", "model spec")
-    if "models" in data:  # a whole run spec: its first model, or the one named
-        models = data["models"]
-        if not isinstance(models, dict) or not models:
-            raise SpecError(f"{arg}: 'models' must be a non-empty mapping")
-        key = name or next(iter(models))
-        if key not in models:
-            raise UnknownNameError("model", key, models)
-        data, name = models[key], key
-    try:
-        mspec = _model_spec_type(registry).model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, arg, data)) from None
-    name = name or "model"
+    name, mspec, base = read_model_spec(arg, name, registry=registry, base_dir=base)
     if re.match(NAME_PATTERN, name) is None:
         raise SpecError(f"model name {name!r}: use letters, digits, '_', '.' and '-' only")
     loaded = build_from_spec(name, mspec, registry, base)
