@@ -103,7 +103,8 @@ def host_only(args: argparse.Namespace, folder: Path, out: Path) -> list[str]:
     from mapsim.core.moments import compute_moments
     from mapsim.core.pipeline import make_sink
     from mapsim.core.results import ResultsWriter
-    from mapsim.core.runner import Runner, _write_part
+    from mapsim.core.results import append_bytes
+    from mapsim.core.runner import Runner, _format_part
     from mapsim.core.similarity import stack_maps
 
     s = spec(args, folder, 1)
@@ -118,7 +119,7 @@ def host_only(args: argparse.Namespace, folder: Path, out: Path) -> list[str]:
                  for a in runner.aggregators for t, k in a.summarise.items()}
     summaries["layer_similarity"] = aggregation.SummaryAccumulator(
         ("metric", "model_a", "layer_a", "model_b", "layer_b"))
-    background = make_sink(_write_part, args.images)
+    background = make_sink(_format_part, append_bytes, args.images)
 
     def sink(name: str, frame) -> None:
         if name in summaries:
@@ -154,6 +155,7 @@ def write_profile(profiler, path: Path) -> None:
     import pstats
 
     text = io.StringIO()
+    profiler.dump_stats(str(path) + ".pstats")
     stats = pstats.Stats(profiler, stream=text)
     stats.sort_stats("tottime").print_stats(45)
     stats.sort_stats("cumulative").print_stats(60)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import pytest
 
@@ -72,18 +74,22 @@ def test_background_sink_writes_in_order_and_reports_errors():
     assert written[:2] == [0, 1] and 3 not in written
 
 
-def _append_line(name, job):
+def _format_line(name, job):
     path, text = job
     if text == "boom":
         raise OSError("no space left")
-    with open(path, "a") as handle:
-        handle.write(text + "\n")
+    return path, (text + "\n").encode()
+
+
+def _append(path, data):
+    with open(path, "ab") as handle:
+        handle.write(data)
 
 
 def test_process_sink_writes_each_name_in_order_in_other_processes(tmp_path):
     from mapsim.core.pipeline import ProcessSink
 
-    sink = ProcessSink(_append_line, workers=2, depth=2)
+    sink = ProcessSink(_format_line, _append, workers=2, depth=2)
     for k in range(40):
         for name in ("a", "b", "c"):
             sink.put(name, (tmp_path / f"{name}.txt", f"{name}{k}"))
@@ -96,8 +102,40 @@ def test_process_sink_reports_a_failed_write(tmp_path):
     from mapsim.core.errors import OutputError
     from mapsim.core.pipeline import ProcessSink
 
-    sink = ProcessSink(_append_line, workers=1)
+    sink = ProcessSink(_format_line, _append, workers=1)
     sink.put("a", (tmp_path / "a.txt", "fine"))
     sink.put("a", (tmp_path / "a.txt", "boom"))
     with pytest.raises(OutputError, match="no space left"):
         sink.close()
+
+
+def _format_slowly(name, job):
+    path, text = job
+    if text.endswith("0"):  # some parts finish long after the ones queued behind them
+        time.sleep(0.05)
+    if text == "die":
+        os._exit(3)
+    return path, (text + "\n").encode()
+
+
+def test_process_sink_writes_parts_in_queue_order_when_formatted_out_of_order(tmp_path):
+    from mapsim.core.pipeline import ProcessSink
+
+    sink = ProcessSink(_format_slowly, _append, workers=3, depth=6)
+    for k in range(30):
+        sink.put("t", (tmp_path / "t.txt", f"{k}"))
+    sink.close()
+    assert (tmp_path / "t.txt").read_text().split() == [str(k) for k in range(30)]
+
+
+def test_process_sink_reports_a_writer_process_that_died(tmp_path):
+    from mapsim.core.errors import OutputError
+    from mapsim.core.pipeline import ProcessSink
+
+    sink = ProcessSink(_format_slowly, _append, workers=1, depth=1)
+    with pytest.raises(OutputError, match="stopped unexpectedly"):
+        sink.put("t", (tmp_path / "t.txt", "die"))
+        for k in range(3):  # the full queue notices the dead process
+            sink.put("t", (tmp_path / "t.txt", f"{k}"))
+        sink.close()
+    assert not (tmp_path / "t.txt").exists()

@@ -178,15 +178,15 @@ def test_run_with_writer_processes_equals_the_run_with_a_writer_thread(tmp_path,
     used = []
     original = pipeline.make_sink
 
-    def recording(write, n_items, min_items_for_processes=8):
-        sink = original(write, n_items, min_items_for_processes)
+    def recording(format_part, append, n_items, min_items_for_processes=8):
+        sink = original(format_part, append, n_items, min_items_for_processes)
         used.append(type(sink).__name__)
         return sink
 
     monkeypatch.setattr("mapsim.core.runner.make_sink", recording)
     run(spec(**data), out_dir=tmp_path / "procs", progress=False)
     monkeypatch.setattr("mapsim.core.runner.make_sink",
-                        lambda write, n: original(write, n, min_items_for_processes=10**9))
+                        lambda f, a, n: original(f, a, n, min_items_for_processes=10**9))
     run(spec(**data), out_dir=tmp_path / "thread", progress=False)
     assert used == ["ProcessSink"]
     for csv in sorted((tmp_path / "thread").rglob("*.csv")):

@@ -101,7 +101,19 @@ class ResultsWriter:
 
 def write_csv_part(path: Path, frame: pd.DataFrame, header: bool) -> None:
     """Append ``frame`` to the CSV file ``path`` (with the header when ``header``)."""
-    frame.to_csv(path, mode="a", header=header, index=False)
+    append_bytes(*format_csv_part(path, frame, header))
+
+
+def format_csv_part(path: Path, frame: pd.DataFrame, header: bool) -> tuple[Path, bytes]:
+    """What :func:`write_csv_part` appends to ``path``, as bytes (formatting and appending
+    can then run in different processes)."""
+    return path, frame.to_csv(header=header, index=False).encode("utf-8")
+
+
+def append_bytes(path: Path, data: bytes) -> None:
+    """Append ``data`` to the file ``path``."""
+    with open(path, "ab") as handle:
+        handle.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -22,7 +22,7 @@ from mapsim.core.extraction import resolve_layers
 from mapsim.core.images import roi_mask
 from mapsim.core.models import LoadedModel, build_from_spec
 from mapsim.core.moments import Moments, compute_moments
-from mapsim.core.pipeline import make_sink, prefetch
+from mapsim.core.pipeline import make_sink, prefetch, to_device
 from mapsim.core.plugin_api import Aggregator, Extractor, ImageItem, Metric
 from mapsim.core.plugins import Registry, load_registry
 from mapsim.core.streaming import Layout, can_stream, probe_layout, stream_group
@@ -33,6 +33,7 @@ from mapsim.core.similarity import (
     layer_similarity,
     layer_value,
     map_similarity,
+    map_values,
     stack_maps,
 )
 
@@ -203,7 +204,7 @@ class Runner:
 
     def _input(self, item: ImageItem) -> torch.Tensor:
         """The image as a (1, C, H, W) tensor on the device, checked against every model."""
-        image = torch.from_numpy(np.ascontiguousarray(item.image)).to(self.device)[None]
+        image = to_device(torch.from_numpy(np.ascontiguousarray(item.image)), self.device)[None]
         for name, model in self.models.items():
             expected = model.loaded.in_channels
             if expected is not None and image.shape[1] != expected:
@@ -227,12 +228,17 @@ class Runner:
 
     def similarities(self, image_id: str, stack: MapStack, moments: Moments,
                      group_models: list[str], sink: Callable[[str, pd.DataFrame], None],
-                     metrics: list[Metric] | None = None) -> None:
-        """Every metric (default: all of the spec's) and aggregator for one stacked group."""
+                     metrics: list[Metric] | None = None, ahead: dict | None = None) -> None:
+        """Every metric (default: all of the spec's) and aggregator for one stacked group.
+
+        ``ahead`` holds values computed beforehand by :meth:`_values_ahead`.
+        """
         engine = self.spec.engine
+        ahead = ahead or {}
         for metric in self.metrics if metrics is None else metrics:
             if metric.accumulates:  # served by update() and finish()
                 continue
+            dead = ahead.get((id(metric), "dead"))
             for a, b in self.comparisons:
                 if a not in group_models:
                     continue
@@ -241,14 +247,16 @@ class Runner:
                     sink("layer_similarity", _layer_frame(image_id, values))
                     continue
                 sim = map_similarity(metric, stack, moments, a, b,
-                                     dead_policy=engine.dead_maps, dead_std=engine.dead_std)
+                                     dead_policy=engine.dead_maps, dead_std=engine.dead_std,
+                                     values=ahead.get((id(metric), a, b)), dead=dead)
                 directions = [sim]
                 if a != b:  # inter-network: keep both directions
                     directions.append(
                         sim.transposed() if metric.info.symmetric
                         else map_similarity(metric, stack, moments, b, a,
                                             dead_policy=engine.dead_maps,
-                                            dead_std=engine.dead_std)
+                                            dead_std=engine.dead_std,
+                                            values=ahead.get((id(metric), b, a)), dead=dead)
                     )
                 for direction in directions:
                     self._aggregate(image_id, direction, sink)
@@ -336,20 +344,47 @@ class Runner:
         del acts
 
     def _emit(self, image_id: str, index: int, models: list[str], stack: MapStack,
-              moments: Moments, sink: Callable[[str, pd.DataFrame], None]) -> None:
-        """Dead-map counts, metrics and tables of one group, and the pooled moments."""
+              moments: Moments, sink: Callable[[str, pd.DataFrame], None],
+              ahead: dict | None = None, pool: bool = True) -> None:
+        """Dead-map counts, metrics and tables of one group, and (``pool``) the pooled
+        moments."""
         start = time.perf_counter()
         nested = self.timings["aggregate"]
         sink("dead_maps", self._count_dead(image_id, stack, moments))
-        self.similarities(image_id, stack, moments, models, sink)
+        self.similarities(image_id, stack, moments, models, sink, ahead=ahead)
         # similarity time without the aggregation done inside it (writing is in its thread)
         nested = self.timings["aggregate"] - nested
         self.timings["similarity"] += time.perf_counter() - start - nested
-        if self.spec.engine.pooled:
-            previous = self.pooled.get(index)
-            self.pooled[index] = moments if previous is None else previous.merge(moments)
-            if index not in self.pooled_stacks:  # blocks only; no pixel data kept
-                self.pooled_stacks[index] = MapStack(stack.z[:, :0], stack.blocks)
+        if pool:
+            self._pool(index, stack, moments)
+
+    def _pool(self, index: int, stack: MapStack, moments: Moments) -> None:
+        """Merge one image's moments into the pooled moments of its group."""
+        if not self.spec.engine.pooled:
+            return
+        previous = self.pooled.get(index)
+        self.pooled[index] = moments if previous is None else previous.merge(moments)
+        if index not in self.pooled_stacks:  # blocks only; no pixel data kept
+            self.pooled_stacks[index] = MapStack(stack.z[:, :0], stack.blocks)
+
+    def _values_ahead(self, models: list[str], stack: MapStack, moments: Moments) -> dict:
+        """Every map metric's values and dead-map flags for one group, computed where the
+        moments are and copied to the host without waiting (on a GPU: queued behind the
+        forward pass; valid once the image's event has completed). Keys: (id(metric),
+        model a, model b) and (id(metric), "dead")."""
+        ahead: dict = {}
+        dead_std = self.spec.engine.dead_std
+        for metric in self.metrics:
+            if metric.accumulates or metric.info.granularity != "map":
+                continue
+            ahead[(id(metric), "dead")] = _to_host(metric.dead(moments, dead_std))
+            for a, b in self.comparisons:
+                if a not in models:
+                    continue
+                directions = [(a, b)] if a == b or metric.info.symmetric else [(a, b), (b, a)]
+                for x, y in directions:
+                    ahead[(id(metric), x, y)] = _to_host(map_values(metric, stack, moments, x, y))
+        return ahead
 
     @property
     def streamable(self) -> bool:
@@ -389,10 +424,11 @@ class Runner:
             if out is None:
                 return None
             stack, moments, self.builders[index] = out
-            host = Moments(moments.n, moments.mean.to("cpu", non_blocking=True),
-                           moments.comoment.to("cpu", non_blocking=True))
+            ahead = self._values_ahead(models, stack, moments)
+            host = Moments(moments.n, _to_host(moments.mean), _to_host(moments.comoment))
+            self._pool(index, stack, moments)  # on the device, queued like the rest
             done.append((index, models, MapStack(torch.empty(stack.z.shape[0], 0),
-                                                 stack.blocks), host))
+                                                 stack.blocks), host, ahead))
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
@@ -411,8 +447,8 @@ class Runner:
             # threads: a pool of many threads there costs more in waiting than it saves
             torch.set_num_threads(1)
         try:
-            for index, models, stack, moments in done:
-                self._emit(image_id, index, models, stack, moments, sink)
+            for index, models, stack, moments, ahead in done:
+                self._emit(image_id, index, models, stack, moments, sink, ahead, pool=False)
         finally:
             torch.set_num_threads(threads)
 
@@ -441,10 +477,17 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
 
-def _write_part(name: str, job: tuple) -> None:
-    from mapsim.core.results import write_csv_part
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy that does not wait for the device (pinned memory; valid once the work
+    queued before it is done)."""
+    return tensor.to("cpu", non_blocking=True)
 
-    write_csv_part(*job)
+
+def _format_part(name: str, job: tuple) -> tuple[Path, bytes]:
+    """A table part as CSV bytes (in a writer process): ``job`` is ``(path, frame, header)``."""
+    from mapsim.core.results import format_csv_part
+
+    return format_csv_part(*job)
 
 
 def _with_image(frame: pd.DataFrame, image_id: str) -> pd.DataFrame:
@@ -467,7 +510,7 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
     Relative paths inside the spec resolve against ``base_dir`` (the spec file's folder);
     ``out_dir`` defaults to the spec's ``output.dir``, else ``results/<name>``.
     """
-    from mapsim.core.results import ResultsWriter
+    from mapsim.core.results import ResultsWriter, append_bytes
 
     started = time.perf_counter()
     base_dir = Path(base_dir)
@@ -490,7 +533,7 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
 
         # images are read ahead in a thread; CSV parts are written behind, in writer
         # processes (or a thread), in order per table
-        background = make_sink(_write_part, len(dataset))
+        background = make_sink(_format_part, append_bytes, len(dataset))
 
         def sink(name: str, frame: pd.DataFrame) -> None:
             t = time.perf_counter()

@@ -202,14 +202,27 @@ def apply_dead_policy(
     if not bool(dead_a.any() | dead_b.any()):  # nothing to mark: no copy
         return values
     values = values.clone()
-    one_dead = dead_a[:, None] | dead_b[None, :]
-    if policy == "exclude":
-        values[one_dead] = torch.nan
-    else:
-        both_dead = dead_a[:, None] & dead_b[None, :]
-        values[one_dead] = fill[1]
-        values[both_dead] = fill[0]
+    one_dead = torch.nan if policy == "exclude" else fill[1]
+    values[dead_a, :] = one_dead  # whole rows and columns: no (C_A x C_B) mask is built
+    values[:, dead_b] = one_dead
+    if policy == "original":
+        values[torch.nonzero(dead_a)[:, 0, None], torch.nonzero(dead_b)[:, 0]] = fill[0]
     return values
+
+
+def map_values(metric: Metric, stack: MapStack, moments: Moments, model_a: str,
+               model_b: str) -> torch.Tensor:
+    """The raw (C_A x C_B) float64 values of a map-granularity metric, where the moments are.
+
+    Nothing is checked here, so on a GPU the built-in metrics queue their work without
+    waiting for it (:func:`map_similarity` checks the values on the host).
+    """
+    rows, cols = stack.rows(model_a), stack.rows(model_b)
+    if metric.uses_moments:
+        values = metric.from_moments(moments, rows, cols)
+    else:
+        values = metric.from_maps(stack.z[rows], stack.z[cols])
+    return values.to(torch.float64)
 
 
 def map_similarity(
@@ -221,35 +234,42 @@ def map_similarity(
     *,
     dead_policy: str = "exclude",
     dead_std: float = 1e-10,
+    values: torch.Tensor | None = None,
+    dead: torch.Tensor | None = None,
 ) -> SimilarityMatrix:
-    """The (C_A x C_B) matrix of a map-granularity metric between two models of a stack."""
+    """The (C_A x C_B) matrix of a map-granularity metric between two models of a stack.
+
+    ``values`` (from :func:`map_values`) and ``dead`` (``metric.dead(moments, dead_std)``)
+    may be given when they were computed ahead, e.g. on a GPU while the host was busy.
+    """
     rows, cols = stack.rows(model_a), stack.rows(model_b)
-    if metric.uses_moments:
-        values = metric.from_moments(moments, rows, cols)
-    else:
-        values = metric.from_maps(stack.z[rows], stack.z[cols])
-    values = values.to(torch.float64)
-    dead = metric.dead(moments, dead_std)
+    if values is None:
+        values = map_values(metric, stack, moments, model_a, model_b)
+    if dead is None:
+        dead = metric.dead(moments, dead_std)
+    values, dead = values.cpu(), dead.cpu()
     dead_a, dead_b = dead[rows], dead[cols]
     undefined = torch.isnan(values)
-    if bool(dead_a.any() | dead_b.any()):
-        undefined &= ~(dead_a[:, None] | dead_b[None, :])
     if bool(undefined.any()):
-        i, j = (int(k) for k in torch.nonzero(undefined)[0])
-        raise MapsimError(
-            f"metric {metric.name!r} returned an undefined value (NaN) for live maps "
-            f"{model_a} map {i} and {model_b} map {j}; this is a bug in the metric plugin."
-        )
+        live = undefined[~dead_a][:, ~dead_b]
+        if bool(live.any()):
+            i, j = (int(k) for k in torch.nonzero(live)[0])
+            i = int(torch.nonzero(~dead_a)[i])
+            j = int(torch.nonzero(~dead_b)[j])
+            raise MapsimError(
+                f"metric {metric.name!r} returned an undefined value (NaN) for live maps "
+                f"{model_a} map {i} and {model_b} map {j}; this is a bug in the metric plugin."
+            )
     values = apply_dead_policy(values, dead_a, dead_b, dead_policy, metric.dead_fill)
     return SimilarityMatrix(
         metric=metric.label,
         model_a=model_a,
         model_b=model_b,
-        values=values.cpu().numpy(),
+        values=values.numpy(),
         blocks_a=stack.blocks_of(model_a),
         blocks_b=stack.blocks_of(model_b),
-        dead_a=dead_a.cpu().numpy(),
-        dead_b=dead_b.cpu().numpy(),
+        dead_a=dead_a.numpy(),
+        dead_b=dead_b.numpy(),
         higher_is_more_similar=metric.info.higher_is_more_similar,
     )
 

@@ -21,6 +21,7 @@ import torch
 
 from mapsim.core.errors import ExtractionError
 from mapsim.core.moments import Moments, MomentsBuilder
+from mapsim.core.pipeline import to_device
 from mapsim.core.similarity import Block, MapStack
 
 
@@ -109,7 +110,7 @@ def stream_group(
                                                                              chunk_pixels))
     builder.reset()
     expected = iter(layout.blocks)
-    flat_mask = None if mask is None else mask.reshape(-1).to(device)
+    flat_mask = None if mask is None else to_device(mask.reshape(-1), torch.device(device))
 
     for model in dict.fromkeys(b.model for b in layout.blocks):
         by_path = labels[model]
