@@ -97,14 +97,12 @@ def one_run(args: argparse.Namespace, folder: Path, n: int, out: Path) -> dict:
 
 def host_only(args: argparse.Namespace, folder: Path, out: Path) -> list[str]:
     """The per-image host work of the GPU fast path, alone: one image's moments are computed
-    once, then metrics, tables, summaries and queueing to the writer processes are timed per
-    image with one torch thread (as :meth:`Runner._complete` runs them beside the device)."""
-    from mapsim.core import aggregation
+    once, then the metrics and the queueing of tables to the worker processes are timed per
+    image with one torch thread (as :meth:`Runner._complete` runs them beside the device),
+    and the time until the workers have written everything."""
     from mapsim.core.moments import compute_moments
-    from mapsim.core.pipeline import make_sink
     from mapsim.core.results import ResultsWriter
-    from mapsim.core.results import append_bytes
-    from mapsim.core.runner import Runner, _format_part
+    from mapsim.core.runner import Runner, summary_accumulators, table_sink
     from mapsim.core.similarity import stack_maps
 
     s = spec(args, folder, 1)
@@ -115,18 +113,7 @@ def host_only(args: argparse.Namespace, folder: Path, out: Path) -> list[str]:
     moments = compute_moments(stack.z, layers=[(b.start, b.stop) for b in stack.blocks])
     stack.z = stack.z[:, :0]  # the fast path keeps no pixels on the host
     writer = ResultsWriter(out, overwrite=True)
-    summaries = {t: aggregation.SummaryAccumulator(k)
-                 for a in runner.aggregators for t, k in a.summarise.items()}
-    summaries["layer_similarity"] = aggregation.SummaryAccumulator(
-        ("metric", "model_a", "layer_a", "model_b", "layer_b"))
-    background = make_sink(_format_part, append_bytes, args.images)
-
-    def sink(name: str, frame) -> None:
-        if name in summaries:
-            summaries[name].add(frame, skip=("image",))
-        job = writer.append_job(name, frame)
-        if job is not None:
-            background.put(name, job)
+    sink = table_sink(runner, writer, summary_accumulators(runner.aggregators), args.images)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -136,7 +123,7 @@ def host_only(args: argparse.Namespace, folder: Path, out: Path) -> list[str]:
         for k in range(args.images):
             runner._emit(f"img-{k:04d}", 0, models, stack, moments, sink)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        background.close()
+        sink.close()
         total = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)

@@ -54,88 +54,94 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops():
 
 def test_background_sink_writes_in_order_and_reports_errors():
     written = []
-    sink = BackgroundSink(lambda name, frame: written.append((name, frame)), depth=2)
+    sink = BackgroundSink(lambda job: job * 10, written.append, depth=2)
     for k in range(50):
-        sink.put("t", k)
+        sink.put(k)
     sink.close()
-    assert written == [("t", k) for k in range(50)]
+    assert written == [10 * k for k in range(50)]
 
-    def failing(name, frame):
-        if frame == 2:
+    def failing(job):
+        if job == 2:
             raise OSError("disk full")
-        written.append(frame)
+        return job
 
     written.clear()
-    sink = BackgroundSink(failing)
+    sink = BackgroundSink(failing, written.append)
     with pytest.raises(OSError, match="disk full"):
         for k in range(5):
-            sink.put("t", k)
+            sink.put(k)
         sink.close()
     assert written[:2] == [0, 1] and 3 not in written
 
 
-def _format_line(name, job):
+def _line(job):
     path, text = job
+    if text.endswith("0"):  # some jobs finish long after the ones queued behind them
+        time.sleep(0.05)
     if text == "boom":
         raise OSError("no space left")
-    return path, (text + "\n").encode()
-
-
-def _append(path, data):
-    with open(path, "ab") as handle:
-        handle.write(data)
-
-
-def test_process_sink_writes_each_name_in_order_in_other_processes(tmp_path):
-    from mapsim.core.pipeline import ProcessSink
-
-    sink = ProcessSink(_format_line, _append, workers=2, depth=2)
-    for k in range(40):
-        for name in ("a", "b", "c"):
-            sink.put(name, (tmp_path / f"{name}.txt", f"{name}{k}"))
-    sink.close()
-    for name in ("a", "b", "c"):
-        assert (tmp_path / f"{name}.txt").read_text().split() == [f"{name}{k}" for k in range(40)]
-
-
-def test_process_sink_reports_a_failed_write(tmp_path):
-    from mapsim.core.errors import OutputError
-    from mapsim.core.pipeline import ProcessSink
-
-    sink = ProcessSink(_format_line, _append, workers=1)
-    sink.put("a", (tmp_path / "a.txt", "fine"))
-    sink.put("a", (tmp_path / "a.txt", "boom"))
-    with pytest.raises(OutputError, match="no space left"):
-        sink.close()
-
-
-def _format_slowly(name, job):
-    path, text = job
-    if text.endswith("0"):  # some parts finish long after the ones queued behind them
-        time.sleep(0.05)
     if text == "die":
         os._exit(3)
     return path, (text + "\n").encode()
 
 
-def test_process_sink_writes_parts_in_queue_order_when_formatted_out_of_order(tmp_path):
+def _append(result):
+    path, data = result
+    with open(path, "ab") as handle:
+        handle.write(data)
+
+
+def test_process_sink_delivers_in_queue_order_when_jobs_finish_out_of_order(tmp_path):
     from mapsim.core.pipeline import ProcessSink
 
-    sink = ProcessSink(_format_slowly, _append, workers=3, depth=6)
-    for k in range(30):
-        sink.put("t", (tmp_path / "t.txt", f"{k}"))
+    sink = ProcessSink(_line, _append, workers=3, depth=6)
+    for k in range(40):
+        for name in ("a", "b", "c"):
+            sink.put((tmp_path / f"{name}.txt", f"{name}{k}"))
     sink.close()
-    assert (tmp_path / "t.txt").read_text().split() == [str(k) for k in range(30)]
+    for name in ("a", "b", "c"):
+        assert (tmp_path / f"{name}.txt").read_text().split() == [f"{name}{k}" for k in range(40)]
 
 
-def test_process_sink_reports_a_writer_process_that_died(tmp_path):
+def test_process_sink_raises_the_error_of_a_job_and_writes_nothing_after_it(tmp_path):
+    from mapsim.core.pipeline import ProcessSink
+
+    sink = ProcessSink(_line, _append, workers=2)
+    sink.put((tmp_path / "a.txt", "fine"))
+    sink.put((tmp_path / "a.txt", "boom"))
+    sink.put((tmp_path / "a.txt", "late"))
+    with pytest.raises(OSError, match="no space left"):
+        sink.close()
+    assert (tmp_path / "a.txt").read_text().split() == ["fine"]
+
+
+class _Unpicklable(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+
+
+def _unpicklable(job):
+    raise _Unpicklable(1, 2)
+
+
+def test_process_sink_reports_an_error_that_cannot_be_pickled(tmp_path):
     from mapsim.core.errors import OutputError
     from mapsim.core.pipeline import ProcessSink
 
-    sink = ProcessSink(_format_slowly, _append, workers=1, depth=1)
+    sink = ProcessSink(_unpicklable, _append, workers=1)
+    sink.put("x")
+    with pytest.raises(OutputError, match="_Unpicklable: 1 and 2"):
+        sink.close()
+
+
+def test_process_sink_reports_a_worker_process_that_died(tmp_path):
+    from mapsim.core.errors import OutputError
+    from mapsim.core.pipeline import ProcessSink
+
+    sink = ProcessSink(_line, _append, workers=1, depth=1)
     with pytest.raises(OutputError, match="stopped unexpectedly"):
-        sink.put("t", (tmp_path / "t.txt", "die"))
+        sink.put((tmp_path / "t.txt", "die"))
         for k in range(3):  # the full queue notices the dead process
-            sink.put("t", (tmp_path / "t.txt", f"{k}"))
+            sink.put((tmp_path / "t.txt", f"{k}"))
         sink.close()
     assert not (tmp_path / "t.txt").exists()

@@ -57,12 +57,13 @@ def test_compute_moments_blocks_agree_with_float64(rng, block_rows):
     assert np.abs(m.comoment.numpy() - ref).max() <= RELATIVE * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("block_rows,f64", [(None, False), (8, False), (64, False), (None, True),
-                                           (8, True)])
-def test_builder_matches_float64_and_is_reusable(rng, block_rows, f64):
+@pytest.mark.parametrize("block_rows,f64,pixel_major", [
+    (None, False, False), (8, False, False), (64, False, False), (None, True, False),
+    (8, True, False), (None, False, True), (8, False, True), (8, True, True)])
+def test_builder_matches_float64_and_is_reusable(rng, block_rows, f64, pixel_major):
     # 1600 pixels in chunks of 500: the last chunk is zero-padded
     builder = MomentsBuilder(37, 1600, "cpu", chunk_pixels=500, block_rows=block_rows,
-                             float64_products=f64)
+                             float64_products=f64, pixel_major=pixel_major)
     for trial in range(2):  # the second image reuses the buffers
         z = maps(rng)
         builder.reset()
@@ -178,8 +179,8 @@ def test_run_with_writer_processes_equals_the_run_with_a_writer_thread(tmp_path,
     used = []
     original = pipeline.make_sink
 
-    def recording(format_part, append, n_items, min_items_for_processes=8):
-        sink = original(format_part, append, n_items, min_items_for_processes)
+    def recording(work, deliver, n_items, min_items_for_processes=8):
+        sink = original(work, deliver, n_items, min_items_for_processes)
         used.append(type(sink).__name__)
         return sink
 
@@ -194,8 +195,9 @@ def test_run_with_writer_processes_equals_the_run_with_a_writer_thread(tmp_path,
                                    ).read_text(), csv.name
 
 
-@pytest.mark.parametrize("block_rows", [None, 4])
-def test_builder_is_exact_for_maps_that_change_level_between_chunks(rng, block_rows):
+@pytest.mark.parametrize("block_rows,pixel_major", [(None, False), (4, False), (4, True)])
+def test_builder_is_exact_for_maps_that_change_level_between_chunks(rng, block_rows,
+                                                                     pixel_major):
     # Each chunk is centred on its own mean before the float32 product; the levels taken out
     # (here 1000 + a different step per chunk, with small noise on top) come back exactly.
     n_maps, n_pixels, step = 9, 1000, 128  # 7 whole chunks and a padded one of 104
@@ -203,7 +205,8 @@ def test_builder_is_exact_for_maps_that_change_level_between_chunks(rng, block_r
     z = (levels + 0.01 * rng.standard_normal((n_maps, n_pixels))).astype(np.float32)
     z[3] = 0.0
     z[3, 7] = 1e-3  # a map that is zero almost everywhere
-    builder = MomentsBuilder(n_maps, n_pixels, "cpu", chunk_pixels=step, block_rows=block_rows)
+    builder = MomentsBuilder(n_maps, n_pixels, "cpu", chunk_pixels=step, block_rows=block_rows,
+                             pixel_major=pixel_major)
     builder.add(torch.from_numpy(z[:5]))
     builder.add(torch.from_numpy(z[5:]))
     m = builder.finish()
@@ -213,3 +216,20 @@ def test_builder_is_exact_for_maps_that_change_level_between_chunks(rng, block_r
                                                   np.diag(m.comoment.numpy())))
     r_ref = ref / np.sqrt(np.outer(np.diag(ref), np.diag(ref)))
     assert np.abs(r_got - r_ref).max() < 1e-6
+
+
+@pytest.mark.parametrize("pixel_major", [False, True])
+def test_builder_takes_channels_last_maps(rng, pixel_major):
+    # on GPUs the runner's activations are channels-last: (C, P) views with strides (1, C)
+    n_maps, height, width = 12, 30, 41
+    maps4 = torch.from_numpy(rng.standard_normal((1, n_maps, height, width)).astype(np.float32))
+    strided = maps4.to(memory_format=torch.channels_last)[0].reshape(n_maps, -1)
+    assert strided.stride() == (1, n_maps)
+    builder = MomentsBuilder(n_maps, height * width, "cpu", chunk_pixels=256, block_rows=5,
+                             pixel_major=pixel_major)
+    builder.add(strided[:7])
+    builder.add(strided[7:])
+    m = builder.finish()
+    mean, ref = centred64(maps4[0].reshape(n_maps, -1).numpy())
+    np.testing.assert_allclose(m.mean.numpy(), mean, rtol=1e-12, atol=1e-9)
+    assert np.abs(m.comoment.numpy() - ref).max() <= RELATIVE * np.abs(ref).max()

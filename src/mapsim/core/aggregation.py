@@ -84,21 +84,34 @@ def partners(sim: SimilarityMatrix, best: bool = True) -> pd.DataFrame:
     if not has_all.all():
         map_b[~has_all] = pd.NA
         dead_b[~has_all] = pd.NA
-    layers_b = np.array([bb.layer for bb in sim.blocks_b], dtype=object)
+    n_rows = len(has_all)
     return pd.DataFrame({
-        "metric": sim.metric,
-        "model_a": sim.model_a,
-        "layer_a": np.repeat(np.array([ba.layer for ba in sim.blocks_a], dtype=object),
-                             [ba.n_maps * n_b for ba in sim.blocks_a]),
+        "metric": constant_column(sim.metric, n_rows),
+        "model_a": constant_column(sim.model_a, n_rows),
+        "layer_a": pd.Categorical.from_codes(
+            np.repeat(np.arange(len(sim.blocks_a)), [ba.n_maps * n_b for ba in sim.blocks_a]),
+            categories=[ba.layer for ba in sim.blocks_a]),
         "map_a": np.concatenate([np.tile(np.arange(ba.n_maps), n_b) for ba in sim.blocks_a]),
-        "model_b": sim.model_b,
-        "layer_b": np.concatenate([np.repeat(layers_b, ba.n_maps) for ba in sim.blocks_a]),
+        "model_b": constant_column(sim.model_b, n_rows),
+        "layer_b": pd.Categorical.from_codes(
+            np.concatenate([np.repeat(np.arange(n_b), ba.n_maps) for ba in sim.blocks_a]),
+            categories=[bb.layer for bb in sim.blocks_b]),
         "map_b": map_b,
         "value": order(value_b),
         "dead_a": np.concatenate([np.tile(sim.dead_a[ba.start:ba.stop], n_b)
                                   for ba in sim.blocks_a]),
         "dead_b": dead_b,
     })
+
+
+def constant_column(value: str, n_rows: int) -> pd.Categorical:
+    """``n_rows`` copies of one string, as a categorical column.
+
+    Names repeat on every row of the large tables; as categories they are stored once, which
+    makes the tables cheap to build, to group and to hand to the writer processes (pickling
+    a column of strings is slow, notably when pandas keeps strings in pyarrow arrays).
+    """
+    return pd.Categorical.from_codes(np.zeros(n_rows, dtype=np.int8), categories=[value])
 
 
 def passes(values: pd.Series, threshold: float, higher_is_more_similar: bool) -> pd.Series:
@@ -112,11 +125,16 @@ def group_codes(frame: pd.DataFrame, keys: Sequence[str]) -> np.ndarray:
     ``groupby(keys, sort=False).ngroup()``), from one factorisation per column."""
     codes = np.zeros(len(frame), dtype=np.int64)
     for key in keys:
-        values = frame[key].to_numpy()
-        if len(values) and (values == values[0]).all():  # e.g. one metric: nothing to split
-            continue
-        column, uniques = pd.factorize(values, sort=False, use_na_sentinel=False)
-        codes = codes * len(uniques) + column
+        series = frame[key]
+        if isinstance(series.dtype, pd.CategoricalDtype):  # codes as they are (-1: missing)
+            column, size = series.cat.codes.to_numpy() + 1, len(series.cat.categories) + 1
+        else:
+            values = series.to_numpy()
+            if len(values) and (values == values[0]).all():  # e.g. one metric: no split
+                continue
+            column, uniques = pd.factorize(values, sort=False, use_na_sentinel=False)
+            size = len(uniques)
+        codes = codes * size + column
     return pd.factorize(codes, sort=False)[0]
 
 

@@ -331,12 +331,16 @@ class MomentsBuilder:
     :class:`Moments` as :func:`compute_moments` on the stacked maps (same precision policy:
     float32 chunk products with TF32 off, float64 accumulation). ``float64_products`` converts
     the centred chunks to float64 before multiplying (more exact; as fast as float32 only on
-    GPUs with fast float64, such as the H100).
+    GPUs with fast float64, such as the H100). ``pixel_major`` stores each chunk as
+    ``(chunk pixels, n_maps)`` instead: the memory order of channels-last activations (what
+    the runner uses on GPUs), so that writing a layer into the buffer reads and writes
+    contiguous runs of maps instead of transposing; the products read the same chunks as
+    transposed matrices, at no cost.
     """
 
     def __init__(self, n_maps: int, n_pixels: int, device: torch.device | str,
                  chunk_pixels: int | None = None, block_rows: int | None = None,
-                 float64_products: bool = False) -> None:
+                 float64_products: bool = False, pixel_major: bool = False) -> None:
         if n_pixels <= 0:
             raise ValueError("cannot compute moments over zero pixels")
         self.n_maps = n_maps
@@ -345,8 +349,10 @@ class MomentsBuilder:
         self.block_rows = block_rows
         self.float64_products = float64_products
         self.n_chunks = -(-n_pixels // self.step)
-        self.buffer = torch.zeros(self.n_chunks, n_maps, self.step, dtype=torch.float32,
-                                  device=device)
+        self.pixel_major = pixel_major
+        shape = (self.n_chunks, self.step, n_maps) if pixel_major else (
+            self.n_chunks, n_maps, self.step)
+        self.buffer = torch.zeros(shape, dtype=torch.float32, device=device)
         self.mean = torch.zeros(n_maps, dtype=torch.float64, device=device)
         #: pixels per chunk, (1, chunks); the last chunk may be shorter (zero-padded buffer)
         self.counts = torch.full((1, self.n_chunks), float(self.step), dtype=torch.float64,
@@ -363,9 +369,16 @@ class MomentsBuilder:
         """Start a new set of maps (the buffers are reused)."""
         self.filled = 0
 
+    def _chunks(self, chunks: slice, rows: slice) -> torch.Tensor:
+        """The (chunks, rows, step) view of the buffer (strided, never a copy)."""
+        if self.pixel_major:
+            return self.buffer[chunks, :, rows].transpose(1, 2)
+        return self.buffer[chunks, rows]
+
     def _gram(self, rows: slice, cols: slice) -> torch.Tensor:
-        chunks = self.buffer[:, rows]  # (chunks, rows, step): a strided batch, no copy
-        others = self.buffer[:, cols]
+        every = slice(0, self.n_chunks)
+        chunks = self._chunks(every, rows)  # a strided batch of matrices, no copy
+        others = self._chunks(every, cols)
         if not self.float64_products:
             with exact_float32_matmul():
                 return torch.bmm(chunks, others.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
@@ -395,17 +408,24 @@ class MomentsBuilder:
         sums = torch.zeros(maps.shape[0], self.n_chunks, dtype=torch.float64, device=maps.device)
         if whole:
             source = maps[:, :whole * self.step].unflatten(1, (whole, self.step))
-            sums[:, :whole] = row_sums(source, dims=(2,))
+            if maps.stride(0) == 1 and maps.stride(1) != 1:
+                # pixel-major maps (channels-last activations): the same sums, 4x faster on
+                # an H100 when the reduction is laid out along whole rows of maps
+                pixels = maps.T[:whole * self.step].unflatten(0, (whole, self.step))
+                sums[:, :whole] = pixels.sum(dim=1, dtype=torch.float64).T
+            else:
+                sums[:, :whole] = row_sums(source, dims=(2,))
         if whole < self.n_chunks:
             sums[:, whole] = row_sums(maps[:, whole * self.step:])
         chunk_mean = sums / self.counts
         chunk_mean32 = chunk_mean.to(torch.float32)
         if whole:
             torch.sub(source.transpose(0, 1), chunk_mean32[:, :whole].T.unsqueeze(2),
-                      out=self.buffer[:whole, rows])
+                      out=self._chunks(slice(0, whole), rows))
         if whole < self.n_chunks:
             tail = maps[:, whole * self.step:]
-            torch.sub(tail, chunk_mean32[:, whole:], out=self.buffer[whole, rows, :tail.shape[1]])
+            torch.sub(tail, chunk_mean32[:, whole:],
+                      out=self._chunks(slice(whole, whole + 1), rows)[0, :, :tail.shape[1]])
         mean = sums.sum(dim=1) / self.n_pixels
         self.mean[rows] = mean
         rounded = chunk_mean32.to(torch.float64)

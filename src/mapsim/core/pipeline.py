@@ -1,9 +1,9 @@
-"""Overlap for a run: images read ahead in a thread, tables written behind in a thread or in
-forked writer processes.
+"""Overlap for a run: images read ahead in a thread; tables built and written behind, in
+forked worker processes (or a thread).
 
 Both keep the order of their items and hand any exception back to the caller: a failure while
 reading an image is raised where that image would have been returned, and a failure while
-writing is raised at the next :meth:`BackgroundSink.put` or at :meth:`BackgroundSink.close`.
+building or writing tables is raised at the next ``put`` or at ``close`` of the sink.
 Queues are bounded, so memory stays flat however many images a run has.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import queue
 import threading
 import warnings
@@ -79,10 +80,12 @@ def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
 
 
 class BackgroundSink:
-    """Calls ``write(name, frame)`` for each :meth:`put`, in order, in one background thread."""
+    """Runs ``deliver(work(job))`` for each :meth:`put`, in order, in one background thread."""
 
-    def __init__(self, write: Callable[[str, Any], None], depth: int = 64) -> None:
-        self._write = write
+    def __init__(self, work: Callable[[Any], Any], deliver: Callable[[Any], None],
+                 depth: int = 64) -> None:
+        self._work = work
+        self._deliver = deliver
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="mapsim-writer", daemon=True)
@@ -95,7 +98,7 @@ class BackgroundSink:
                 return
             if self._error is None:
                 try:
-                    self._write(*job)
+                    self._deliver(self._work(job))
                 except BaseException as exc:  # raised in the caller's thread
                     self._error = exc
 
@@ -104,35 +107,44 @@ class BackgroundSink:
             error, self._error = self._error, None
             raise error
 
-    def put(self, name: str, frame: Any) -> None:
-        """Queue one table part for writing (blocks while the queue is full)."""
+    def put(self, job: Any) -> None:
+        """Queue one job (blocks while the queue is full)."""
         self._raise()
-        self._queue.put((name, frame))
+        self._queue.put(job)
 
     def close(self) -> None:
-        """Wait until everything queued is written; raise the first write error, if any."""
+        """Wait until every job is done; raise the first error, if any."""
         self._queue.put(_DONE)
         self._thread.join()
         self._raise()
 
 
-def _format_worker(format_part: Callable[[str, Any], tuple[Any, bytes]], jobs: Any,
-                   done: Any) -> None:
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling (to be raised in the parent as it is), else an
+    :class:`OutputError` with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any failure to pickle
+        return OutputError(f"writing the results failed: {type(exc).__name__}: {exc}")
+
+
+def _worker(work: Callable[[Any], Any], jobs: Any, done: Any) -> None:
     while True:
         job = jobs.get()
         if job is None:
             return
-        seq, name, payload = job
+        seq, payload = job
         try:
-            target, data = format_part(name, payload)
-        except BaseException as exc:  # reported to the parent, which raises it
-            done.put((seq, None, f"{type(exc).__name__}: {exc}"))
+            result = work(payload)
+        except BaseException as exc:  # handed to the parent, which raises it
+            done.put((seq, False, _portable(exc)))
         else:
-            done.put((seq, target, data))
+            done.put((seq, True, result))
 
 
 def default_workers() -> int:
-    """Formatting processes for a run: half the usable cores, at least 2, at most 8."""
+    """Worker processes for a run: half the usable cores, at least 2, at most 8."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -141,35 +153,35 @@ def default_workers() -> int:
 
 
 class ProcessSink:
-    """Like :class:`BackgroundSink`, but the parts are formatted in forked processes.
+    """Like :class:`BackgroundSink`, but ``work`` runs in forked processes.
 
-    ``format_part(name, job) -> (target, data)`` runs in any of ``workers`` processes, so
-    many parts are formatted at once (formatting CSV holds Python's global lock, so threads
-    would not help); ``append(target, data)`` then runs in one thread of this process, in the
-    order the parts were queued, so every table is written in order. At most ``depth`` parts
-    are in flight, which bounds memory. Use :func:`make_sink`, which falls back to a thread
-    where processes cannot be forked.
+    ``work(job)`` runs in any of ``workers`` processes, so many jobs run at once (building
+    and formatting tables holds Python's global lock, so threads would not help); the
+    processes are forked, so ``work`` and what it refers to are inherited, never pickled
+    (jobs and results are). ``deliver(result)`` then runs in one thread of this process, in
+    the order the jobs were queued, so every table is written in order. At most ``depth``
+    jobs are in flight, which bounds memory. Use :func:`make_sink`, which falls back to a
+    thread where processes cannot be forked.
     """
 
-    def __init__(self, format_part: Callable[[str, Any], tuple[Any, bytes]],
-                 append: Callable[[Any, bytes], None], workers: int | None = None,
-                 depth: int | None = None) -> None:
+    def __init__(self, work: Callable[[Any], Any], deliver: Callable[[Any], None],
+                 workers: int | None = None, depth: int | None = None) -> None:
         workers = workers or default_workers()
         context = multiprocessing.get_context("fork")
-        self._append = append
+        self._deliver = deliver
         self._jobs = context.Queue()
         self._done = context.Queue()
         self._slots = threading.Semaphore(depth or 4 * workers)
         self._seq = 0
-        self._error: str | None = None
+        self._error: BaseException | None = None
         self._procs = [
-            context.Process(target=_format_worker, args=(format_part, self._jobs, self._done),
+            context.Process(target=_worker, args=(work, self._jobs, self._done),
                             name=f"mapsim-writer-{k}", daemon=True)
             for k in range(workers)
         ]
         with warnings.catch_warnings():
             # Python 3.12+ warns about forking a multi-threaded process (torch's thread pools);
-            # the writers only run pandas, never torch, so the fork is safe here.
+            # the workers only build and format tables, never run torch, so the fork is safe.
             warnings.simplefilter("ignore", DeprecationWarning)
             for proc in self._procs:
                 proc.start()
@@ -178,46 +190,47 @@ class ProcessSink:
         self._collector.start()
 
     def _collect(self) -> None:
-        waiting: dict[int, tuple[Any, Any]] = {}
+        waiting: dict[int, tuple[bool, Any]] = {}
         expected = 0
         while True:
-            seq, target, data = self._done.get()
+            seq, ok, result = self._done.get()
             if seq is None:
                 if waiting and self._error is None:
-                    self._error = "a results writer process stopped unexpectedly"
+                    self._error = OutputError("a results writer process stopped unexpectedly")
                 return
-            waiting[seq] = (target, data)
+            waiting[seq] = (ok, result)
             while expected in waiting:
-                target, data = waiting.pop(expected)
+                ok, result = waiting.pop(expected)
                 expected += 1
                 self._slots.release()
                 if self._error is not None:
                     continue  # after a failure nothing more is written
-                if target is None:
-                    self._error = data
+                if not ok:
+                    self._error = result
                     continue
                 try:
-                    self._append(target, data)
+                    self._deliver(result)
                 except BaseException as exc:  # raised in the caller's thread
-                    self._error = f"{type(exc).__name__}: {exc}"
+                    self._error = exc
 
     def _raise(self) -> None:
         if self._error is not None:
-            raise OutputError(f"writing the results failed: {self._error}")
+            error, self._error = self._error, None
+            raise error
 
-    def put(self, name: str, job: Any) -> None:
-        """Queue one table part (blocks while ``depth`` parts are in flight)."""
+    def put(self, job: Any) -> None:
+        """Queue one job (blocks while ``depth`` jobs are in flight)."""
         self._raise()
         while not self._slots.acquire(timeout=1.0):
             self._raise()
             dead = [p.name for p in self._procs if not p.is_alive()]
             if dead:
                 raise OutputError(f"the results writer process {dead[0]} stopped unexpectedly")
-        self._jobs.put((self._seq, name, job))
+        self._jobs.put((self._seq, job))
         self._seq += 1
 
     def close(self) -> None:
-        """Wait until everything queued is written; raise the first error, if any."""
+        """Wait until every job is done and delivered; raise the first error, if any."""
         for _ in self._procs:
             self._jobs.put(None)
         for proc in self._procs:
@@ -232,14 +245,14 @@ class ProcessSink:
             raise OutputError(f"the results writer process {dead[0]} stopped unexpectedly")
 
 
-def make_sink(format_part: Callable[[str, Any], tuple[Any, bytes]],
-              append: Callable[[Any, bytes], None], n_items: int,
+def make_sink(work: Callable[[Any], Any], deliver: Callable[[Any], None], n_items: int,
               min_items_for_processes: int = 8) -> BackgroundSink | ProcessSink:
-    """Formatting processes for runs of at least ``min_items_for_processes`` images where the
-    platform can fork (Linux), otherwise one writer thread; both write the same bytes."""
+    """Worker processes for runs of at least ``min_items_for_processes`` images where the
+    platform can fork (Linux), otherwise one thread; both deliver the same results in the
+    same order."""
     if n_items >= min_items_for_processes and "fork" in multiprocessing.get_all_start_methods():
         try:
-            return ProcessSink(format_part, append)
+            return ProcessSink(work, deliver)
         except OSError:
             pass
-    return BackgroundSink(lambda name, job: append(*format_part(name, job)))
+    return BackgroundSink(work, deliver)

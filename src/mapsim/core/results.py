@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,25 +49,31 @@ class ResultsWriter:
         self._headers: dict[str, list[str]] = {}
 
     def append(self, table: str, frame: pd.DataFrame) -> None:
-        """Append rows to ``<table>.csv`` (header written once; columns must not change)."""
-        job = self.append_job(table, frame)
-        if job is not None:
-            write_csv_part(*job)
-
-    def append_job(self, table: str, frame: pd.DataFrame) -> tuple[Path, pd.DataFrame, bool] | None:
-        """What :meth:`append` writes, for writing elsewhere (in order, per table) with
-        :func:`write_csv_part`: (path, frame with the table's columns, write the header?)."""
+        """Append rows to ``<table>.csv`` (header written once; a frame whose columns differ
+        from the table's is reindexed to them)."""
         if frame.empty:
-            return None
-        path = self.staging / f"{table}.csv"
-        columns = list(frame.columns)
-        first = table not in self._headers
-        if first:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        known = self._headers.setdefault(table, columns)
-        if known != columns:
+            return
+        known = self._headers.get(table)
+        if known is not None and known != list(frame.columns):
             frame = frame.reindex(columns=known)
-        return path, frame, first
+        self.append_part(format_part(table, frame))
+
+    def append_part(self, part: TablePart) -> None:
+        """Append formatted rows to their table (header written with the first part)."""
+        path = self.staging / f"{part.table}.csv"
+        known = self._headers.get(part.table)
+        data = part.rows
+        if known is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._headers[part.table] = list(part.columns)
+            data = pd.DataFrame(columns=list(part.columns)).to_csv(index=False).encode() + data
+        elif known != list(part.columns):
+            raise OutputError(
+                f"table {part.table!r}: rows with the columns {list(part.columns)} follow rows "
+                f"with the columns {known}; every part of a table needs the same columns (an "
+                "aggregator plugin must return the same columns for every image)"
+            )
+        append_bytes(path, data)
 
     def write_table(self, table: str, frame: pd.DataFrame) -> None:
         """Write ``<table>.csv`` whole."""
@@ -99,15 +106,20 @@ class ResultsWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def write_csv_part(path: Path, frame: pd.DataFrame, header: bool) -> None:
-    """Append ``frame`` to the CSV file ``path`` (with the header when ``header``)."""
-    append_bytes(*format_csv_part(path, frame, header))
+@dataclass(frozen=True)
+class TablePart:
+    """Rows of one table formatted as CSV, without the header."""
+
+    table: str
+    columns: tuple[str, ...]
+    rows: bytes
 
 
-def format_csv_part(path: Path, frame: pd.DataFrame, header: bool) -> tuple[Path, bytes]:
-    """What :func:`write_csv_part` appends to ``path``, as bytes (formatting and appending
-    can then run in different processes)."""
-    return path, frame.to_csv(header=header, index=False).encode("utf-8")
+def format_part(table: str, frame: pd.DataFrame) -> TablePart:
+    """``frame`` as a :class:`TablePart` of ``table`` (formatting and appending can then run
+    in different processes)."""
+    return TablePart(table, tuple(frame.columns),
+                     frame.to_csv(header=False, index=False).encode("utf-8"))
 
 
 def append_bytes(path: Path, data: bytes) -> None:

@@ -26,9 +26,18 @@ from mapsim.core.pipeline import make_sink, prefetch, to_device
 from mapsim.core.plugin_api import Aggregator, Extractor, ImageItem, Metric
 from mapsim.core.plugins import Registry, load_registry
 from mapsim.core.streaming import Layout, can_stream, probe_layout, stream_group
+from mapsim.core.tables import (
+    AggregateJob,
+    FrameJob,
+    TableWork,
+    WorkResult,
+    aggregate_tables,
+    with_image,
+)
 from mapsim.core.similarity import (
     LayerValue,
     MapStack,
+    SimilarityMatrix,
     comparison_groups,
     layer_similarity,
     layer_value,
@@ -262,17 +271,18 @@ class Runner:
                     self._aggregate(image_id, direction, sink)
 
     def _aggregate(self, image_id: str, sim: Any, sink: Callable[[str, pd.DataFrame], None]) -> None:
-        start = time.perf_counter()
-        tables: dict[str, pd.DataFrame] = {}
+        """The aggregators' tables of one matrix: handed to ``sink.aggregate`` when the sink
+        has it (a run's sink builds them in its worker processes), else built here."""
         if self.capture is not None:
             self.capture.add_matrix(image_id, sim)
-        for aggregator in self.aggregators:
-            tables.update(aggregator.aggregate(sim, tables))
-        if self.spec.output.pairs:
-            tables["pairs"] = aggregation.pairs_table(sim)
+        if hasattr(sink, "aggregate"):
+            sink.aggregate(image_id, sim)
+            return
+        start = time.perf_counter()
+        tables = aggregate_tables(self.aggregators, sim, self.spec.output.pairs)
         self.timings["aggregate"] += time.perf_counter() - start
         for name, frame in tables.items():
-            sink(name, _with_image(frame, image_id))
+            sink(name, with_image(frame, image_id))
 
     def _count_dead(self, image_id: str, stack: MapStack, moments: Moments) -> pd.DataFrame:
         rows = []
@@ -402,6 +412,10 @@ class Runner:
         if not self.streamable:
             return None
         start = time.perf_counter()
+        began = None
+        if self.device.type == "cuda":
+            began = torch.cuda.Event(enable_timing=True)
+            began.record()
         image = self._input(item)
         mask = self.mask_for(item)
 
@@ -431,18 +445,25 @@ class Runner:
                                                  stack.blocks), host, ahead))
         event = None
         if self.device.type == "cuda":
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=True)
             event.record()
-        self.timings["forward_and_moments"] += time.perf_counter() - start
-        return item.id, done, event
+        seconds = time.perf_counter() - start
+        self.timings["forward_and_moments"] += seconds
+        self.timings["launch"] += seconds
+        return item.id, done, (began, event) if event is not None else None
 
     def _complete(self, pending: tuple, sink: Callable[[str, pd.DataFrame], None]) -> None:
         image_id, done, event = pending
         threads = torch.get_num_threads()
         if event is not None:
+            began, event = event
             start = time.perf_counter()
             event.synchronize()
-            self.timings["forward_and_moments"] += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.timings["forward_and_moments"] += seconds
+            self.timings["wait_for_device"] += seconds
+            # from the image's first to its last queued work on the device, idle gaps included
+            self.timings["device_span"] += began.elapsed_time(event) / 1000
             # the host part is small matrices (maps x maps) beside the reader and writer
             # threads: a pool of many threads there costs more in waiting than it saves
             torch.set_num_threads(1)
@@ -483,17 +504,55 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to("cpu", non_blocking=True)
 
 
-def _format_part(name: str, job: tuple) -> tuple[Path, bytes]:
-    """A table part as CSV bytes (in a writer process): ``job`` is ``(path, frame, header)``."""
-    from mapsim.core.results import format_csv_part
+class RunSink:
+    """Where a run's per-image tables go: into ``background`` (a sink of
+    :mod:`mapsim.core.pipeline` running :class:`~mapsim.core.tables.TableWork`), as finished
+    frames or as matrices to aggregate there."""
 
-    return format_csv_part(*job)
+    def __init__(self, background: Any, timings: dict[str, float]) -> None:
+        self.background = background
+        self.timings = timings
+
+    def __call__(self, name: str, frame: pd.DataFrame) -> None:
+        self._put(FrameJob(name, frame))
+
+    def aggregate(self, image_id: str, sim: SimilarityMatrix) -> None:
+        """Queue one matrix for the aggregators."""
+        self._put(AggregateJob(image_id, sim))
+
+    def _put(self, job: Any) -> None:
+        start = time.perf_counter()
+        self.background.put(job)
+        self.timings["write"] += time.perf_counter() - start  # queueing; the work overlaps
+
+    def close(self) -> None:
+        """Wait until every table part is written; raise the first error, if any."""
+        self.background.close()
 
 
-def _with_image(frame: pd.DataFrame, image_id: str) -> pd.DataFrame:
-    frame = frame.copy(deep=False)  # only adds a column
-    frame.insert(0, "image", image_id)
-    return frame
+def summary_accumulators(aggregators: list[Aggregator]) -> dict[str, Any]:
+    """One across-image summary per table the aggregators summarise, and layer values."""
+    summaries = {table: aggregation.SummaryAccumulator(keys)
+                 for aggregator in aggregators for table, keys in aggregator.summarise.items()}
+    summaries["layer_similarity"] = aggregation.SummaryAccumulator(
+        ("metric", "model_a", "layer_a", "model_b", "layer_b"))
+    return summaries
+
+
+def table_sink(runner: Runner, writer: Any, summaries: dict[str, Any], n_images: int) -> RunSink:
+    """The sink of a run's per-image tables: they are built and formatted in worker processes
+    (or a thread) and appended to ``writer`` in the order they were queued, updating
+    ``summaries`` in that order too."""
+    work = TableWork(runner.aggregators, runner.spec.output.pairs, summaries)
+
+    def deliver(result: WorkResult) -> None:
+        for part in result.parts:
+            writer.append_part(part)
+        for name, frame in result.summarised:
+            summaries[name].add(frame, skip=("image",))
+        runner.timings["aggregate_behind"] += result.seconds
+
+    return RunSink(make_sink(work, deliver, n_images), runner.timings)
 
 
 def _layer_frame(image_id: str, values: list[LayerValue]) -> pd.DataFrame:
@@ -510,7 +569,7 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
     Relative paths inside the spec resolve against ``base_dir`` (the spec file's folder);
     ``out_dir`` defaults to the spec's ``output.dir``, else ``results/<name>``.
     """
-    from mapsim.core.results import ResultsWriter, append_bytes
+    from mapsim.core.results import ResultsWriter
 
     started = time.perf_counter()
     base_dir = Path(base_dir)
@@ -523,26 +582,10 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
         start = time.perf_counter()
         dataset = runner.check(base_dir)
         runner.timings["setup"] = time.perf_counter() - start
-        summaries: dict[str, aggregation.SummaryAccumulator] = {}
-        for aggregator in runner.aggregators:
-            for table, keys in aggregator.summarise.items():
-                summaries[table] = aggregation.SummaryAccumulator(keys)
-        from_aggregators = set(summaries)  # written even when empty
-        summaries["layer_similarity"] = aggregation.SummaryAccumulator(
-            ("metric", "model_a", "layer_a", "model_b", "layer_b"))
-
-        # images are read ahead in a thread; CSV parts are written behind, in writer
-        # processes (or a thread), in order per table
-        background = make_sink(_format_part, append_bytes, len(dataset))
-
-        def sink(name: str, frame: pd.DataFrame) -> None:
-            t = time.perf_counter()
-            if name in summaries:
-                summaries[name].add(frame, skip=("image",))
-            job = writer.append_job(name, frame)
-            if job is not None:
-                background.put(name, job)
-            runner.timings["write"] += time.perf_counter() - t  # queueing; writing overlaps
+        summaries = summary_accumulators(runner.aggregators)
+        from_aggregators = {t for a in runner.aggregators for t in a.summarise}  # always written
+        # images are read ahead in a thread; tables are built and written behind
+        sink = table_sink(runner, writer, summaries, len(dataset))
         n_images = 0
         ids: set[str] = set()
         try:
@@ -556,7 +599,7 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
                 n_images += 1
             runner.flush(sink)
         finally:
-            background.close()
+            sink.close()
         if n_images == 0:
             raise ImageError("the images entry gave no images")
         if spec.engine.pooled:

@@ -69,10 +69,11 @@ def probe_layout(
 
 def builder_settings(device: torch.device | str, chunk_pixels: int | None) -> dict:
     """How the moments are built on ``device`` (from benchmarks/gpu_similarity.py on an
-    H100: products of 128-row blocks after the forward pass, chunks of 2048 pixels, 1.2x
-    a plain product; on CPUs each layer's products are made in its hook)."""
+    H100: products of 128-row blocks after the forward pass, chunks of 2048 pixels, stored
+    pixel-major like the channels-last activations; on CPUs each layer's products are made in
+    its hook)."""
     if torch.device(device).type == "cuda":
-        return {"chunk_pixels": chunk_pixels or 2048, "block_rows": 128}
+        return {"chunk_pixels": chunk_pixels or 2048, "block_rows": 128, "pixel_major": True}
     return {"chunk_pixels": chunk_pixels, "block_rows": None}
 
 

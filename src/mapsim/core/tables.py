@@ -1,0 +1,95 @@
+"""From similarity matrices to formatted table parts, in whatever process has time for it.
+
+The main loop of a run hands out two kinds of jobs: a finished table part
+(:class:`FrameJob`: dead-map counts, layer values) and a similarity matrix to aggregate
+(:class:`AggregateJob`: the study's tables, the bulk of the rows). :class:`TableWork` turns
+either into :class:`~mapsim.core.results.TablePart` objects (CSV rows without a header) and
+hands back the frames that are summarised across images. It runs in the writer processes of
+:class:`mapsim.core.pipeline.ProcessSink` (inherited when they are forked, so aggregator
+plugins are never pickled) or in the writer thread; the parts are written in the order the
+jobs were queued either way, so the results do not depend on where the work ran.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from mapsim.core import aggregation
+from mapsim.core.plugin_api import Aggregator
+from mapsim.core.results import TablePart, format_part
+from mapsim.core.similarity import SimilarityMatrix
+
+
+@dataclass
+class FrameJob:
+    """Rows of one table, ready to be written."""
+
+    table: str
+    frame: pd.DataFrame
+
+
+@dataclass
+class AggregateJob:
+    """One image's similarity matrix for one metric and direction, to be aggregated."""
+
+    image_id: str
+    sim: SimilarityMatrix
+
+
+@dataclass
+class WorkResult:
+    """What one job gave: the parts to append, the frames of tables summarised across images
+    (``(table, frame)``, in order) and the seconds spent aggregating."""
+
+    parts: list[TablePart]
+    summarised: list[tuple[str, pd.DataFrame]]
+    seconds: float = 0.0
+
+
+def aggregate_tables(aggregators: Sequence[Aggregator], sim: SimilarityMatrix,
+                     pairs: bool = False) -> dict[str, pd.DataFrame]:
+    """Every aggregator's tables for one similarity matrix (and the ``pairs`` table when
+    asked for), without the image column."""
+    tables: dict[str, pd.DataFrame] = {}
+    for aggregator in aggregators:
+        tables.update(aggregator.aggregate(sim, tables))
+    if pairs:
+        tables["pairs"] = aggregation.pairs_table(sim)
+    return tables
+
+
+def with_image(frame: pd.DataFrame, image_id: str) -> pd.DataFrame:
+    """``frame`` with a first column ``image`` (a categorical: one string, stored once)."""
+    frame = frame.copy(deep=False)  # only adds a column
+    frame.insert(0, "image", aggregation.constant_column(image_id, len(frame)))
+    return frame
+
+
+class TableWork:
+    """Turns jobs into table parts (see the module docstring)."""
+
+    def __init__(self, aggregators: Sequence[Aggregator], pairs: bool,
+                 summarised: Iterable[str]) -> None:
+        self.aggregators = list(aggregators)
+        self.pairs = pairs
+        self.summarised = set(summarised)
+
+    def __call__(self, job: FrameJob | AggregateJob) -> WorkResult:
+        seconds = 0.0
+        if isinstance(job, FrameJob):
+            frames = [(job.table, job.frame)]
+        else:
+            start = time.perf_counter()
+            tables = aggregate_tables(self.aggregators, job.sim, self.pairs)
+            frames = [(name, with_image(frame, job.image_id)) for name, frame in tables.items()]
+            seconds = time.perf_counter() - start
+        frames = [(name, frame) for name, frame in frames if not frame.empty]
+        return WorkResult(
+            parts=[format_part(name, frame) for name, frame in frames],
+            summarised=[(name, frame) for name, frame in frames if name in self.summarised],
+            seconds=seconds,
+        )
