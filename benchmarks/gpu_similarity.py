@@ -129,10 +129,16 @@ def main() -> None:
 
     builder = MomentsBuilder(z.shape[0], z.shape[1], device, **builder_settings(device, None))
 
+    # each layer's maps as the runner's hooks get them: channels-last on a GPU, so a
+    # (maps, pixels) view of pixel-major memory
+    layer_maps = [z[b.start:b.stop] for b in stack.blocks]
+    if device.startswith("cuda"):
+        layer_maps = [m.T.contiguous().T for m in layer_maps]
+
     def fill(b: MomentsBuilder) -> Moments:
         b.reset()
-        for block in stack.blocks:
-            b.add(z[block.start:block.stop])
+        for maps in layer_maps:
+            b.add(maps)
         return b.finish()
 
     def streamed() -> Moments:

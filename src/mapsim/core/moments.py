@@ -400,21 +400,30 @@ class MomentsBuilder:
                 f"maps of shape {tuple(maps.shape)} do not fit rows {rows.start}:{rows.stop} "
                 f"of a {self.n_maps} x {self.n_pixels} builder"
             )
-        # Each chunk of each map is centred on its own mean (float64 sum, rounded to float32)
-        # as it is written: a map that is nearly constant over a chunk (a ReLU map that is zero
-        # almost everywhere) then gives no long run of same-signed float32 products, whose
-        # rounding error grows with the chunk on a GPU. The exact rest is added in float64.
+        # Each chunk of each map is centred on its own mean as it is written: a map that is
+        # nearly constant over a chunk (a ReLU map that is zero almost everywhere) then gives
+        # no long run of same-signed float32 products, whose rounding error grows with the
+        # chunk on a GPU. The exact rest is added in float64 (see _correction).
+        if self.pixel_major:
+            self._write_pixel_major(maps, rows)
+        else:
+            self._write_map_major(maps, rows)
+        if self.block_rows is None:
+            done = slice(0, rows.stop)
+            block = self._gram(rows, done) + self._correction(rows, done)
+            self.comoment[rows, :rows.stop] = block
+            self.comoment[:rows.start, rows] = block[:, :rows.start].T
+        self.filled = rows.stop
+        return rows
+
+    def _write_map_major(self, maps: torch.Tensor, rows: slice) -> None:
+        """Centre on float64 chunk means rounded to float32; the sums of the values written
+        follow from the rounding, with no pass over the buffer."""
         whole = self.n_pixels // self.step
         sums = torch.zeros(maps.shape[0], self.n_chunks, dtype=torch.float64, device=maps.device)
         if whole:
             source = maps[:, :whole * self.step].unflatten(1, (whole, self.step))
-            if maps.stride(0) == 1 and maps.stride(1) != 1:
-                # pixel-major maps (channels-last activations): the same sums, 4x faster on
-                # an H100 when the reduction is laid out along whole rows of maps
-                pixels = maps.T[:whole * self.step].unflatten(0, (whole, self.step))
-                sums[:, :whole] = pixels.sum(dim=1, dtype=torch.float64).T
-            else:
-                sums[:, :whole] = row_sums(source, dims=(2,))
+            sums[:, :whole] = row_sums(source, dims=(2,))
         if whole < self.n_chunks:
             sums[:, whole] = row_sums(maps[:, whole * self.step:])
         chunk_mean = sums / self.counts
@@ -433,13 +442,35 @@ class MomentsBuilder:
         # the values written sum to count * (chunk mean - rounded), up to the rounding of each
         # subtraction (far below the spread of the values): no pass over the buffer is needed
         self.leftover[:, rows] = ((chunk_mean - rounded) * self.counts).T
-        if self.block_rows is None:
-            done = slice(0, rows.stop)
-            block = self._gram(rows, done) + self._correction(rows, done)
-            self.comoment[rows, :rows.stop] = block
-            self.comoment[:rows.start, rows] = block[:, :rows.start].T
-        self.filled = rows.stop
-        return rows
+
+    def _write_pixel_major(self, maps: torch.Tensor, rows: slice) -> None:
+        """Centre on float32 chunk means (any centre near the mean works) and take the sums of
+        the values written from the buffer, in float32 within a chunk (they are centred, so
+        their rounding is far below the spread of the values) and float64 across chunks:
+        small reductions that read whole rows of maps, instead of a float64 pass over the maps
+        (on an H100, 0.7 ms per layer of CNN10 at 1376 x 1104 px)."""
+        whole = self.n_pixels // self.step
+        centre = torch.empty(self.n_chunks, maps.shape[0], dtype=torch.float32,
+                             device=maps.device)
+        written = torch.empty_like(centre)
+        pixels = maps.T  # (P, C): a view, contiguous for channels-last maps
+        if whole:
+            source = pixels[:whole * self.step].unflatten(0, (whole, self.step))
+            target = self.buffer[:whole, :, rows]
+            torch.mean(source, dim=1, out=centre[:whole])
+            torch.sub(source, centre[:whole].unsqueeze(1), out=target)
+            torch.sum(target, dim=1, out=written[:whole])
+        if whole < self.n_chunks:
+            tail = pixels[whole * self.step:]
+            target = self.buffer[whole, :tail.shape[0], rows]
+            torch.mean(tail, dim=0, out=centre[whole])
+            torch.sub(tail, centre[whole], out=target)
+            torch.sum(target, dim=0, out=written[whole])
+        centre64, written64 = centre.to(torch.float64), written.to(torch.float64)
+        mean = (centre64 * self.counts.T + written64).sum(dim=0) / self.n_pixels
+        self.mean[rows] = mean
+        self.offset[:, rows] = centre64 - mean  # chunk centre used - map mean
+        self.leftover[:, rows] = written64
 
     def _correction(self, rows: slice, cols: slice) -> torch.Tensor:
         """What the chunk centring took out of the products of ``rows`` and ``cols``."""

@@ -166,6 +166,10 @@ class Runner:
         Returns the dataset, so a run can go on with it.
         """
         self.prepare_models()
+        return self.dataset(base_dir)
+
+    def dataset(self, base_dir: Path) -> Any:
+        """The spec's dataset (its images are found, not read)."""
         return self.registry.create(
             "dataset", self.spec.images.name, self.spec.images.model_dump(exclude={"name"}),
             base_dir=base_dir,
@@ -474,13 +478,18 @@ class Runner:
             torch.set_num_threads(threads)
 
     def pooled_tables(self, sink: Callable[[str, pd.DataFrame], None]) -> None:
-        """Tables from the moments merged over all images (moment-based metrics only)."""
+        """Tables from the moments merged over all images (moment-based metrics only), named
+        ``pooled/<table>``."""
+        if hasattr(sink, "prefixed"):
+            pooled = sink.prefixed("pooled/")
+        else:
+            def pooled(name: str, frame: pd.DataFrame) -> None:
+                sink(f"pooled/{name}", frame)
         for index, models in enumerate(self.groups):
             moments = self.pooled.get(index)
             if moments is None:
                 continue
-            self.similarities(POOLED_IMAGE, self.pooled_stacks[index], moments, models,
-                              lambda name, frame: sink(f"pooled/{name}", frame),
+            self.similarities(POOLED_IMAGE, self.pooled_stacks[index], moments, models, pooled,
                               metrics=[m for m in self.metrics if m.uses_moments])
 
     def across_image_tables(self, sink: Callable[[str, pd.DataFrame], None]) -> None:
@@ -509,16 +518,21 @@ class RunSink:
     :mod:`mapsim.core.pipeline` running :class:`~mapsim.core.tables.TableWork`), as finished
     frames or as matrices to aggregate there."""
 
-    def __init__(self, background: Any, timings: dict[str, float]) -> None:
+    def __init__(self, background: Any, timings: dict[str, float], prefix: str = "") -> None:
         self.background = background
         self.timings = timings
+        self.prefix = prefix
 
     def __call__(self, name: str, frame: pd.DataFrame) -> None:
-        self._put(FrameJob(name, frame))
+        self._put(FrameJob(self.prefix + name, frame))
 
     def aggregate(self, image_id: str, sim: SimilarityMatrix) -> None:
         """Queue one matrix for the aggregators."""
-        self._put(AggregateJob(image_id, sim))
+        self._put(AggregateJob(image_id, sim, self.prefix))
+
+    def prefixed(self, prefix: str) -> RunSink:
+        """The same sink, with ``prefix`` before every table name (e.g. ``pooled/``)."""
+        return RunSink(self.background, self.timings, self.prefix + prefix)
 
     def _put(self, job: Any) -> None:
         start = time.perf_counter()
@@ -580,15 +594,18 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
     writer = ResultsWriter(target, overwrite=overwrite)
     try:
         start = time.perf_counter()
-        dataset = runner.check(base_dir)
-        runner.timings["setup"] = time.perf_counter() - start
+        dataset = runner.dataset(base_dir)
         summaries = summary_accumulators(runner.aggregators)
         from_aggregators = {t for a in runner.aggregators for t in a.summarise}  # always written
-        # images are read ahead in a thread; tables are built and written behind
+        # images are read ahead in a thread; tables are built and written behind. The worker
+        # processes are forked before the models are built and moved to a GPU: a smaller
+        # process forks faster, and the workers hold no device state.
         sink = table_sink(runner, writer, summaries, len(dataset))
         n_images = 0
         ids: set[str] = set()
         try:
+            runner.prepare_models()
+            runner.timings["setup"] = time.perf_counter() - start
             for item in tqdm(prefetch(dataset, depth=2), total=len(dataset), desc=spec.name,
                              unit="image", disable=not progress):
                 if item.id in ids:
@@ -598,12 +615,12 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
                 runner.submit(item, sink)
                 n_images += 1
             runner.flush(sink)
+            if spec.engine.pooled:
+                runner.pooled_tables(sink)
         finally:
             sink.close()
         if n_images == 0:
             raise ImageError("the images entry gave no images")
-        if spec.engine.pooled:
-            runner.pooled_tables(writer.append)
         runner.across_image_tables(writer.append)
         for table, accumulator in summaries.items():
             frame = accumulator.table()

@@ -38,6 +38,8 @@ class AggregateJob:
 
     image_id: str
     sim: SimilarityMatrix
+    #: put before every table name (e.g. ``pooled/``)
+    prefix: str = ""
 
 
 @dataclass
@@ -85,7 +87,8 @@ class TableWork:
         else:
             start = time.perf_counter()
             tables = aggregate_tables(self.aggregators, job.sim, self.pairs)
-            frames = [(name, with_image(frame, job.image_id)) for name, frame in tables.items()]
+            frames = [(job.prefix + name, with_image(frame, job.image_id))
+                      for name, frame in tables.items()]
             seconds = time.perf_counter() - start
         frames = [(name, frame) for name, frame in frames if not frame.empty]
         return WorkResult(
