@@ -254,3 +254,55 @@ def test_the_original_dead_rule_concerns_map_metrics_only(tmp_path):
            tmp_path)
     with pytest.raises(SpecError, match="not defined for metric 'euclidean'"):
         Runner(_spec(metrics=["euclidean"], aggregators=["max"], engine=engine), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["pearson", "cosine", "euclidean"])
+@pytest.mark.parametrize("policy", ["exclude", "original"])
+def test_values_prepared_ahead_equal_the_checked_values(rng, name, policy):
+    # the GPU fast path applies the dead-map rule and the NaN check where the moments are
+    from mapsim.core.similarity import prepared_values
+
+    metric = _metric(name, **({"standardise": True} if name == "euclidean" else {}))
+    if policy == "original" and metric.dead_fill is None:
+        pytest.skip("the metric has no original dead-map rule")
+    maps = torch.from_numpy(relu_like_maps(rng, 12, 16, 16))
+    maps[3] = 0.0  # dead for every metric here
+    maps[9] = 0.0
+    stack = stack_maps({"m": {"L1": maps[:7], "L2": maps[7:]}}, ["m"])
+    moments = compute_moments(stack.z)
+    dead = metric.dead(moments, 1e-10)
+    assert bool(dead[3]) and bool(dead[9])
+    values, undefined = prepared_values(metric, stack, moments, "m", "m", dead, policy)
+    assert not bool(undefined)
+    fast = map_similarity(metric, stack, moments, "m", "m", dead_policy=policy, values=values,
+                          dead=dead, undefined=undefined)
+    plain = map_similarity(metric, stack, moments, "m", "m", dead_policy=policy)
+    np.testing.assert_array_equal(fast.values, plain.values)
+    np.testing.assert_array_equal(fast.dead_a, plain.dead_a)
+    if policy == "original":
+        assert fast.values[3, 9] == metric.dead_fill[0] and fast.values[3, 0] == metric.dead_fill[1]
+    else:
+        assert np.isnan(fast.values[3]).all() and np.isnan(fast.values[:, 9]).all()
+
+
+def test_a_nan_for_live_maps_found_ahead_is_reported_with_the_pair(rng):
+    from mapsim.core.errors import MapsimError
+    from mapsim.core.similarity import prepared_values
+
+    metric = _metric("pearson")
+    stack = stack_maps({"m": {"L1": torch.from_numpy(relu_like_maps(rng, 5, 8, 8))}}, ["m"])
+    moments = compute_moments(stack.z)
+    dead = metric.dead(moments, 1e-10)
+    original = metric.from_moments
+
+    def broken(m, rows, cols):
+        out = original(m, rows, cols)
+        out[1, 2] = torch.nan
+        return out
+
+    metric.from_moments = broken
+    values, undefined = prepared_values(metric, stack, moments, "m", "m", dead)
+    assert bool(undefined)
+    with pytest.raises(MapsimError, match="live maps m map 1 and m map 2"):
+        map_similarity(metric, stack, moments, "m", "m", values=values, dead=dead,
+                       undefined=undefined)

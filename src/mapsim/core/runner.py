@@ -42,7 +42,7 @@ from mapsim.core.similarity import (
     layer_similarity,
     layer_value,
     map_similarity,
-    map_values,
+    prepared_values,
     stack_maps,
 )
 
@@ -259,18 +259,20 @@ class Runner:
                     values = layer_similarity(metric, stack, moments, a, b)
                     sink("layer_similarity", _layer_frame(image_id, values))
                     continue
+                values, undefined = ahead.get((id(metric), a, b), (None, None))
                 sim = map_similarity(metric, stack, moments, a, b,
                                      dead_policy=engine.dead_maps, dead_std=engine.dead_std,
-                                     values=ahead.get((id(metric), a, b)), dead=dead)
+                                     values=values, dead=dead, undefined=undefined)
                 directions = [sim]
                 if a != b:  # inter-network: keep both directions
-                    directions.append(
-                        sim.transposed() if metric.info.symmetric
-                        else map_similarity(metric, stack, moments, b, a,
-                                            dead_policy=engine.dead_maps,
-                                            dead_std=engine.dead_std,
-                                            values=ahead.get((id(metric), b, a)), dead=dead)
-                    )
+                    if metric.info.symmetric:
+                        directions.append(sim.transposed())
+                    else:
+                        values, undefined = ahead.get((id(metric), b, a), (None, None))
+                        directions.append(map_similarity(
+                            metric, stack, moments, b, a, dead_policy=engine.dead_maps,
+                            dead_std=engine.dead_std, values=values, dead=dead,
+                            undefined=undefined))
                 for direction in directions:
                     self._aggregate(image_id, direction, sink)
 
@@ -385,19 +387,23 @@ class Runner:
         """Every map metric's values and dead-map flags for one group, computed where the
         moments are and copied to the host without waiting (on a GPU: queued behind the
         forward pass; valid once the image's event has completed). Keys: (id(metric),
-        model a, model b) and (id(metric), "dead")."""
+        model a, model b) for (values, undefined) from :func:`prepared_values`, and
+        (id(metric), "dead")."""
         ahead: dict = {}
         dead_std = self.spec.engine.dead_std
         for metric in self.metrics:
             if metric.accumulates or metric.info.granularity != "map":
                 continue
-            ahead[(id(metric), "dead")] = _to_host(metric.dead(moments, dead_std))
+            dead = metric.dead(moments, dead_std)
+            ahead[(id(metric), "dead")] = _to_host(dead)
             for a, b in self.comparisons:
                 if a not in models:
                     continue
                 directions = [(a, b)] if a == b or metric.info.symmetric else [(a, b), (b, a)]
                 for x, y in directions:
-                    ahead[(id(metric), x, y)] = _to_host(map_values(metric, stack, moments, x, y))
+                    values, undefined = prepared_values(metric, stack, moments, x, y, dead,
+                                                        self.spec.engine.dead_maps)
+                    ahead[(id(metric), x, y)] = (_to_host(values), _to_host(undefined))
         return ahead
 
     @property

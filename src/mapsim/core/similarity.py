@@ -195,10 +195,7 @@ def apply_dead_policy(
     fill: tuple[float, float] | None,
 ) -> torch.Tensor:
     """Mark (``exclude``) or fill (``original``: both dead, one dead) the pairs of dead maps."""
-    if policy not in DEAD_POLICIES:
-        raise MapsimError(f"unknown dead-map policy {policy!r}; use one of {DEAD_POLICIES}")
-    if policy == "original" and fill is None:
-        raise MapsimError("this metric has no original dead-map rule; use dead_maps: exclude")
+    check_dead_policy(policy, fill)
     if not bool(dead_a.any() | dead_b.any()):  # nothing to mark: no copy
         return values
     values = values.clone()
@@ -208,6 +205,38 @@ def apply_dead_policy(
     if policy == "original":
         values[torch.nonzero(dead_a)[:, 0, None], torch.nonzero(dead_b)[:, 0]] = fill[0]
     return values
+
+
+def check_dead_policy(policy: str, fill: tuple[float, float] | None) -> None:
+    """Refuse an unknown dead-map policy, or ``original`` for a metric without its rule."""
+    if policy not in DEAD_POLICIES:
+        raise MapsimError(f"unknown dead-map policy {policy!r}; use one of {DEAD_POLICIES}")
+    if policy == "original" and fill is None:
+        raise MapsimError("this metric has no original dead-map rule; use dead_maps: exclude")
+
+
+def prepared_values(metric: Metric, stack: MapStack, moments: Moments, model_a: str,
+                    model_b: str, dead: torch.Tensor,
+                    dead_policy: str = "exclude") -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`map_similarity` computes and checks, done where the moments are without
+    waiting for the device: the values with the dead-map policy applied, and a 0-dim flag
+    that is True when a pair of live maps has no value (a bug in the metric).
+
+    ``dead`` is ``metric.dead(moments, dead_std)``. Pass both to :func:`map_similarity`
+    (``values=``, ``dead=``, ``undefined=``) once they are on the host.
+    """
+    check_dead_policy(dead_policy, metric.dead_fill)
+    rows, cols = stack.rows(model_a), stack.rows(model_b)
+    values = map_values(metric, stack, moments, model_a, model_b)
+    dead_a, dead_b = dead[rows, None], dead[None, cols]
+    either = dead_a | dead_b
+    undefined = (torch.isnan(values) & ~either).any()
+    if dead_policy == "exclude":
+        values = values.masked_fill(either, torch.nan)
+    else:
+        both, one = metric.dead_fill
+        values = values.masked_fill(either, one).masked_fill_(dead_a & dead_b, both)
+    return values, undefined
 
 
 def map_values(metric: Metric, stack: MapStack, moments: Moments, model_a: str,
@@ -236,11 +265,14 @@ def map_similarity(
     dead_std: float = 1e-10,
     values: torch.Tensor | None = None,
     dead: torch.Tensor | None = None,
+    undefined: torch.Tensor | None = None,
 ) -> SimilarityMatrix:
     """The (C_A x C_B) matrix of a map-granularity metric between two models of a stack.
 
     ``values`` (from :func:`map_values`) and ``dead`` (``metric.dead(moments, dead_std)``)
-    may be given when they were computed ahead, e.g. on a GPU while the host was busy.
+    may be given when they were computed ahead, e.g. on a GPU while the host was busy;
+    with ``undefined`` too, they come from :func:`prepared_values` (policy applied, values
+    checked).
     """
     rows, cols = stack.rows(model_a), stack.rows(model_b)
     if values is None:
@@ -249,18 +281,11 @@ def map_similarity(
         dead = metric.dead(moments, dead_std)
     values, dead = values.cpu(), dead.cpu()
     dead_a, dead_b = dead[rows], dead[cols]
-    undefined = torch.isnan(values)
-    if bool(undefined.any()):
-        live = undefined[~dead_a][:, ~dead_b]
-        if bool(live.any()):
-            i, j = (int(k) for k in torch.nonzero(live)[0])
-            i = int(torch.nonzero(~dead_a)[i])
-            j = int(torch.nonzero(~dead_b)[j])
-            raise MapsimError(
-                f"metric {metric.name!r} returned an undefined value (NaN) for live maps "
-                f"{model_a} map {i} and {model_b} map {j}; this is a bug in the metric plugin."
-            )
-    values = apply_dead_policy(values, dead_a, dead_b, dead_policy, metric.dead_fill)
+    prepared = undefined is not None
+    if not prepared or bool(undefined):
+        _refuse_undefined(metric, values, dead_a, dead_b, model_a, model_b)
+    if not prepared:
+        values = apply_dead_policy(values, dead_a, dead_b, dead_policy, metric.dead_fill)
     return SimilarityMatrix(
         metric=metric.label,
         model_a=model_a,
@@ -272,6 +297,23 @@ def map_similarity(
         dead_b=dead_b.numpy(),
         higher_is_more_similar=metric.info.higher_is_more_similar,
     )
+
+
+def _refuse_undefined(metric: Metric, values: torch.Tensor, dead_a: torch.Tensor,
+                      dead_b: torch.Tensor, model_a: str, model_b: str) -> None:
+    """Raise when a pair of live maps has no value (NaN): a bug in the metric plugin."""
+    undefined = torch.isnan(values)
+    if not bool(undefined.any()):
+        return
+    live = undefined[~dead_a][:, ~dead_b]
+    if bool(live.any()):
+        i, j = (int(k) for k in torch.nonzero(live)[0])
+        i = int(torch.nonzero(~dead_a)[i])
+        j = int(torch.nonzero(~dead_b)[j])
+        raise MapsimError(
+            f"metric {metric.name!r} returned an undefined value (NaN) for live maps "
+            f"{model_a} map {i} and {model_b} map {j}; this is a bug in the metric plugin."
+        )
 
 
 def layer_similarity(
