@@ -97,3 +97,47 @@ def test_found_through_the_registry() -> None:
     assert entry.provider.distribution == "mapsim"
     arch = load_registry().create("architecture", "fcn", {"depth": 2, "width": 4})
     assert isinstance(arch.build(), FCN)
+
+
+def _with_trained_like_batch_norms(model: FCN, seed: int = 0) -> FCN:
+    generator = torch.Generator().manual_seed(seed)
+    for block in model.blocks:
+        n = block.bn.num_features
+        block.bn.running_mean.copy_(torch.randn(n, generator=generator))
+        block.bn.running_var.copy_(torch.rand(n, generator=generator) * 3 + 0.05)
+        block.bn.weight.data.copy_(torch.randn(n, generator=generator))
+        block.bn.bias.data.copy_(torch.randn(n, generator=generator))
+    return model.eval()
+
+
+def test_folding_batch_norms_keeps_every_captured_output() -> None:
+    torch.manual_seed(0)
+    model = _with_trained_like_batch_norms(FCN(depth=3, width=8, kernel_size=5))
+    x = torch.randn(1, 1, 24, 30)
+    paths = ["blocks.0", "blocks.1.conv", "blocks.2", "head"]
+
+    def outputs(module):
+        captured = {}
+        handles = [module.get_submodule(p).register_forward_hook(
+            lambda m, i, o, p=p: captured.__setitem__(p, o.double())) for p in paths]
+        with torch.no_grad():
+            module(x)
+        for handle in handles:
+            handle.remove()
+        return captured
+
+    before = outputs(model)
+    # blocks.1 keeps its batch norm: its conv output is captured
+    assert model.fuse_for_inference(paths) == ["blocks.0", "blocks.2"]
+    assert isinstance(model.blocks[0].bn, torch.nn.Identity)
+    assert isinstance(model.blocks[1].bn, torch.nn.BatchNorm2d)
+    after = outputs(model)
+    for path in paths:
+        scale = before[path].abs().max()
+        assert (after[path] - before[path]).abs().max() <= 1e-5 * scale, path
+    assert model.fuse_for_inference(paths) == []  # nothing left to fold
+
+
+def test_folding_needs_eval_mode() -> None:
+    with pytest.raises(ValueError, match="eval mode"):
+        FCN(depth=1).train().fuse_for_inference([])

@@ -330,3 +330,34 @@ def test_an_unavailable_device_is_a_clear_error():
     if not torch.cuda.is_available():
         with pytest.raises(MapsimError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+def test_folded_batch_norms_give_the_same_tables(tmp_path):
+    # the bundled CNN6 has trained batch-norm statistics, so folding really changes weights
+    def spec(fuse):
+        return validate_spec({
+            "name": "fold",
+            "models": {"cnn6": {"architecture": {"name": "fcn", "depth": 6, "width": 64,
+                                                 "kernel_size": 7},
+                                "weights": "pretrained:cnn6"}},
+            "layers": {"cnn6": ["blocks.0", "blocks.1", "blocks.3.conv", "blocks.5"]},
+            "images": {"name": "synthetic-vessels", "count": 1, "size": [48, 64], "seed": 3},
+            "comparisons": [["cnn6", "cnn6"]],
+            "aggregators": ["max", "pivot"],
+            "engine": {} if fuse is None else {"fuse_batchnorm": fuse},
+            "device": "cpu",
+        })
+
+    default = run(spec(None), out_dir=tmp_path / "default", progress=False)
+    folded = run(spec(True), out_dir=tmp_path / "folded", progress=False)
+    assert default.info["models"]["cnn6"]["batchnorm_folded"] == []  # not by default on a CPU
+    # blocks.3 keeps its batch norm: its conv output is captured
+    assert folded.info["models"]["cnn6"]["batchnorm_folded"] == [
+        "blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.5"]
+    # the parameters as built: 1,007,808 in the blocks and 130 in the head
+    assert folded.info["models"]["cnn6"]["parameters"] == 1_007_938
+    a = pd.read_csv(default.out_dir / "max.csv")
+    b = pd.read_csv(folded.out_dir / "max.csv")
+    assert len(a) == len(b) == 4 * 4 * 64
+    np.testing.assert_allclose(b["value"], a["value"], atol=1e-5)
+    assert (a["map_b"] == b["map_b"]).mean() > 0.99  # only near-ties may pick another partner

@@ -14,7 +14,6 @@ Semantics (DESIGN.md section 5):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -258,20 +257,19 @@ class SummaryAccumulator:
 
     def table(self) -> pd.DataFrame:
         """Long form: keys, statistic, mean, std (ddof=1; empty below two images), n_images."""
-        keys = list(self._rows)
-        stats = list(self._stats)
-        rows = []
-        for row, column in self._order:
-            n = int(self._n[row, column])
-            mean, m2 = float(self._mean[row, column]), float(self._m2[row, column])
-            rows.append({
-                **dict(zip(self.keys, keys[row])),
-                "statistic": stats[column],
-                "mean": mean if n else math.nan,
-                "std": math.sqrt(m2 / (n - 1)) if n > 1 else math.nan,
-                "n_images": n,
-            })
-        return pd.DataFrame(rows, columns=[*self.keys, "statistic", "mean", "std", "n_images"])
+        columns = [*self.keys, "statistic", "mean", "std", "n_images"]
+        if not self._order:
+            return pd.DataFrame(columns=columns)
+        keys, stats = list(self._rows), list(self._stats)
+        rows, cols = (np.array(part, dtype=np.int64) for part in zip(*self._order))
+        n = self._n[rows, cols]
+        out = {key: [keys[row][k] for row in rows.tolist()] for k, key in enumerate(self.keys)}
+        out["statistic"] = [stats[col] for col in cols.tolist()]
+        out["mean"] = np.where(n > 0, self._mean[rows, cols], np.nan)
+        out["std"] = np.where(n > 1, np.sqrt(self._m2[rows, cols] / np.maximum(n - 1, 1)),
+                              np.nan)
+        out["n_images"] = n
+        return pd.DataFrame(out, columns=columns)
 
 
 def pairs_table(sim: SimilarityMatrix) -> pd.DataFrame:

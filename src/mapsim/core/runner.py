@@ -58,6 +58,8 @@ class PreparedModel:
     loaded: LoadedModel
     extractor: Extractor
     layers: dict[str, str]
+    #: as built (before any batch norm is folded)
+    parameters: int = 0
 
 
 @dataclass
@@ -125,6 +127,7 @@ class Runner:
         self.pooled: dict[int, Moments] = {}
         self.pooled_stacks: dict[int, MapStack] = {}
         self.models: dict[str, PreparedModel] = {}
+        self.fused: dict[str, list[str]] = {}  # model -> modules whose batch norm was folded
         self.layouts: dict[tuple, Layout] = {}  # (group, image shape) -> layout, for streaming
         self.builders: dict[int, Any] = {}
         self._pending: tuple | None = None  # the fast-path image whose tables are not out yet
@@ -182,16 +185,27 @@ class Runner:
             mspec = self.spec.models[name]
             loaded = build_from_spec(name, mspec, self.registry, self.base_dir)
             loaded.module.to(self.device).eval()
-            if self.device.type == "cuda":
-                # cuDNN's tensor-core convolutions run on channels-last tensors without
-                # transposes (same float32 values; maps are copied out of the hooks anyway)
-                loaded.module.to(memory_format=torch.channels_last)
             extractor = self.registry.create(
                 "extractor", mspec.extractor.name, mspec.extractor.model_dump(exclude={"name"})
             )
             available = extractor.layer_names(loaded.module)
             layers = layer_labels(self.spec.layers[name], available, name)
-            self.models[name] = PreparedModel(loaded, extractor, layers)
+            parameters = sum(p.numel() for p in loaded.module.parameters())
+            fuse = getattr(loaded.module, "fuse_for_inference", None)
+            if fuse is not None and self.fuse_batchnorm:
+                self.fused[name] = fuse(list(layers.values()))
+            if self.device.type == "cuda":
+                # cuDNN's tensor-core convolutions run on channels-last tensors without
+                # transposes (same float32 values; maps are copied out of the hooks anyway)
+                loaded.module.to(memory_format=torch.channels_last)
+            self.models[name] = PreparedModel(loaded, extractor, layers, parameters)
+
+    @property
+    def fuse_batchnorm(self) -> bool:
+        """Whether models that can fold their batch norms do (``engine.fuse_batchnorm``;
+        default: on GPUs, where the pass it saves counts)."""
+        chosen = self.spec.engine.fuse_batchnorm
+        return self.device.type == "cuda" if chosen is None else chosen
 
     # ------------------------------------------------------------------ per image
     def extract(self, item: ImageItem) -> dict[str, dict[str, torch.Tensor]]:
@@ -672,7 +686,8 @@ def run_info(spec: Any, runner: Runner, n_images: int, seconds: float) -> dict[s
         "comparisons": [list(p) for p in runner.comparisons],
         "models": {
             name: {"source": m.loaded.source, "layers": m.layers,
-                   "parameters": sum(p.numel() for p in m.loaded.module.parameters())}
+                   "parameters": m.parameters,
+                   "batchnorm_folded": runner.fused.get(name, [])}
             for name, m in runner.models.items()
         },
         "metrics": [m.describe() | {"label": m.label} for m in runner.metrics],

@@ -31,6 +31,7 @@ modules only).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Literal
 
 import torch
@@ -123,6 +124,34 @@ class FCN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Class scores of shape (N, classes, H, W) for inputs of shape (N, in_channels, H, W)."""
         return self.head(self.blocks(x))
+
+    @torch.no_grad()
+    def fuse_for_inference(self, captured: Collection[str]) -> list[str]:
+        """Fold each conv module's batch norm into its convolution, for inference.
+
+        With s = gamma / sqrt(running_var + eps) (float64), the convolution gets weights
+        w s and bias (b - running_mean) s + beta, and ``bn`` becomes an identity: one pass over
+        the maps less per module, and the same outputs up to float32 rounding. A module whose
+        ``conv`` or ``bn`` output is in ``captured`` (module paths) keeps them, so every
+        captured layer still shows what it names. Only for a network in eval mode. Returns the
+        paths of the modules folded.
+        """
+        if self.training:
+            raise ValueError("batch norms can only be folded in eval mode (call .eval())")
+        wanted = set(captured)
+        folded = []
+        for index, block in enumerate(self.blocks):
+            path = f"blocks.{index}"
+            bn, conv = block.bn, block.conv
+            if not isinstance(bn, nn.BatchNorm2d) or {f"{path}.conv", f"{path}.bn"} & wanted:
+                continue
+            scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            conv.weight.copy_(conv.weight.double() * scale[:, None, None, None])
+            conv.bias.copy_((conv.bias.double() - bn.running_mean.double()) * scale
+                            + bn.bias.double())
+            block.bn = nn.Identity()
+            folded.append(path)
+        return folded
 
 
 class FCNArchitecture(mapsim.Architecture):
