@@ -15,6 +15,7 @@ Semantics (DESIGN.md section 5):
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -176,6 +177,34 @@ def pivot(best: pd.DataFrame, threshold: float, higher_is_more_similar: bool) ->
     return frame
 
 
+@dataclass
+class SummaryRows:
+    """What a table adds to a :class:`SummaryAccumulator`: the key of each row, the names of
+    the statistics and their values (rows x statistics, float64). Cheap to pickle, so it can
+    be extracted where the table was built and added elsewhere."""
+
+    keys: list[tuple]
+    stats: list[str]
+    values: np.ndarray
+
+
+def summary_rows(table: pd.DataFrame, keys: Sequence[str],
+                 skip: Iterable[str] = ()) -> SummaryRows | None:
+    """The keys and numeric (not boolean) statistics of ``table`` for a summary over ``keys``;
+    None when there is nothing to add."""
+    skip = set(skip) | set(keys)
+    stats = [c for c, dtype in table.dtypes.items()
+             if c not in skip and pd.api.types.is_numeric_dtype(dtype)
+             and not pd.api.types.is_bool_dtype(dtype)]
+    if not stats or table.empty:
+        return None
+    if keys:
+        rows = list(zip(*(table[k].tolist() for k in keys)))
+    else:
+        rows = [()] * len(table)
+    return SummaryRows(rows, stats, table[stats].to_numpy(dtype=float, na_value=np.nan))
+
+
 class SummaryAccumulator:
     """Mean and sample std of numeric columns across images, streamed (Welford, float64).
 
@@ -196,25 +225,23 @@ class SummaryAccumulator:
 
     def add(self, table: pd.DataFrame, skip: Iterable[str] = ()) -> None:
         """Add one image's table (one row per key)."""
-        skip = set(skip) | set(self.keys)
-        stats = [c for c, dtype in table.dtypes.items()
-                 if c not in skip and pd.api.types.is_numeric_dtype(dtype)
-                 and not pd.api.types.is_bool_dtype(dtype)]
-        if not stats or table.empty:
+        self.add_rows(summary_rows(table, self.keys, skip))
+
+    def add_rows(self, rows: SummaryRows | None) -> None:
+        """Add one image's table, as :func:`summary_rows` extracted it (None: nothing)."""
+        if rows is None:
             return
-        keys = zip(*(table[k].tolist() for k in self.keys)) if self.keys else \
-            (() for _ in range(len(table)))
         known, row = self._rows, self._row
-        rows = np.array([known[k] if k in known else row(k) for k in map(tuple, keys)],
-                        dtype=np.int64)
-        cols = np.array([self._column(stat) for stat in stats], dtype=np.int64)
+        index = np.array([known[k] if k in known else row(k) for k in rows.keys],
+                         dtype=np.int64)
+        cols = np.array([self._column(stat) for stat in rows.stats], dtype=np.int64)
         self._grow()
-        values = table[stats].to_numpy(dtype=float, na_value=np.nan)
-        if len(np.unique(rows)) != len(rows):  # a key twice in one table: one row at a time
-            for index in range(len(rows)):
-                self._update(rows[index:index + 1], cols, values[index:index + 1])
+        values = rows.values
+        if len(np.unique(index)) != len(index):  # a key twice in one table: one at a time
+            for k in range(len(index)):
+                self._update(index[k:k + 1], cols, values[k:k + 1])
         else:
-            self._update(rows, cols, values)
+            self._update(index, cols, values)
 
     def _row(self, key: tuple) -> int:
         row = self._rows.get(key)

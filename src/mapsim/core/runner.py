@@ -577,13 +577,14 @@ def table_sink(runner: Runner, writer: Any, summaries: dict[str, Any], n_images:
     """The sink of a run's per-image tables: they are built and formatted in worker processes
     (or a thread) and appended to ``writer`` in the order they were queued, updating
     ``summaries`` in that order too."""
-    work = TableWork(runner.aggregators, runner.spec.output.pairs, summaries)
+    work = TableWork(runner.aggregators, runner.spec.output.pairs,
+                     {name: summary.keys for name, summary in summaries.items()})
 
     def deliver(result: WorkResult) -> None:
         for part in result.parts:
             writer.append_part(part)
-        for name, frame in result.summarised:
-            summaries[name].add(frame, skip=("image",))
+        for name, rows in result.summarised:
+            summaries[name].add_rows(rows)
         runner.timings["aggregate_behind"] += result.seconds
 
     return RunSink(make_sink(work, deliver, n_images), runner.timings)

@@ -13,12 +13,13 @@ jobs were queued either way, so the results do not depend on where the work ran.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 
 from mapsim.core import aggregation
+from mapsim.core.aggregation import SummaryRows, summary_rows
 from mapsim.core.plugin_api import Aggregator
 from mapsim.core.results import TablePart, format_part
 from mapsim.core.similarity import SimilarityMatrix
@@ -44,11 +45,11 @@ class AggregateJob:
 
 @dataclass
 class WorkResult:
-    """What one job gave: the parts to append, the frames of tables summarised across images
-    (``(table, frame)``, in order) and the seconds spent aggregating."""
+    """What one job gave: the parts to append, what the tables summarised across images add
+    to their summaries (``(table, rows)``, in order) and the seconds spent aggregating."""
 
     parts: list[TablePart]
-    summarised: list[tuple[str, pd.DataFrame]]
+    summarised: list[tuple[str, SummaryRows]]
     seconds: float = 0.0
 
 
@@ -75,10 +76,11 @@ class TableWork:
     """Turns jobs into table parts (see the module docstring)."""
 
     def __init__(self, aggregators: Sequence[Aggregator], pairs: bool,
-                 summarised: Iterable[str]) -> None:
+                 summarised: Mapping[str, Sequence[str]]) -> None:
         self.aggregators = list(aggregators)
         self.pairs = pairs
-        self.summarised = set(summarised)
+        #: table -> key columns of its summary across images
+        self.summarised = dict(summarised)
 
     def __call__(self, job: FrameJob | AggregateJob) -> WorkResult:
         seconds = 0.0
@@ -91,8 +93,10 @@ class TableWork:
                       for name, frame in tables.items()]
             seconds = time.perf_counter() - start
         frames = [(name, frame) for name, frame in frames if not frame.empty]
+        summarised = [(name, summary_rows(frame, self.summarised[name], skip=("image",)))
+                      for name, frame in frames if name in self.summarised]
         return WorkResult(
             parts=[format_part(name, frame) for name, frame in frames],
-            summarised=[(name, frame) for name, frame in frames if name in self.summarised],
+            summarised=[(name, rows) for name, rows in summarised if rows is not None],
             seconds=seconds,
         )
