@@ -348,15 +348,15 @@ def test_folded_batch_norms_give_the_same_tables(tmp_path):
             "device": "cpu",
         })
 
-    default = run(spec(None), out_dir=tmp_path / "default", progress=False)
-    folded = run(spec(True), out_dir=tmp_path / "folded", progress=False)
-    assert default.info["models"]["cnn6"]["batchnorm_folded"] == []  # not by default on a CPU
+    plain = run(spec(False), out_dir=tmp_path / "plain", progress=False)
+    folded = run(spec(None), out_dir=tmp_path / "folded", progress=False)  # the default
+    assert plain.info["models"]["cnn6"]["batchnorm_folded"] == []
     # blocks.3 keeps its batch norm: its conv output is captured
     assert folded.info["models"]["cnn6"]["batchnorm_folded"] == [
         "blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.5"]
     # the parameters as built: 1,007,808 in the blocks and 130 in the head
     assert folded.info["models"]["cnn6"]["parameters"] == 1_007_938
-    a = pd.read_csv(default.out_dir / "max.csv")
+    a = pd.read_csv(plain.out_dir / "max.csv")
     b = pd.read_csv(folded.out_dir / "max.csv")
     assert len(a) == len(b) == 4 * 4 * 64
     np.testing.assert_allclose(b["value"], a["value"], atol=1e-5)

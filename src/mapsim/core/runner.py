@@ -192,20 +192,13 @@ class Runner:
             layers = layer_labels(self.spec.layers[name], available, name)
             parameters = sum(p.numel() for p in loaded.module.parameters())
             fuse = getattr(loaded.module, "fuse_for_inference", None)
-            if fuse is not None and self.fuse_batchnorm:
+            if fuse is not None and self.spec.engine.fuse_batchnorm:
                 self.fused[name] = fuse(list(layers.values()))
             if self.device.type == "cuda":
                 # cuDNN's tensor-core convolutions run on channels-last tensors without
                 # transposes (same float32 values; maps are copied out of the hooks anyway)
                 loaded.module.to(memory_format=torch.channels_last)
             self.models[name] = PreparedModel(loaded, extractor, layers, parameters)
-
-    @property
-    def fuse_batchnorm(self) -> bool:
-        """Whether models that can fold their batch norms do (``engine.fuse_batchnorm``;
-        default: on GPUs, where the pass it saves counts)."""
-        chosen = self.spec.engine.fuse_batchnorm
-        return self.device.type == "cuda" if chosen is None else chosen
 
     # ------------------------------------------------------------------ per image
     def extract(self, item: ImageItem) -> dict[str, dict[str, torch.Tensor]]:

@@ -137,12 +137,12 @@ class EngineSpec(StrictModel):
     pooled: bool = Field(
         False, description="Also compute the tables from moments pooled over all images."
     )
-    fuse_batchnorm: bool | None = Field(
-        None,
+    fuse_batchnorm: bool = Field(
+        True,
         description="Fold batch norms into the convolutions before them for the run (models "
         "that offer it, such as fcn; never where a conv or bn output is captured): one pass "
-        "over the maps less per module, values equal up to float32 rounding. Default: on "
-        "GPUs only.",
+        "over the maps less per module, values equal up to float32 rounding. false: run the "
+        "network exactly as built.",
     )
 
 
