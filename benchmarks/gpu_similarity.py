@@ -39,6 +39,7 @@ from mapsim.core.similarity import (  # noqa: E402
     MapStack,
     layer_similarity,
     map_similarity,
+    prepared_values,
     stack_maps,
 )
 from mapsim.core.streaming import builder_settings  # noqa: E402
@@ -64,12 +65,20 @@ def timed(fn: Callable[[], object], device: str, repeats: int) -> float:
 
 
 def metrics_step(metrics: list, stack: MapStack, moments: Moments) -> None:
-    """Every metric's matrices (host copies) from one set of moments, as the runner does."""
+    """Every metric's values on the host from one set of moments, as the runner's fast path
+    gets them: map metrics checked and their dead-map rule applied where the moments are,
+    then copied; layer metrics from a host copy of the moments."""
+    host = None
     for metric in metrics:
         if metric.info.granularity == "layer":
-            layer_similarity(metric, stack, moments, "cnn10", "cnn10")
+            if host is None:
+                host = Moments(moments.n, moments.mean.cpu(), moments.comoment.cpu())
+            layer_similarity(metric, stack, host, "cnn10", "cnn10")
         else:
-            map_similarity(metric, stack, moments, "cnn10", "cnn10")
+            dead = metric.dead(moments, 1e-10)
+            values, undefined = prepared_values(metric, stack, moments, "cnn10", "cnn10", dead)
+            map_similarity(metric, stack, moments, "cnn10", "cnn10", values=values.cpu(),
+                           dead=dead.cpu(), undefined=undefined.cpu())
 
 
 def float64_pearson(z: torch.Tensor) -> torch.Tensor:

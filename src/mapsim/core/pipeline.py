@@ -171,7 +171,9 @@ class ProcessSink:
         self._deliver = deliver
         self._jobs = context.Queue()
         self._done = context.Queue()
-        self._slots = threading.Semaphore(depth or 4 * workers)
+        # a few jobs beyond one per worker keep them busy; more would only hold memory (a
+        # job can be a similarity matrix of several MB)
+        self._slots = threading.Semaphore(depth or workers + 2)
         self._seq = 0
         self._error: BaseException | None = None
         self._procs = [
