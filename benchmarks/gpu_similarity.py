@@ -65,15 +65,12 @@ def timed(fn: Callable[[], object], device: str, repeats: int) -> float:
 
 
 def metrics_step(metrics: list, stack: MapStack, moments: Moments) -> None:
-    """Every metric's values on the host from one set of moments, as the runner's fast path
-    gets them: map metrics checked and their dead-map rule applied where the moments are,
-    then copied; layer metrics from a host copy of the moments."""
-    host = None
+    """Every metric's values on the host from one set of moments: map metrics checked and
+    their dead-map rule applied where the moments are (as in the runner's fast path), then
+    copied; layer metrics (CKA) from the same moments, one transfer each."""
     for metric in metrics:
         if metric.info.granularity == "layer":
-            if host is None:
-                host = Moments(moments.n, moments.mean.cpu(), moments.comoment.cpu())
-            layer_similarity(metric, stack, host, "cnn10", "cnn10")
+            layer_similarity(metric, stack, moments, "cnn10", "cnn10")
         else:
             dead = metric.dead(moments, 1e-10)
             values, undefined = prepared_values(metric, stack, moments, "cnn10", "cnn10", dead)

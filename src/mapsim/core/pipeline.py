@@ -171,9 +171,9 @@ class ProcessSink:
         self._deliver = deliver
         self._jobs = context.Queue()
         self._done = context.Queue()
-        # a few jobs beyond one per worker keep them busy; more would only hold memory (a
-        # job can be a similarity matrix of several MB)
-        self._slots = threading.Semaphore(depth or workers + 2)
+        # jobs in flight: enough that a slow job does not stall the others (fewer cost
+        # throughput on an H100 host), few enough to bound memory
+        self._slots = threading.Semaphore(depth or 4 * workers)
         self._seq = 0
         self._error: BaseException | None = None
         self._procs = [
