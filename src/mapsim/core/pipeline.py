@@ -23,6 +23,7 @@ import torch
 from mapsim.core.errors import OutputError
 
 _DONE = object()
+_STARTED = "started"
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -135,6 +136,7 @@ def _worker(work: Callable[[Any], Any], jobs: Any, done: Any) -> None:
         if job is None:
             return
         seq, payload = job
+        done.put((seq, _STARTED, None))  # the parent may queue another job
         try:
             result = work(payload)
         except BaseException as exc:  # handed to the parent, which raises it
@@ -160,8 +162,9 @@ class ProcessSink:
     processes are forked, so ``work`` and what it refers to are inherited, never pickled
     (jobs and results are). ``deliver(result)`` then runs in one thread of this process, in
     the order the jobs were queued, so every table is written in order. At most ``depth``
-    jobs are in flight, which bounds memory. Use :func:`make_sink`, which falls back to a
-    thread where processes cannot be forked.
+    jobs wait for a worker: that bounds the memory jobs hold here (a job can be a similarity
+    matrix of several MB), while a slow job never holds the others back. Use
+    :func:`make_sink`, which falls back to a thread where processes cannot be forked.
     """
 
     def __init__(self, work: Callable[[Any], Any], deliver: Callable[[Any], None],
@@ -171,9 +174,7 @@ class ProcessSink:
         self._deliver = deliver
         self._jobs = context.Queue()
         self._done = context.Queue()
-        # jobs in flight: enough that a slow job does not stall the others (fewer cost
-        # throughput on an H100 host), few enough to bound memory
-        self._slots = threading.Semaphore(depth or 4 * workers)
+        self._slots = threading.Semaphore(depth or 4)
         self._seq = 0
         self._error: BaseException | None = None
         self._procs = [
@@ -196,6 +197,9 @@ class ProcessSink:
         expected = 0
         while True:
             seq, ok, result = self._done.get()
+            if ok == _STARTED:  # (pickled: equal, not the same object)
+                self._slots.release()
+                continue
             if seq is None:
                 if waiting and self._error is None:
                     self._error = OutputError("a results writer process stopped unexpectedly")
@@ -204,7 +208,6 @@ class ProcessSink:
             while expected in waiting:
                 ok, result = waiting.pop(expected)
                 expected += 1
-                self._slots.release()
                 if self._error is not None:
                     continue  # after a failure nothing more is written
                 if not ok:
@@ -221,7 +224,7 @@ class ProcessSink:
             raise error
 
     def put(self, job: Any) -> None:
-        """Queue one job (blocks while ``depth`` jobs are in flight)."""
+        """Queue one job (blocks while ``depth`` jobs wait for a worker)."""
         self._raise()
         while not self._slots.acquire(timeout=1.0):
             self._raise()
