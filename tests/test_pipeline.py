@@ -145,16 +145,3 @@ def test_process_sink_reports_a_worker_process_that_died(tmp_path):
             sink.put((tmp_path / "t.txt", f"{k}"))
         sink.close()
     assert not (tmp_path / "t.txt").exists()
-
-
-def test_process_sink_forks_its_workers_at_the_first_job(tmp_path):
-    from mapsim.core.pipeline import ProcessSink
-
-    idle = ProcessSink(_line, _append, workers=2)
-    idle.close()  # nothing queued: nothing was forked
-    assert not any(p.pid for p in idle._procs)
-    sink = ProcessSink(_line, _append, workers=2)
-    sink.put((tmp_path / "a.txt", "one"))
-    assert all(p.pid for p in sink._procs)
-    sink.close()
-    assert (tmp_path / "a.txt").read_text() == "one\n"

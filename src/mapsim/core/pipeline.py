@@ -182,20 +182,14 @@ class ProcessSink:
                             name=f"mapsim-writer-{k}", daemon=True)
             for k in range(workers)
         ]
-        self._collector = threading.Thread(target=self._collect, name="mapsim-writer",
-                                           daemon=True)
-        self._started = False
-
-    def _start(self) -> None:
-        """Fork the workers (at the first job: by then a GPU is busy with the first image,
-        so the forks cost the run little)."""
-        self._started = True
         with warnings.catch_warnings():
             # Python 3.12+ warns about forking a multi-threaded process (torch's thread pools);
             # the workers only build and format tables, never run torch, so the fork is safe.
             warnings.simplefilter("ignore", DeprecationWarning)
             for proc in self._procs:
                 proc.start()
+        self._collector = threading.Thread(target=self._collect, name="mapsim-writer",
+                                           daemon=True)
         self._collector.start()
 
     def _collect(self) -> None:
@@ -231,8 +225,6 @@ class ProcessSink:
 
     def put(self, job: Any) -> None:
         """Queue one job (blocks while ``depth`` jobs wait for a worker)."""
-        if not self._started:
-            self._start()
         self._raise()
         while not self._slots.acquire(timeout=1.0):
             self._raise()
@@ -244,8 +236,6 @@ class ProcessSink:
 
     def close(self) -> None:
         """Wait until every job is done and delivered; raise the first error, if any."""
-        if not self._started:
-            return
         for _ in self._procs:
             self._jobs.put(None)
         for proc in self._procs:

@@ -611,7 +611,9 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
         dataset = runner.dataset(base_dir)
         summaries = summary_accumulators(runner.aggregators)
         from_aggregators = {t for a in runner.aggregators for t in a.summarise}  # always written
-        # images are read ahead in a thread; tables are built and written behind
+        # images are read ahead in a thread; tables are built and written behind. The worker
+        # processes are forked before the models are built and moved to a GPU: a smaller
+        # process forks faster, and the workers hold no device state.
         sink = table_sink(runner, writer, summaries, len(dataset))
         n_images = 0
         ids: set[str] = set()
