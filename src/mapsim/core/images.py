@@ -239,13 +239,18 @@ def to_channels(arr: np.ndarray, color: str) -> np.ndarray:
     return np.ascontiguousarray(arr[np.newaxis, :, :, index], dtype=np.float32)
 
 
+#: elements per float64 temporary in :func:`normalise` (2 MiB): a large image needs no
+#: full-size float64 copies, which would add to a run's peak memory while images are read ahead
+_BLOCK = 1 << 18
+
+
 def normalise(x: np.ndarray, method: str) -> np.ndarray:
     """Normalise one image's intensities; returns float32 of the same shape.
 
     ``"zscore"``: subtract the mean and divide by the standard deviation, both taken over all
     pixels and channels (per image); ``"minmax"``: scale to [0, 1]; ``"none"``: unchanged.
-    Statistics are computed in float64. A constant image gives all zeros (never NaN) for
-    ``"zscore"`` and ``"minmax"``.
+    Statistics and arithmetic are in float64, a block of pixels at a time. A constant image
+    gives all zeros (never NaN) for ``"zscore"`` and ``"minmax"``.
 
     :raises ImageError: for an unknown ``method``.
     """
@@ -253,16 +258,29 @@ def normalise(x: np.ndarray, method: str) -> np.ndarray:
         raise ImageError(
             f"unknown normalisation {method!r}; choose one of {', '.join(NORMALISATIONS)}."
         )
-    x64 = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x)
+    flat = x.reshape(-1)
+    out = np.empty(x.shape, dtype=np.float32)
+    out_flat = out.reshape(-1)
+    blocks = [slice(k, k + _BLOCK) for k in range(0, flat.size, _BLOCK)]
     if method == "none":
-        return x64.astype(np.float32)
-    lo, hi = (x64.min(), x64.max()) if x64.size else (0.0, 0.0)
+        for b in blocks:
+            out_flat[b] = flat[b].astype(np.float64)
+        return out
+    lo, hi = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 0.0)
     if hi == lo:
-        return np.zeros(x64.shape, dtype=np.float32)
+        out.fill(0.0)
+        return out
     if method == "minmax":
-        return ((x64 - lo) / (hi - lo)).astype(np.float32)
-    centred = x64 - x64.mean()
-    return (centred / centred.std()).astype(np.float32)
+        shift, scale = lo, hi - lo
+    else:
+        shift = sum(float(np.add.reduce(flat[b], dtype=np.float64)) for b in blocks) / flat.size
+        squares = sum(float(np.add.reduce((flat[b].astype(np.float64) - shift) ** 2))
+                      for b in blocks)
+        scale = np.sqrt(squares / flat.size)
+    for b in blocks:
+        out_flat[b] = (flat[b].astype(np.float64) - shift) / scale
+    return out
 
 
 # --------------------------------------------------------------------------- labels and ROI
