@@ -137,6 +137,18 @@ def host_only(args: argparse.Namespace, folder: Path, out: Path) -> list[str]:
                 f"{k} {v:.3f}" for k, v in runner.timings.items())]
 
 
+def growth(runs: list[dict]) -> str:
+    """How much the peaks of the larger runs exceed those of the smallest, in percent."""
+    first = runs[0]
+    parts = []
+    for key, label in (("rss_gib", "host RSS"), ("gpu_gib", "GPU")):
+        if key in first:
+            worst = max(100 * (r[key] / first[key] - 1) for r in runs[1:]) if runs[1:] else 0
+            parts.append(f"{label} +{worst:.1f} %")
+    return (f"largest growth over {first['n']} image(s): " + ", ".join(parts)
+            + " [flat: within 5 %]")
+
+
 def write_profile(profiler, path: Path) -> None:
     import io
     import pstats
@@ -198,15 +210,19 @@ def main() -> None:
             write_profile(profiler, args.profile)
         print(lines[0], flush=True)
     elif counts:
+        runs = []
         for n in counts:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--child", str(n),
                    "--workdir", str(work)]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             info = json.loads(done.stdout.strip().splitlines()[-1])
-            gpu = f", peak GPU {info['gpu_gib']:.2f} GiB" if "gpu_gib" in info else ""
-            lines.append(f"{n} images: peak host RSS {info['rss_gib']:.2f} GiB{gpu}, "
+            runs.append(info)
+            gpu = f", peak GPU {info['gpu_gib']:.3f} GiB" if "gpu_gib" in info else ""
+            lines.append(f"{n} images: peak host RSS {info['rss_gib']:.3f} GiB{gpu}, "
                          f"{info['seconds'] / n:.3f} s/image")
             print(lines[-1], flush=True)
+        lines.append(growth(runs))
+        print(lines[-1], flush=True)
     else:
         one_run(args, folder, 1, work / "warm")  # warm-up: first-call costs, cuDNN choice
         if args.profile:

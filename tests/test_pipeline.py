@@ -24,6 +24,24 @@ def test_prefetch_keeps_order_and_reads_ahead_in_another_thread():
     assert list(prefetch(iter(range(5)), depth=0)) == list(range(5))
 
 
+def test_prefetch_reads_no_more_than_depth_items_beyond_the_one_in_hand():
+    produced = []
+
+    def items():
+        for k in range(10):
+            produced.append(k)
+            yield k
+
+    stream = prefetch(items(), depth=2)
+    assert next(stream) == 0
+    time.sleep(0.3)  # ample time for the thread to read everything it may
+    assert produced == [0, 1, 2]  # item 0 in hand, 1 and 2 waiting: no item 3 read yet
+    assert next(stream) == 1
+    time.sleep(0.3)
+    assert produced == [0, 1, 2, 3]
+    stream.close()
+
+
 def test_prefetch_raises_where_the_failing_item_would_be():
     def items():
         yield 1
