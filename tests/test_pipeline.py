@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from mapsim.core.pipeline import BackgroundSink, prefetch
+import torch
+
+from mapsim.core.pipeline import BackgroundSink, prefetch, to_device
 
 
 def test_prefetch_keeps_order_and_reads_ahead_in_another_thread():
@@ -163,3 +165,28 @@ def test_process_sink_reports_a_worker_process_that_died(tmp_path):
             sink.put((tmp_path / "t.txt", f"{k}"))
         sink.close()
     assert not (tmp_path / "t.txt").exists()
+
+
+def test_to_device_on_the_cpu_gives_the_same_values():
+    host = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    assert torch.equal(to_device(host, torch.device("cpu")), host)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_to_device_does_not_wait_for_queued_work_and_pins_no_host_copy():
+    device = torch.device("cuda")
+    busy = torch.randn(4096, 4096, device=device)
+    host = torch.randn(1104, 1376, dtype=torch.float32)  # a 6 MB image
+    to_device(host, device)  # first call: the copy stream is created
+    torch.cuda.synchronize()
+    pinned = torch.cuda.memory.host_memory_stats().get("allocated_bytes.current", 0)
+    for _ in range(40):  # about a second of queued work on the current stream
+        busy = busy @ busy
+        busy /= busy.norm()
+    queued = torch.cuda.Event()
+    queued.record()
+    copied = to_device(host, device)
+    assert not queued.query()  # returned while that work was still running
+    total = copied.double().sum()  # on the current stream: ordered after the copy
+    assert torch.cuda.memory.host_memory_stats().get("allocated_bytes.current", 0) == pinned
+    assert total.item() == pytest.approx(host.double().sum().item(), rel=1e-12, abs=1e-9)
