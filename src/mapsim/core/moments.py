@@ -180,7 +180,7 @@ def local_centre_(chunks: torch.Tensor, count: int) -> tuple[torch.Tensor, torch
     sums what varies within the chunk. :func:`local_correction` adds back the exact rest.
     """
     data = chunks[..., :count]
-    mean = data.sum(dim=2, dtype=torch.float64) / count
+    mean = row_sums(data, dims=(2,)) / count
     a32 = mean.to(torch.float32)
     data.sub_(a32.unsqueeze(2))
     a = a32.to(torch.float64)
