@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-
 import torch
 
 from mapsim.core.pipeline import BackgroundSink, prefetch, to_device
