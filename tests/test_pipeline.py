@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,15 +26,21 @@ def test_prefetch_keeps_order_and_reads_ahead_in_another_thread():
     assert list(prefetch(iter(range(5)), depth=0)) == list(range(5))
 
 
-def test_prefetch_reads_no_more_than_depth_items_beyond_the_one_in_hand():
-    produced = []
+def _recorded(n: int) -> tuple[list[int], Iterator[int]]:
+    """0..n-1 as a generator, and the list of the items it has produced so far."""
+    produced: list[int] = []
 
-    def items():
-        for k in range(10):
+    def items() -> Iterator[int]:
+        for k in range(n):
             produced.append(k)
             yield k
 
-    stream = prefetch(items(), depth=2)
+    return produced, items()
+
+
+def test_prefetch_reads_no_more_than_depth_items_beyond_the_one_in_hand():
+    produced, items = _recorded(10)
+    stream = prefetch(items, depth=2)
     assert next(stream) == 0
     time.sleep(0.3)  # ample time for the thread to read everything it may
     assert produced == [0, 1, 2]  # item 0 in hand, 1 and 2 waiting: no item 3 read yet
@@ -57,14 +64,8 @@ def test_prefetch_raises_where_the_failing_item_would_be():
 
 
 def test_prefetch_stops_its_thread_when_the_consumer_stops():
-    produced = []
-
-    def items():
-        for k in range(1000):
-            produced.append(k)
-            yield k
-
-    for item in prefetch(items(), depth=2):
+    produced, items = _recorded(1000)
+    for item in prefetch(items, depth=2):
         if item == 3:
             break
     assert len(produced) < 10
