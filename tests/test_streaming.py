@@ -140,8 +140,8 @@ def test_streamed_run_equals_the_stacked_run(tmp_path, monkeypatch, engine, metr
     calls = []
     original = Runner._stream
 
-    def counting(self, item):
-        pending = original(self, item)
+    def counting(self, item, closes=None):
+        pending = original(self, item, closes)
         calls.append(pending is not None)
         return pending
 

@@ -22,8 +22,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         device=args.device,
         overwrite=args.overwrite,
+        resume=args.resume,
         progress=not args.quiet,
     )
+    if not result.info:  # a process of a torchrun job other than rank 0: rank 0 reports
+        return 0
     print(f"{result.n_images} image(s) on {result.info['device']}; results in {result.out_dir}")
     print("files: " + ", ".join(sorted(p.relative_to(result.out_dir).as_posix()
                                       for p in result.out_dir.rglob("*") if p.is_file())))
@@ -140,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the spec's device)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results in a non-empty output directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same spec: skip the blocks of "
+                   "images it finished")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
 
@@ -183,14 +189,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MapsimError as exc:
-        print(f"mapsim: error: {exc}", file=sys.stderr)
+        from mapsim.core.distributed import RunAborted
+
+        if not (isinstance(exc, RunAborted) and os.environ.get("RANK", "0") != "0"):
+            # (a process stopped by another's failure stays quiet: rank 0 reports it)
+            print(f"mapsim: error: {exc}", file=sys.stderr)
+            _print_notes(exc)
         return 2
-    except KeyboardInterrupt:
-        print("mapsim: interrupted; no results were written", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print("mapsim: interrupted; no results were published", file=sys.stderr)
+        _print_notes(exc)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
+
+
+def _print_notes(exc: BaseException) -> None:
+    for note in getattr(exc, "__notes__", ()):
+        print(f"mapsim: {note}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@ Semantics (DESIGN.md section 5):
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -282,6 +283,54 @@ class SummaryAccumulator:
         self._m2[index] = np.where(ok, m2 + delta * (safe - new_mean), m2)
         self._n[index], self._mean[index] = n, new_mean
 
+    def merge(self, other: SummaryAccumulator) -> None:
+        """Add the images ``other`` has seen, as if they came after this one's (Chan et al.'s
+        parallel update of count, mean and sum of squared deviations, float64). Keys and
+        statistics keep their order of first appearance."""
+        if other.keys != self.keys:
+            raise ValueError(f"cannot merge summaries over {other.keys} into {self.keys}")
+        if not other._order:
+            return
+        row_map = np.array([self._row(k) for k in other._rows], dtype=np.int64)
+        col_map = np.array([self._column(s) for s in other._stats], dtype=np.int64)
+        self._grow()
+        r, c = (np.array(part, dtype=np.int64) for part in zip(*other._order))
+        rows, cols = row_map[r], col_map[c]
+        new = ~self._seen[rows, cols]
+        self._order.extend(zip(rows[new].tolist(), cols[new].tolist()))
+        self._seen[rows, cols] = True
+        n_a, n_b = self._n[rows, cols], other._n[r, c]
+        n = n_a + n_b
+        mean_a, mean_b = self._mean[rows, cols], other._mean[r, c]
+        delta = mean_b - mean_a
+        share = np.where(n > 0, n_b / np.maximum(n, 1), 0.0)
+        self._mean[rows, cols] = mean_a + delta * share
+        self._m2[rows, cols] = self._m2[rows, cols] + other._m2[r, c] + delta**2 * n_a * share
+        self._n[rows, cols] = n
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Everything needed to rebuild this accumulator: JSON-able metadata and arrays."""
+        size = (len(self._rows), len(self._stats))
+        meta = {"keys": self.keys, "rows": [[_plain(v) for v in k] for k in self._rows],
+                "stats": list(self._stats), "order": [list(o) for o in self._order]}
+        arrays = {"n": self._n[: size[0], : size[1]], "mean": self._mean[: size[0], : size[1]],
+                  "m2": self._m2[: size[0], : size[1]], "seen": self._seen[: size[0], : size[1]]}
+        return meta, {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]
+                   ) -> SummaryAccumulator:
+        """The accumulator :meth:`state` described."""
+        out = cls(meta["keys"])
+        out._rows = {tuple(k): i for i, k in enumerate(meta["rows"])}
+        out._stats = {s: i for i, s in enumerate(meta["stats"])}
+        out._n = arrays["n"].astype(np.int64).reshape(len(out._rows), len(out._stats))
+        out._mean = arrays["mean"].astype(np.float64).reshape(out._n.shape)
+        out._m2 = arrays["m2"].astype(np.float64).reshape(out._n.shape)
+        out._seen = arrays["seen"].astype(bool).reshape(out._n.shape)
+        out._order = [(int(r), int(c)) for r, c in meta["order"]]
+        return out
+
     def table(self) -> pd.DataFrame:
         """Long form: keys, statistic, mean, std (ddof=1; empty below two images), n_images."""
         columns = [*self.keys, "statistic", "mean", "std", "n_images"]
@@ -319,3 +368,8 @@ def pairs_table(sim: SimilarityMatrix) -> pd.DataFrame:
                 "dead_b": np.tile(sim.dead_b[bb.start:bb.stop], ba.n_maps),
             }))
     return pd.concat(frames, ignore_index=True)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds (for JSON)."""
+    return value.item() if isinstance(value, np.generic) else value

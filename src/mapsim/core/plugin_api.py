@@ -13,6 +13,7 @@ mapsim builds the spec schema from those models and constructs the plugin as
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,15 @@ class Dataset(Plugin):
     @abstractmethod
     def __iter__(self) -> Iterator[ImageItem]:
         """The images in a fixed order, read lazily."""
+
+    def slice(self, start: int, stop: int) -> Iterator[ImageItem]:
+        """Images ``start`` to ``stop - 1`` of :meth:`__iter__`'s order, read lazily.
+
+        A run reads its images through this, one block at a time (a process of a torchrun
+        job reads only its own blocks). The default goes through :meth:`__iter__` from the
+        start and skips; a dataset with random access should override it.
+        """
+        return itertools.islice(iter(self), start, stop)
 
 
 # --------------------------------------------------------------------------- metrics

@@ -32,41 +32,33 @@ def check_target(target: Path, overwrite: bool) -> None:
         )
 
 
-class ResultsWriter:
-    """Writes the tables and files of one run into a staging folder, then publishes it."""
+class TableFiles:
+    """CSV tables in one folder, appended part by part (header written with the first part)."""
 
-    def __init__(self, target: str | Path, overwrite: bool = False) -> None:
-        self.target = Path(target).resolve()
-        self.overwrite = overwrite
-        check_target(self.target, overwrite)
-        try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(
-                tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent)
-            )
-        except OSError as exc:
-            raise OutputError(f"cannot create the output directory {self.target}: {exc}") from exc
-        self._headers: dict[str, list[str]] = {}
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        #: table -> its columns, in the order the tables were first written
+        self.headers: dict[str, list[str]] = {}
 
     def append(self, table: str, frame: pd.DataFrame) -> None:
-        """Append rows to ``<table>.csv`` (header written once; a frame whose columns differ
-        from the table's is reindexed to them)."""
+        """Append rows to ``<table>.csv`` (a frame whose columns differ from the table's is
+        reindexed to them)."""
         if frame.empty:
             return
-        known = self._headers.get(table)
+        known = self.headers.get(table)
         if known is not None and known != list(frame.columns):
             frame = frame.reindex(columns=known)
         self.append_part(format_part(table, frame))
 
     def append_part(self, part: TablePart) -> None:
-        """Append formatted rows to their table (header written with the first part)."""
-        path = self.staging / f"{part.table}.csv"
-        known = self._headers.get(part.table)
+        """Append formatted rows to their table."""
+        path = self.folder / f"{part.table}.csv"
+        known = self.headers.get(part.table)
         data = part.rows
         if known is None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._headers[part.table] = list(part.columns)
-            data = pd.DataFrame(columns=list(part.columns)).to_csv(index=False).encode() + data
+            self.headers[part.table] = list(part.columns)
+            data = header_line(part.columns) + data
         elif known != list(part.columns):
             raise OutputError(
                 f"table {part.table!r}: rows with the columns {list(part.columns)} follow rows "
@@ -74,6 +66,52 @@ class ResultsWriter:
                 "aggregator plugin must return the same columns for every image)"
             )
         append_bytes(path, data)
+
+    def append_file(self, table: str, columns: list[str], path: Path) -> None:
+        """Append the rows of another folder's ``<table>.csv`` (its header line skipped),
+        streamed: the file is never held in memory whole."""
+        with open(path, "rb") as source:
+            source.readline()
+            first = source.read(1 << 20)
+            if not first:
+                return
+            self.append_part(TablePart(table, tuple(columns), first))
+            with open(self.folder / f"{table}.csv", "ab") as target:
+                shutil.copyfileobj(source, target, 1 << 20)
+
+
+class ResultsWriter:
+    """Writes the tables and files of one run into a staging folder, then publishes it.
+
+    ``staging``: the folder to stage in (default: a new hidden folder beside the target).
+    """
+
+    def __init__(self, target: str | Path, overwrite: bool = False,
+                 staging: Path | None = None) -> None:
+        self.target = Path(target).resolve()
+        self.overwrite = overwrite
+        check_target(self.target, overwrite)
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            if staging is None:
+                staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-",
+                                                dir=self.target.parent))
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            self.staging = staging
+        except OSError as exc:
+            raise OutputError(f"cannot create the output directory {self.target}: {exc}") from exc
+        self.files = TableFiles(self.staging)
+
+    def append(self, table: str, frame: pd.DataFrame) -> None:
+        """Append rows to ``<table>.csv`` (header written once; a frame whose columns differ
+        from the table's is reindexed to them)."""
+        self.files.append(table, frame)
+
+    def append_part(self, part: TablePart) -> None:
+        """Append formatted rows to their table (header written with the first part)."""
+        self.files.append_part(part)
 
     def write_table(self, table: str, frame: pd.DataFrame) -> None:
         """Write ``<table>.csv`` whole."""
@@ -87,7 +125,7 @@ class ResultsWriter:
 
     def tables(self) -> list[str]:
         """Names of the tables written so far."""
-        return sorted(self._headers)
+        return sorted(self.files.headers)
 
     def publish(self) -> Path:
         """Move the staged results to the target; returns the target."""
@@ -120,6 +158,11 @@ def format_part(table: str, frame: pd.DataFrame) -> TablePart:
     in different processes)."""
     return TablePart(table, tuple(frame.columns),
                      frame.to_csv(header=False, index=False).encode("utf-8"))
+
+
+def header_line(columns: tuple[str, ...] | list[str]) -> bytes:
+    """The CSV header line of a table with ``columns``."""
+    return pd.DataFrame(columns=list(columns)).to_csv(index=False).encode("utf-8")
 
 
 def append_bytes(path: Path, data: bytes) -> None:

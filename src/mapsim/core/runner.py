@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,15 @@ from tqdm import tqdm
 
 import mapsim
 from mapsim.core import aggregation
+from mapsim.core.blocks import (
+    BlockState,
+    ImageBlock,
+    LocalBlocks,
+    PartialRun,
+    assign_blocks,
+    plan_blocks,
+)
+from mapsim.core.distributed import Inbox, RemoteBlocks, World
 from mapsim.core.errors import ExtractionError, ImageError, MapsimError, SpecError
 from mapsim.core.extraction import resolve_layers
 from mapsim.core.images import roi_mask
@@ -28,6 +38,7 @@ from mapsim.core.plugins import Registry, load_registry
 from mapsim.core.streaming import Layout, can_stream, probe_layout, stream_group
 from mapsim.core.tables import (
     AggregateJob,
+    BlockMark,
     FrameJob,
     TableWork,
     WorkResult,
@@ -131,6 +142,7 @@ class Runner:
         self.layouts: dict[tuple, Layout] = {}  # (group, image shape) -> layout, for streaming
         self.builders: dict[int, Any] = {}
         self._pending: tuple | None = None  # the fast-path image whose tables are not out yet
+        self._block_ids: list[str] = []  # ids of the images of the block being done
         self.capture = None  # keeps thumbnails and matrices when plots are requested
         if spec.output.plots or spec.output.report:
             from mapsim.plots.capture import PlotCapture
@@ -316,12 +328,18 @@ class Runner:
         self.submit(item, sink)
         self.flush(sink)
 
-    def submit(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> None:
+    def submit(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None],
+               index: int | None = None, closes: ImageBlock | None = None) -> None:
         """Start one image. On the fast path its tables are emitted at the next :meth:`submit`
         or :meth:`flush`, so the device computes this image while the host finishes the last.
+
+        ``index``: the image's place in the run (pictures keep the first images only).
+        ``closes``: the block this image ends; after its tables, the block's state goes to
+        ``sink.end_block`` (see :mod:`mapsim.core.blocks`).
         """
+        self._block_ids.append(item.id)
         try:
-            self._process(item, sink)
+            self._process(item, sink, index, closes)
         except torch.cuda.OutOfMemoryError as exc:
             raise MapsimError(
                 f"out of GPU memory on image {item.id} ({self.device}): fewer layers or models "
@@ -334,8 +352,9 @@ class Runner:
         if pending is not None:
             self._complete(pending, sink)
 
-    def _process(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None]) -> None:
-        pending = self._stream(item)
+    def _process(self, item: ImageItem, sink: Callable[[str, pd.DataFrame], None],
+                 index: int | None, closes: ImageBlock | None) -> None:
+        pending = self._stream(item, closes)
         if pending is not None:
             previous, self._pending = self._pending, pending
             if previous is not None:
@@ -344,7 +363,7 @@ class Runner:
         self.flush(sink)  # keep the images' tables in order
         start = time.perf_counter()
         acts = self.extract(item)
-        if self.capture is not None:
+        if self.capture is not None and (index is None or index < self.capture.n_images):
             self.capture.add_maps(item, acts)
         mask = self.mask_for(item)
         self._sync()
@@ -353,7 +372,7 @@ class Runner:
             if metric.accumulates:
                 metric.update(item.id, acts, mask)
         norms = any(m.needs_layer_norms for m in self.metrics)
-        for index, models in enumerate(self.groups):
+        for group, models in enumerate(self.groups):
             start = time.perf_counter()
             stack = stack_maps(acts, models, None if mask is None else mask.to(self.device))
             moments = compute_moments(
@@ -362,9 +381,11 @@ class Runner:
             self._sync()
             self.timings["moments"] += time.perf_counter() - start
             if self.streamable:
-                self.layouts[(index, item.image.shape)] = Layout.of(stack)
-            self._emit(item.id, index, models, stack, moments, sink)
+                self.layouts[(group, item.image.shape)] = Layout.of(stack)
+            self._emit(item.id, group, models, stack, moments, sink)
         del acts
+        if closes is not None:
+            self._close_block(self._take_block(closes, host=False), sink)
 
     def _emit(self, image_id: str, index: int, models: list[str], stack: MapStack,
               moments: Moments, sink: Callable[[str, pd.DataFrame], None],
@@ -380,6 +401,25 @@ class Runner:
         self.timings["similarity"] += time.perf_counter() - start - nested
         if pool:
             self._pool(index, stack, moments)
+
+    def _take_block(self, block: ImageBlock, host: bool) -> BlockState:
+        """The runner's part of a block's state; the block's pooled moments and image ids
+        start afresh. ``host``: copy the moments to the host without waiting (valid once the
+        work queued so far is done), else copy them now."""
+        copy = _moments_to_host if host else (lambda m: m.to("cpu"))
+        state = BlockState(block, ids=self._block_ids,
+                           pooled={g: copy(m) for g, m in self.pooled.items()},
+                           layouts={g: s.blocks for g, s in self.pooled_stacks.items()})
+        self._block_ids, self.pooled = [], {}
+        return state
+
+    def _close_block(self, state: BlockState, sink: Any) -> None:
+        """After the block's last tables: its dead-map counts and pictures, then the state to
+        the sink."""
+        state.dead_counts, self.dead_counts = self.dead_counts, {}
+        if self.capture is not None:
+            state.capture = self.capture.take()
+        sink.end_block(state)
 
     def _pool(self, index: int, stack: MapStack, moments: Moments) -> None:
         """Merge one image's moments into the pooled moments of its group."""
@@ -420,7 +460,7 @@ class Runner:
         return self.capture is None and can_stream(
             [m.extractor for m in self.models.values()], self.metrics)
 
-    def _stream(self, item: ImageItem) -> tuple | None:
+    def _stream(self, item: ImageItem, closes: ImageBlock | None = None) -> tuple | None:
         """Launch the fast path for one image (moments built in the hooks); None: not possible.
 
         Returns what :meth:`_complete` needs: the moments are copied to the host without
@@ -460,6 +500,7 @@ class Runner:
             self._pool(index, stack, moments)  # on the device, queued like the rest
             done.append((index, models, MapStack(torch.empty(stack.z.shape[0], 0),
                                                  stack.blocks), host, ahead))
+        closing = None if closes is None else self._take_block(closes, host=True)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
@@ -467,10 +508,10 @@ class Runner:
         seconds = time.perf_counter() - start
         self.timings["forward_and_moments"] += seconds
         self.timings["launch"] += seconds
-        return item.id, done, (began, event) if event is not None else None
+        return item.id, done, (began, event) if event is not None else None, closing
 
     def _complete(self, pending: tuple, sink: Callable[[str, pd.DataFrame], None]) -> None:
-        image_id, done, event = pending
+        image_id, done, event, closing = pending
         threads = torch.get_num_threads()
         if event is not None:
             began, event = event
@@ -489,6 +530,8 @@ class Runner:
                 self._emit(image_id, index, models, stack, moments, sink, ahead, pool=False)
         finally:
             torch.set_num_threads(threads)
+        if closing is not None:
+            self._close_block(closing, sink)
 
     def pooled_tables(self, sink: Callable[[str, pd.DataFrame], None]) -> None:
         """Tables from the moments merged over all images (moment-based metrics only), named
@@ -526,15 +569,26 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to("cpu", non_blocking=True)
 
 
+def _moments_to_host(moments: Moments) -> Moments:
+    """:func:`_to_host` of every tensor of ``moments``."""
+    extra = (None, None) if moments.layer_norms is None else (
+        _to_host(moments.layer_norms), _to_host(moments.layer_third))
+    return Moments(moments.n, _to_host(moments.mean), _to_host(moments.comoment),
+                   moments.layers, *extra)
+
+
 class RunSink:
     """Where a run's per-image tables go: into ``background`` (a sink of
     :mod:`mapsim.core.pipeline` running :class:`~mapsim.core.tables.TableWork`), as finished
     frames or as matrices to aggregate there."""
 
-    def __init__(self, background: Any, timings: dict[str, float], prefix: str = "") -> None:
+    def __init__(self, background: Any, timings: dict[str, float], prefix: str = "",
+                 states: dict[int, BlockState] | None = None) -> None:
         self.background = background
         self.timings = timings
         self.prefix = prefix
+        #: block index -> the runner's part of its state, until the block's mark is delivered
+        self.states = {} if states is None else states
 
     def __call__(self, name: str, frame: pd.DataFrame) -> None:
         self._put(FrameJob(self.prefix + name, frame))
@@ -545,7 +599,12 @@ class RunSink:
 
     def prefixed(self, prefix: str) -> RunSink:
         """The same sink, with ``prefix`` before every table name (e.g. ``pooled/``)."""
-        return RunSink(self.background, self.timings, self.prefix + prefix)
+        return RunSink(self.background, self.timings, self.prefix + prefix, self.states)
+
+    def end_block(self, state: BlockState) -> None:
+        """Queue the end of a block, after every table of its images."""
+        self.states[state.block.index] = state
+        self._put(BlockMark(state.block.index))
 
     def _put(self, job: Any) -> None:
         start = time.perf_counter()
@@ -566,21 +625,30 @@ def summary_accumulators(aggregators: list[Aggregator]) -> dict[str, Any]:
     return summaries
 
 
-def table_sink(runner: Runner, writer: Any, summaries: dict[str, Any], n_images: int) -> RunSink:
-    """The sink of a run's per-image tables: they are built and formatted in worker processes
-    (or a thread) and appended to ``writer`` in the order they were queued, updating
-    ``summaries`` in that order too."""
+def table_sink(runner: Runner, output: Any, n_images: int) -> RunSink:
+    """The sink of a rank's per-image tables: they are built and formatted in worker
+    processes (or a thread) and go to ``output`` in the order they were queued (a
+    :class:`~mapsim.core.blocks.BlockOutput`, or anything with ``part``), where the tables
+    summarised across images update the block's summaries in that order too."""
+    summarised = summary_accumulators(runner.aggregators)
     work = TableWork(runner.aggregators, runner.spec.output.pairs,
-                     {name: summary.keys for name, summary in summaries.items()})
+                     {name: summary.keys for name, summary in summarised.items()})
+    summaries = [summarised]  # the current block's
+    states: dict[int, BlockState] = {}
 
-    def deliver(result: WorkResult) -> None:
+    def deliver(result: WorkResult | BlockMark) -> None:
+        if isinstance(result, BlockMark):
+            state = states.pop(result.index)
+            state.summaries, summaries[0] = summaries[0], summary_accumulators(runner.aggregators)
+            output.commit(state)
+            return
         for part in result.parts:
-            writer.append_part(part)
+            output.part(part)
         for name, rows in result.summarised:
-            summaries[name].add_rows(rows)
+            summaries[0][name].add_rows(rows)
         runner.timings["aggregate_behind"] += result.seconds
 
-    return RunSink(make_sink(work, deliver, n_images), runner.timings)
+    return RunSink(make_sink(work, deliver, n_images), runner.timings, states=states)
 
 
 def _layer_frame(image_id: str, values: list[LayerValue]) -> pd.DataFrame:
@@ -590,59 +658,158 @@ def _layer_frame(image_id: str, values: list[LayerValue]) -> pd.DataFrame:
 
 
 def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = None,
-        device: str | None = None, overwrite: bool = False, progress: bool = True,
-        registry: Registry | None = None) -> RunResult:
+        device: str | None = None, overwrite: bool = False, resume: bool = False,
+        progress: bool = True, registry: Registry | None = None) -> RunResult:
     """Run a validated spec and write its results directory.
 
     Relative paths inside the spec resolve against ``base_dir`` (the spec file's folder);
     ``out_dir`` defaults to the spec's ``output.dir``, else ``results/<name>``.
-    """
-    from mapsim.core.results import ResultsWriter
 
+    The images are done in blocks of ``engine.block_images``, each kept in the partial
+    directory beside the results until all are done. ``resume``: skip the blocks that an
+    interrupted run of the same spec finished. Started by torchrun, every process runs this
+    on its share of the blocks and rank 0 writes (see :mod:`mapsim.core.distributed`); the
+    results are the same as one process's.
+    """
     started = time.perf_counter()
     base_dir = Path(base_dir)
     target = Path(out_dir) if out_dir is not None else (
         base_dir / spec.output.dir if spec.output.dir else Path("results") / spec.name
     )
-    runner = Runner(spec, base_dir, device=device, registry=registry)
-    writer = ResultsWriter(target, overwrite=overwrite)
+    world = World.from_env()
+    setup_error: BaseException | None = None
+    values: dict[str, int] = {}
+    runner = dataset = None
     try:
-        start = time.perf_counter()
-        dataset = runner.dataset(base_dir)
-        summaries = summary_accumulators(runner.aggregators)
-        from_aggregators = {t for a in runner.aggregators for t in a.summarise}  # always written
-        # images are read ahead in a thread; tables are built and written behind. The worker
-        # processes are forked before the models are built and moved to a GPU: the workers
-        # hold no device state, and this process then shares few pages with them, so it
-        # takes few copy-on-write faults (forking later slowed the H100 main loop by ~25%).
-        sink = table_sink(runner, writer, summaries, len(dataset))
-        n_images = 0
-        ids: set[str] = set()
+        chosen = world.device(resolve_device(device or spec.device))
+        world.start(chosen)
+    except BaseException:
+        world.close()
+        raise
+    try:
+        try:  # everything that can fail on one rank only, before the ranks meet
+            runner = Runner(spec, base_dir, device=str(chosen), registry=registry)
+            dataset = runner.dataset(base_dir)
+            values = {"images": len(dataset), "spec": int(spec.digest()[:15], 16)}
+        except Exception as exc:  # noqa: BLE001 - raised by agree(), on this rank
+            setup_error = exc
+        world.agree(setup_error, values)
+        result = _run_blocks(spec, world, runner, dataset, target, overwrite, resume, progress,
+                             started)
+    except BaseException as exc:
+        world.fail(exc)
+        if world.stop_together():
+            world.close()
+        raise
+    world.close()
+    return result
+
+
+def _run_blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: Path,
+                overwrite: bool, resume: bool, progress: bool, started: float) -> RunResult:
+    """A run's blocks on this rank; on rank 0 also the merge and the results directory."""
+    n_total = len(dataset)
+    if n_total == 0:
+        raise ImageError("the images entry gave no images")
+    blocks = plan_blocks(n_total, spec.engine.block_images)
+    partial = None
+    if world.main:
+        partial = PartialRun(target, spec.digest(), n_total, spec.engine.block_images,
+                             resume=resume, overwrite=overwrite)
+        done = set(partial.done)
+        world.share("done", json.dumps(sorted(done)))
+    else:
+        done = set(json.loads(world.shared("done")))
+    mine = assign_blocks(blocks, done, world.size, world.rank)
+    output = LocalBlocks(mine, partial) if world.main else RemoteBlocks(mine, world)
+    inbox = Inbox(world, partial) if world.main and world.distributed else None
+    try:
+        if done and any(m.accumulates for m in runner.metrics):
+            raise SpecError(_cannot_share("resume an interrupted run", runner))
+        if world.distributed and any(m.accumulates for m in runner.metrics):
+            raise SpecError(_cannot_share(f"run in {world.size} processes", runner))
+        n_mine = sum(b.size for b in mine)
+        # The worker processes that build the tables are forked before the models are built
+        # and moved to a GPU: the workers hold no device state, and this process then shares
+        # few pages with them, so it takes few copy-on-write faults (forking later slowed the
+        # H100 main loop by ~25%).
+        sink = table_sink(runner, output, n_mine)
         try:
+            start = time.perf_counter()
             runner.prepare_models()
-            runner.timings["setup"] = time.perf_counter() - start
-            for item in tqdm(prefetch(dataset, depth=2), total=len(dataset), desc=spec.name,
-                             unit="image", disable=not progress):
+            runner.timings["setup"] = time.perf_counter() - started
+            ids: set[str] = set()
+            label = spec.name if not world.distributed else f"{spec.name} [{world.rank}]"
+            bar = tqdm(total=n_mine, desc=label, unit="image",
+                       disable=not progress or not world.main)
+            for block, index, item in prefetch(block_items(dataset, mine), depth=2):
+                world.check()
                 if item.id in ids:
                     raise ImageError(
                         f"two images have the id {item.id!r}; image ids must be unique")
                 ids.add(item.id)
-                runner.submit(item, sink)
-                n_images += 1
+                runner.submit(item, sink, index=index,
+                              closes=block if index == block.stop - 1 else None)
+                bar.update()
+            bar.close()
             runner.flush(sink)
-            if spec.engine.pooled:
-                runner.pooled_tables(sink)
         finally:
             sink.close()
-        if n_images == 0:
-            raise ImageError("the images entry gave no images")
+        output.finish()
+        runner.timings["images"] = time.perf_counter() - start
+        if not world.main:
+            world.shared("finished")
+            return RunResult(target.resolve(), n_total, [], {})
+        if inbox is not None:
+            inbox.wait()
+        return _merge_and_publish(spec, world, runner, partial, blocks, done, overwrite,
+                                  started)
+    except BaseException as exc:
+        output.abort()
+        if partial is not None:
+            note = partial.keep_or_remove()
+            if note is not None and hasattr(exc, "add_note"):
+                exc.add_note(note)
+        raise
+
+
+def _merge_and_publish(spec: Any, world: World, runner: Runner, partial: PartialRun,
+                       blocks: list[ImageBlock], resumed: set[int], overwrite: bool,
+                       started: float) -> RunResult:
+    """Rank 0, after every block is done: the results directory, staged in the partial
+    directory and moved into place."""
+    from mapsim.core.results import ResultsWriter
+
+    start = time.perf_counter()
+    writer = ResultsWriter(partial.target, overwrite=overwrite,
+                           staging=partial.folder / "results")
+    try:
+        merged = partial.merge_into(writer.files, blocks, runner.capture)
+        runner.dead_counts = merged.dead_counts
+        runner.pooled = merged.pooled
+        runner.pooled_stacks = {g: MapStack(torch.empty(layout[-1].stop, 0), layout)
+                                for g, layout in merged.layouts.items()}
+        if spec.engine.pooled:
+            sink = table_sink(runner, _Appender(writer), 0)
+            try:
+                runner.pooled_tables(sink)
+            finally:
+                sink.close()
         runner.across_image_tables(writer.append)
-        for table, accumulator in summaries.items():
-            frame = accumulator.table()
+        from_aggregators = {t for a in runner.aggregators for t in a.summarise}  # always written
+        for table, accumulator in summary_accumulators(runner.aggregators).items():
+            frame = merged.summaries.get(table, accumulator).table()
             if table in from_aggregators or not frame.empty:
                 name = "summary" if table == "pivot" else f"{table}_summary"
                 writer.write_table(name, frame)
-        info = run_info(spec, runner, n_images, time.perf_counter() - started)
+        runner.timings["merge"] = time.perf_counter() - start
+        info = run_info(spec, runner, merged.n_images, time.perf_counter() - started)
+        info["blocks"] = {
+            "processes": world.size, "backend": world.backend or "none",
+            "block_images": spec.engine.block_images, "blocks": len(blocks),
+            "resumed_blocks": len(resumed),
+            "images_per_rank": {str(r): n for r, n in sorted(merged.images_per_rank.items())},
+        }
         writer.write_json("run.json", info)
         if runner.capture is not None:
             from mapsim.plots import draw_for_run
@@ -654,7 +821,37 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
     except BaseException:
         writer.discard()
         raise
-    return RunResult(out, n_images, tables, info)
+    partial.remove()
+    world.share("finished", str(out))
+    return RunResult(out, merged.n_images, tables, info)
+
+
+class _Appender:
+    """A results writer as a sink's output (tables that belong to no block)."""
+
+    def __init__(self, writer: Any) -> None:
+        self.part = writer.append_part
+
+
+def block_items(dataset: Any, blocks: list[ImageBlock]) -> Iterator[tuple[ImageBlock, int, Any]]:
+    """``(block, image index, image)`` for every image of ``blocks``, in order."""
+    for block in blocks:
+        count = 0
+        for count, item in enumerate(dataset.slice(block.start, block.stop), start=1):
+            yield block, block.start + count - 1, item
+        if count != block.size:
+            raise ImageError(
+                f"the dataset has {len(dataset)} images but gave {count} for images "
+                f"{block.start} to {block.stop - 1}; a dataset must give as many images as "
+                "its length"
+            )
+
+
+def _cannot_share(what: str, runner: Runner) -> str:
+    names = ", ".join(m.label for m in runner.metrics if m.accumulates)
+    return (f"cannot {what}: metric {names} accumulates over all images in one process "
+            "(e.g. cka with samples: images). Run it in one process without --resume, or "
+            "choose samples: pixels")
 
 
 def run_info(spec: Any, runner: Runner, n_images: int, seconds: float) -> dict[str, Any]:

@@ -137,6 +137,12 @@ class EngineSpec(StrictModel):
     pooled: bool = Field(
         False, description="Also compute the tables from moments pooled over all images."
     )
+    block_images: int = Field(
+        16, ge=1,
+        description="Images per block: the unit that the processes of a torchrun job share "
+        "out and that --resume skips once done. Results do not depend on it, except for "
+        "rounding in the summaries and pooled tables.",
+    )
     fuse_batchnorm: bool = Field(
         True,
         description="Fold batch norms into the convolutions before them for the run (models "

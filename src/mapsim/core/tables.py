@@ -1,6 +1,6 @@
 """From similarity matrices to formatted table parts, in whatever process has time for it.
 
-The main loop of a run hands out two kinds of jobs: a finished table part
+The main loop of a run hands out two kinds of jobs (and block marks, passed through): a finished table part
 (:class:`FrameJob`: dead-map counts, layer values) and a similarity matrix to aggregate
 (:class:`AggregateJob`: the study's tables, the bulk of the rows). :class:`TableWork` turns
 either into :class:`~mapsim.core.results.TablePart` objects (CSV rows without a header) and
@@ -43,6 +43,14 @@ class AggregateJob:
     prefix: str = ""
 
 
+@dataclass(frozen=True)
+class BlockMark:
+    """The end of a block of images (:mod:`mapsim.core.blocks`): passed through unchanged,
+    so that it is delivered after every table of the block."""
+
+    index: int
+
+
 @dataclass
 class WorkResult:
     """What one job gave: the parts to append, what the tables summarised across images add
@@ -82,7 +90,9 @@ class TableWork:
         #: table -> key columns of its summary across images
         self.summarised = dict(summarised)
 
-    def __call__(self, job: FrameJob | AggregateJob) -> WorkResult:
+    def __call__(self, job: FrameJob | AggregateJob | BlockMark) -> WorkResult | BlockMark:
+        if isinstance(job, BlockMark):
+            return job
         seconds = 0.0
         if isinstance(job, FrameJob):
             frames = [(job.table, job.frame)]

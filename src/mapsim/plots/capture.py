@@ -83,6 +83,32 @@ class PlotCapture:
             "higher_is_more_similar": bool(sim.higher_is_more_similar),
         }
 
+    def take(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What was kept since the last call, as JSON-able metadata and named arrays (for a
+        block of a run); the capture is then empty again."""
+        meta: dict[str, Any] = {"thumbs": [], "mats": [], "meta": self.meta}
+        arrays: dict[str, np.ndarray] = {}
+        for kind, kept in (("thumbs", self.thumbs), ("mats", self.mats)):
+            for image, per_key in kept.items():
+                names = []
+                for key, array in per_key.items():
+                    name = f"{kind}/{len(arrays)}"
+                    arrays[name] = np.ascontiguousarray(array)
+                    names.append([key, name])
+                meta[kind].append([image, names])
+        self.thumbs, self.mats, self.meta = {}, {}, {}
+        return meta, arrays
+
+    def absorb(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Add what :meth:`take` gave (images after those already kept, up to ``n_images``)."""
+        for image, names in meta["thumbs"]:
+            if len(self.thumbs) < self.n_images and image not in self.thumbs:
+                self.thumbs[image] = {key: arrays[name] for key, name in names}
+        for image, names in meta["mats"]:
+            if image in self.thumbs:
+                self.mats.setdefault(image, {}).update({key: arrays[n] for key, n in names})
+                self.meta.setdefault(image, {}).update(meta["meta"].get(image, {}))
+
     def write(self, root: Path) -> None:
         """Write ``thumbnails/`` and ``matrices/`` under ``root``."""
         _write_folder(Path(root) / "thumbnails", self.thumbs, {})

@@ -114,6 +114,7 @@ class FilesDataset(Dataset):
         else:
             pairs = self._pair_labels(images, labels)
             self.entries = [FileEntry(i, path, lab) for i, path, lab in zip(ids, images, pairs)]
+        self._first: tuple[Path, tuple[int, ...]] | None = None  # for same_size
 
     def _pair_labels(self, images: list[Path], labels: list[Path]) -> list[Path]:
         """The label of each image, matched by stem (minus ``label_suffix``)."""
@@ -168,19 +169,22 @@ class FilesDataset(Dataset):
         :raises ImageError: for an unreadable file, a label whose size differs from its image,
             or (with ``same_size``) an image whose size differs from the first one.
         """
+        return self.slice(0, len(self.entries))
+
+    def slice(self, start: int, stop: int) -> Iterator[ImageItem]:
+        """Images ``start`` to ``stop - 1`` of the sorted order, read one at a time (with
+        ``same_size``, each is checked against the first image of the whole set)."""
         p = self.params
-        first: tuple[Path, tuple[int, ...]] | None = None
-        for entry in self.entries:
+        for entry in self.entries[max(start, 0):stop]:
             image = to_channels(read_image(entry.image), p.color)
             shape = image.shape[1:]
             if p.same_size:
-                if first is None:
-                    first = (entry.image, shape)
-                elif shape != first[1]:
+                first, first_shape = self._first_shape(entry.image, shape)
+                if shape != first_shape:
                     raise ImageError(
-                        f"images differ in size but same_size is set: {first[0]} is "
-                        f"{first[1][0]}x{first[1][1]} (height x width) and {entry.image} is "
-                        f"{shape[0]}x{shape[1]}. Resize the images, or set same_size: false."
+                        f"images differ in size but same_size is set: {first} is "
+                        f"{first_shape[0]}x{first_shape[1]} (height x width) and {entry.image} "
+                        f"is {shape[0]}x{shape[1]}. Resize the images, or set same_size: false."
                     )
             label = None
             if entry.label is not None:
@@ -197,6 +201,15 @@ class FilesDataset(Dataset):
                 label=label,
                 source=str(entry.image),
             )
+
+    def _first_shape(self, path: Path, shape: tuple[int, ...]) -> tuple[Path, tuple[int, ...]]:
+        """The first image of the set and its (height, width); read once, when ``path`` is not
+        that image."""
+        if self._first is None:
+            first = self.entries[0].image
+            self._first = (first, shape if first == path else
+                           to_channels(read_image(first), self.params.color).shape[1:])
+        return self._first
 
 
 @hookimpl

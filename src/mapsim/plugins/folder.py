@@ -190,6 +190,11 @@ class FolderDataset(Dataset):
         for i in range(len(self)):
             yield self[i]
 
+    def slice(self, start: int, stop: int) -> Iterator[ImageItem]:
+        """Images ``start`` to ``stop - 1``, read one at a time (random access)."""
+        for i in range(max(start, 0), min(stop, len(self))):
+            yield self[i]
+
     def ids(self) -> Sequence[str]:
         """The ids of the images of this split."""
         return [e.id for e in self.entries]

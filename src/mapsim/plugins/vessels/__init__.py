@@ -168,6 +168,11 @@ class SyntheticVessels(Dataset):
         for i in range(len(self)):
             yield self[i]
 
+    def slice(self, start: int, stop: int) -> Iterator[ImageItem]:
+        """Images ``start`` to ``stop - 1``, read one at a time (random access)."""
+        for i in range(max(start, 0), min(stop, len(self))):
+            yield self[i]
+
 
 @hookimpl
 def register_datasets(register):
