@@ -61,6 +61,8 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    #: started by torchrun (then it joins a process group, even as the only process)
+    launched: bool = False
     backend: str | None = None
     _device: torch.device | None = None
     _store: Any = None
@@ -82,11 +84,12 @@ class World:
                 "WORLD_SIZE is set but RANK or LOCAL_RANK is missing or not a number; start "
                 "several processes with torchrun (see README: Running on several GPUs)"
             ) from exc
-        return cls(rank, size, local)
+        return cls(rank, size, local, launched=True)
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """True under torchrun, whatever the number of processes."""
+        return self.launched
 
     @property
     def main(self) -> bool:

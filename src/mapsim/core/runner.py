@@ -726,7 +726,7 @@ def _run_blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: P
     try:
         if done and any(m.accumulates for m in runner.metrics):
             raise SpecError(_cannot_share("resume an interrupted run", runner))
-        if world.distributed and any(m.accumulates for m in runner.metrics):
+        if world.size > 1 and any(m.accumulates for m in runner.metrics):
             raise SpecError(_cannot_share(f"run in {world.size} processes", runner))
         n_mine = sum(b.size for b in mine)
         # The worker processes that build the tables are forked before the models are built
