@@ -60,18 +60,15 @@ def plan_blocks(n_images: int, block_images: int) -> list[ImageBlock]:
 
 def assign_blocks(blocks: list[ImageBlock], done: set[int], world_size: int,
                   rank: int) -> list[ImageBlock]:
-    """The blocks ``rank`` does: a contiguous run of the blocks not yet ``done``, cut so that
-    every rank gets about the same number of images."""
+    """The blocks ``rank`` does: a contiguous run of the blocks not yet ``done``.
+
+    The ranks get numbers of blocks that differ by at most one, the later ranks the larger
+    numbers: only the last block can be short, so the rank that holds it gets the most.
+    """
     todo = [b for b in blocks if b.index not in done]
-    total = sum(b.size for b in todo)
-    mine, before = [], 0
-    for block in todo:
-        # the rank whose share of the images holds this block's middle image
-        owner = min(world_size - 1, int((before + block.size / 2) * world_size / max(total, 1)))
-        if owner == rank:
-            mine.append(block)
-        before += block.size
-    return mine
+    n = len(todo)
+    return [b for k, b in enumerate(todo)
+            if world_size - 1 - (n - 1 - k) * world_size // n == rank]
 
 
 # --------------------------------------------------------------------------- serialisation
@@ -287,6 +284,7 @@ class PartialRun:
         self.done: set[int] = set()
         self._open: dict[int, TableFiles] = {}
         self._lock = threading.Lock()
+        self._closed = False  # after remove() or keep_or_remove(): no more blocks
         if resume and not self.folder.exists() and _complete(self.target):
             raise OutputError(
                 f"nothing to resume: the run in {self.target} is complete. Pass --overwrite "
@@ -335,6 +333,8 @@ class PartialRun:
     def _files(self, index: int) -> TableFiles:
         """The table files of block ``index`` while it is written (under a hidden name)."""
         with self._lock:
+            if self._closed:
+                raise OutputError(f"the run has stopped; block {index} is not kept")
             files = self._open.get(index)
             if files is None:
                 folder = self.blocks / f".{index:06d}.tmp"
@@ -353,8 +353,10 @@ class PartialRun:
         files = self._files(index)
         state.tables = dict(files.headers)
         (files.folder / STATE).write_bytes(state.to_bytes())
-        os.replace(files.folder, self.block_folder(index))
         with self._lock:
+            if self._closed:
+                raise OutputError(f"the run has stopped; block {index} is not kept")
+            os.replace(files.folder, self.block_folder(index))
             del self._open[index]
             self.done.add(index)
 
@@ -388,11 +390,15 @@ class PartialRun:
 
     def remove(self) -> None:
         """Delete the partial directory (after the results are published)."""
+        with self._lock:
+            self._closed = True
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def keep_or_remove(self) -> str | None:
         """After a failure: keep the folder if a block was finished (returns a note on how to
         resume), else remove it."""
+        with self._lock:
+            self._closed = True
         if not self.done:
             self.remove()
             return None

@@ -84,6 +84,12 @@ class World:
                 "WORLD_SIZE is set but RANK or LOCAL_RANK is missing or not a number; start "
                 "several processes with torchrun (see README: Running on several GPUs)"
             ) from exc
+        if size < 1 or not 0 <= rank < size or local < 0:
+            raise MapsimError(
+                f"torchrun's environment is inconsistent (RANK {rank}, WORLD_SIZE {size}, "
+                f"LOCAL_RANK {local}): a rank must be 0 to WORLD_SIZE - 1; start the run with "
+                "torchrun (see README: Running on several GPUs)"
+            )
         return cls(rank, size, local, launched=True)
 
     @property

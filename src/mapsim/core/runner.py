@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -26,7 +27,7 @@ from mapsim.core.blocks import (
     assign_blocks,
     plan_blocks,
 )
-from mapsim.core.distributed import Inbox, RemoteBlocks, World
+from mapsim.core.distributed import STOP_WAIT_S, Inbox, RemoteBlocks, World
 from mapsim.core.errors import ExtractionError, ImageError, MapsimError, SpecError
 from mapsim.core.extraction import resolve_layers
 from mapsim.core.images import roi_mask
@@ -753,6 +754,12 @@ def _run_blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: P
                 bar.update()
             bar.close()
             runner.flush(sink)
+        except BaseException:
+            # the image in flight may end a block (e.g. reading the next one failed): finish
+            # it, so that the block is kept for --resume
+            with contextlib.suppress(Exception):
+                runner.flush(sink)
+            raise
         finally:
             sink.close()
         output.finish()
@@ -765,7 +772,10 @@ def _run_blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: P
         return _merge_and_publish(spec, world, runner, partial, blocks, done, overwrite,
                                   started)
     except BaseException as exc:
+        world.fail(exc)  # before the abort: rank 0 then reports this error, not a lost link
         output.abort()
+        if inbox is not None:  # the other ranks' blocks that are on their way
+            inbox.join(STOP_WAIT_S)
         if partial is not None:
             note = partial.keep_or_remove()
             if note is not None and hasattr(exc, "add_note"):
