@@ -621,10 +621,45 @@ def test_resume_of_a_complete_run_through_the_command_line(tmp_path, synthetic_i
     assert not (tmp_path / ".out.partial").exists()
 
 
-def test_a_metric_that_accumulates_cannot_resume(tmp_path, synthetic_images):
+def test_cka_over_images_resumes_to_the_values_of_one_pass(tmp_path, synthetic_images):
+    """cka with images as samples is taken in block by block: the resumed run forms the same
+    batches across the blocks (batch_size 3 against blocks of 2) as one uninterrupted run."""
     from mapsim.core.runner import run
     from mapsim.core.spec import load_spec
 
+    metrics = ["pearson", {"name": "cka", "samples": "images", "size": 2, "batch_size": 4}]
+    spec = load_spec(_workdir(tmp_path, synthetic_images, metrics))
+    broken = _image(tmp_path, 5)
+    good = broken.read_bytes()
+    broken.write_bytes(BROKEN_PNG)
+    with pytest.raises(ImageError):
+        run(spec, base_dir=tmp_path, out_dir=tmp_path / "out", progress=False)
+    blocks = tmp_path / ".out.partial" / "blocks"
+    assert sorted(p.name for p in blocks.iterdir()) == ["000000", "000001"]
+
+    broken.write_bytes(good)
+    run(spec, base_dir=tmp_path, out_dir=tmp_path / "out", progress=False, resume=True)
+    run(spec, base_dir=tmp_path, out_dir=tmp_path / "fresh", progress=False)
+    got = (tmp_path / "out" / "layer_similarity.csv").read_bytes()
+    assert got == (tmp_path / "fresh" / "layer_similarity.csv").read_bytes()
+    table = pd.read_csv(tmp_path / "out" / "layer_similarity.csv")
+    across = table[table.image == "all-images"]
+    assert len(across) == 2 * 2 + 2 * 2 and across.value.notna().all()
+
+
+def test_a_metric_that_cannot_take_blocks_cannot_resume(tmp_path, synthetic_images,
+                                                        monkeypatch):
+    from mapsim.core.runner import Runner, run
+    from mapsim.core.spec import load_spec
+
+    original = Runner._metric
+
+    def without_blocks(self, choice):  # an across-image metric of a plugin without blocks
+        metric = original(self, choice)
+        metric.blockwise = False
+        return metric
+
+    monkeypatch.setattr(Runner, "_metric", without_blocks)
     spec_path = _workdir(tmp_path, synthetic_images, ["pearson", {"name": "cka",
                                                                   "samples": "images"}])
     spec = load_spec(spec_path)
@@ -639,9 +674,9 @@ def test_a_metric_that_accumulates_cannot_resume(tmp_path, synthetic_images):
     broken.write_bytes(good)
     with pytest.raises(SpecError, match="resume") as info:
         run(spec, base_dir=tmp_path, out_dir=tmp_path / "out", progress=False, resume=True)
-    assert "cka" in str(info.value) and "samples: pixels" in str(info.value)
+    assert "cka" in str(info.value) and "blockwise" in str(info.value)
     assert not (tmp_path / "out").exists()
-    # without --resume it runs afresh, over all images
+    # without --resume it runs afresh, over all images, in one process
     result = run(spec, base_dir=tmp_path, out_dir=tmp_path / "out", progress=False)
     assert result.n_images == 8 and not (tmp_path / ".out.partial").exists()
 

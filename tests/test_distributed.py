@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(
 BROKEN_PNG = b"\x89PNG\r\n\x1a\n broken"
 
 #: every table there is: two comparison groups, metrics with and without a moments path,
-#: debiased CKA (per-layer pixel statistics), per-metric thresholds, pooled tables; 7 images in
+#: debiased CKA (per-layer pixel statistics), CKA across images (taken in block by block),
+#: per-metric thresholds, pooled tables; 7 images in
 #: blocks of 2, so the last block is short
 FULL_SPEC = {
     "name": "dd",
@@ -34,7 +35,10 @@ FULL_SPEC = {
     "layers": {"a": "blocks.*", "b": "blocks.*"},
     "images": {"name": "synthetic-vessels", "count": 7, "size": [48, 56]},
     "comparisons": [["a", "a"], ["a", "b"]],
-    "metrics": ["pearson", "cosine", {"name": "euclidean"}, {"name": "cka", "debiased": True}],
+    "metrics": ["pearson", "cosine", {"name": "euclidean"}, {"name": "cka", "debiased": True},
+                # across images, in batches of 4 that straddle the blocks and the ranks
+                {"name": "cka", "samples": "images", "size": 2, "batch_size": 4,
+                 "label": "cka_images"}],
     "aggregators": ["max", "min", {"name": "threshold", "per_metric": {"euclidean": 1.5}},
                     "pivot"],
     "engine": {"pooled": True, "block_images": 2},
@@ -144,6 +148,10 @@ def test_two_processes_give_the_results_of_one(tmp_path):
     got = assert_same_results(tmp_path / "multi", single)
     assert {"pooled/max.csv", "pooled/layer_similarity.csv", "summary.csv", "max.csv",
             "layer_similarity_summary.csv", "dead_maps.csv"} <= set(got)
+    layer = pd.read_csv(tmp_path / "multi" / "layer_similarity.csv")
+    across = layer[layer.image == "all-images"]
+    assert set(across.metric) == {"cka_images"} and len(across) == 3 * 3 + 3 * 2
+    assert across.value.notna().all()
 
     blocks = run_info(tmp_path / "multi")["blocks"]
     assert blocks["processes"] == 2 and blocks["backend"] == "gloo"

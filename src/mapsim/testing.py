@@ -33,6 +33,7 @@ Add invariance names of your own by extending ``transforms`` in your subclass.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -294,6 +295,31 @@ class MetricContract:
             for j, cols in enumerate(slices[::-1]):
                 _close(table[i][j], metric.from_moments(moments, rows, cols),
                        "layers_from_moments != from_moments")
+
+    def test_blocks_give_the_values_of_one_pass(self, metric, inputs):
+        """A blockwise metric: the images taken in blocks (each block's state handed over by
+        block_state() and taken in by a fresh instance with add_block_state(), as a run in
+        several processes or a resumed run does) give the values of one pass of update()."""
+        if not (metric.accumulates and metric.blockwise):
+            pytest.skip("only for metrics that accumulate over images in blocks")
+        x, y = inputs
+        whole = evaluate(metric, x, y)
+        for cuts in ([1], [2, 3], list(range(1, x.shape[0]))):
+            collector, merged = fresh(metric), fresh(metric)
+            collector.start_blocks()
+            bounds = [0, *[c for c in cuts if c < x.shape[0]], x.shape[0]]
+            for start, stop in zip(bounds, bounds[1:]):
+                for index in range(start, stop):
+                    collector.update(f"image-{index}",
+                                     {"x": {"x": torch.from_numpy(x[index]).float()},
+                                      "y": {"y": torch.from_numpy(y[index]).float()}})
+                meta, arrays = collector.block_state()
+                json.dumps(meta)  # it is stored as JSON
+                _require(all(isinstance(a, np.ndarray) for a in arrays.values()),
+                         "block_state() must give numpy arrays")
+                merged.add_block_state(meta, arrays)
+            _close(merged.finish("x", "y")[("x", "y")], whole,
+                   f"blocks cut at {cuts} differ from one pass")
 
     def test_undefined_values_are_explicit(self, metric, inputs):
         x, y = inputs

@@ -130,6 +130,9 @@ class BlockState:
     dead_counts: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
     #: thumbnails and matrices kept for pictures, as PlotCapture.take() gave them
     capture: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
+    #: index of a blockwise metric in the run's metrics -> its Metric.block_state()
+    metrics: dict[int, tuple[dict[str, Any], dict[str, np.ndarray]]] = field(
+        default_factory=dict)
     #: table -> columns of the block's table files (filled in when the block is committed)
     tables: dict[str, list[str]] = field(default_factory=dict)
 
@@ -153,6 +156,10 @@ class BlockState:
         if self.capture is not None:
             meta["capture"] = self.capture[0]
             arrays |= _prefixed("capture", self.capture[1])
+        meta["metrics"] = {}
+        for index, (metric_meta, parts) in self.metrics.items():
+            meta["metrics"][str(index)] = metric_meta
+            arrays |= _prefixed(f"metric/{index}", parts)
         return pack(meta, arrays)
 
     @classmethod
@@ -172,6 +179,8 @@ class BlockState:
                      for g, v in meta["layouts"].items()},
             dead_counts={(m, mo, lay): [d, n] for m, mo, lay, d, n in meta["dead_counts"]},
             capture=capture, tables=meta["tables"],
+            metrics={int(i): (m, _under(f"metric/{i}", arrays))
+                     for i, m in meta.get("metrics", {}).items()},
         )
 
 
@@ -187,8 +196,9 @@ class Merged:
     #: rank -> images its blocks held (by the rank that did each block)
     images_per_rank: dict[int, int] = field(default_factory=dict)
 
-    def add(self, state: BlockState, capture: Any) -> None:
-        """Merge one block's state after those already merged."""
+    def add(self, state: BlockState, capture: Any = None, metrics: list | None = None) -> None:
+        """Merge one block's state after those already merged (``metrics``: the run's
+        metrics, which take in their block states)."""
         self.n_images += len(state.ids)
         for name, summary in state.summaries.items():
             if name in self.summaries:
@@ -206,6 +216,10 @@ class Merged:
             total[1] += images
         if capture is not None and state.capture is not None:
             capture.absorb(*state.capture)
+        for index, (meta, arrays) in state.metrics.items():
+            if metrics is None:
+                raise OutputError("a block holds a metric's state but no metrics take it in")
+            metrics[index].add_block_state(meta, arrays)
 
 
 class BlockOutput:
@@ -364,9 +378,10 @@ class PartialRun:
         """The state of a finished block."""
         return BlockState.from_bytes((self.block_folder(index) / STATE).read_bytes())
 
-    def merge_into(self, files: TableFiles, blocks: list[ImageBlock], capture: Any = None
-                   ) -> Merged:
-        """Append every block's rows to ``files`` and merge their states, in block order."""
+    def merge_into(self, files: TableFiles, blocks: list[ImageBlock], capture: Any = None,
+                   metrics: list | None = None) -> Merged:
+        """Append every block's rows to ``files`` and merge their states, in block order
+        (``capture`` takes in the kept thumbnails, ``metrics`` their block states)."""
         merged = Merged()
         seen: dict[str, int] = {}
         for block in blocks:
@@ -383,7 +398,7 @@ class PartialRun:
             folder = self.block_folder(block.index)
             for table, columns in state.tables.items():
                 files.append_file(table, columns, folder / f"{table}.csv")
-            merged.add(state, capture)
+            merged.add(state, capture, metrics)
             merged.images_per_rank[state.rank] = (merged.images_per_rank.get(state.rank, 0)
                                                   + len(state.ids))
         return merged

@@ -183,6 +183,11 @@ class Metric(Plugin):
     needs_layer_norms: ClassVar[bool] = False
     #: True for a metric computed across images through :meth:`update` and :meth:`finish`
     accumulates: ClassVar[bool] = False
+    #: True for an across-image metric whose images can be taken in block by block, in other
+    #: processes or an earlier run (:meth:`start_blocks`, :meth:`block_state`,
+    #: :meth:`add_block_state`); without it, a run with the metric cannot resume or use
+    #: several processes
+    blockwise: ClassVar[bool] = False
     #: values the original library used for (both dead, one dead); None: no such rule.
     dead_fill: ClassVar[tuple[float, float] | None] = None
     #: parameter sets the contract tests exercise (``tests/test_metric_contract.py`` runs
@@ -237,6 +242,24 @@ class Metric(Plugin):
         Called once per comparison after the last :meth:`update`; may be called several times.
         """
         raise MetricPathError(f"metric {self.name!r} does not accumulate over images")
+
+    def start_blocks(self) -> None:
+        """Blockwise metrics: from now on :meth:`update` only collects what the next
+        :meth:`block_state` hands over; the values come from :meth:`add_block_state` and
+        :meth:`finish`. A run calls this before its first image."""
+        raise MetricPathError(f"metric {self.name!r} cannot take its images in blocks")
+
+    def block_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Blockwise metrics: what :meth:`update` collected since the last call, as JSON-able
+        metadata and named numpy arrays (saved with the block; never pickled); the metric then
+        holds none of it. Keep it small: it is stored for every block of images."""
+        raise MetricPathError(f"metric {self.name!r} cannot take its images in blocks")
+
+    def add_block_state(self, meta: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        """Blockwise metrics: take in one block's :meth:`block_state` (from this process or
+        another), as if :meth:`update` had been called with that block's images here. Blocks
+        arrive in image order; the result must not depend on where the blocks were cut."""
+        raise MetricPathError(f"metric {self.name!r} cannot take its images in blocks")
 
     def describe(self) -> dict[str, Any]:
         """Name, parameters and metadata, as recorded in run.json."""

@@ -420,6 +420,8 @@ class Runner:
         state.dead_counts, self.dead_counts = self.dead_counts, {}
         if self.capture is not None:
             state.capture = self.capture.take()
+        state.metrics = {i: m.block_state() for i, m in enumerate(self.metrics)
+                         if m.accumulates and m.blockwise}
         sink.end_block(state)
 
     def _pool(self, index: int, stack: MapStack, moments: Moments) -> None:
@@ -725,10 +727,13 @@ def _run_blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: P
     output = LocalBlocks(mine, partial) if world.main else RemoteBlocks(mine, world)
     inbox = Inbox(world, partial) if world.main and world.distributed else None
     try:
-        if done and any(m.accumulates for m in runner.metrics):
+        if done and any(m.accumulates and not m.blockwise for m in runner.metrics):
             raise SpecError(_cannot_share("resume an interrupted run", runner))
-        if world.size > 1 and any(m.accumulates for m in runner.metrics):
+        if world.size > 1 and any(m.accumulates and not m.blockwise for m in runner.metrics):
             raise SpecError(_cannot_share(f"run in {world.size} processes", runner))
+        for metric in runner.metrics:
+            if metric.accumulates and metric.blockwise:
+                metric.start_blocks()
         n_mine = sum(b.size for b in mine)
         # The worker processes that build the tables are forked before the models are built
         # and moved to a GPU: the workers hold no device state, and this process then shares
@@ -794,7 +799,7 @@ def _merge_and_publish(spec: Any, world: World, runner: Runner, partial: Partial
     writer = ResultsWriter(partial.target, overwrite=overwrite,
                            staging=partial.folder / "results")
     try:
-        merged = partial.merge_into(writer.files, blocks, runner.capture)
+        merged = partial.merge_into(writer.files, blocks, runner.capture, runner.metrics)
         runner.dead_counts = merged.dead_counts
         runner.pooled = merged.pooled
         runner.pooled_stacks = {g: MapStack(torch.empty(layout[-1].stop, 0), layout)
@@ -858,10 +863,10 @@ def block_items(dataset: Any, blocks: list[ImageBlock]) -> Iterator[tuple[ImageB
 
 
 def _cannot_share(what: str, runner: Runner) -> str:
-    names = ", ".join(m.label for m in runner.metrics if m.accumulates)
-    return (f"cannot {what}: metric {names} accumulates over all images in one process "
-            "(e.g. cka with samples: images). Run it in one process without --resume, or "
-            "choose samples: pixels")
+    names = ", ".join(m.label for m in runner.metrics if m.accumulates and not m.blockwise)
+    return (f"cannot {what}: metric {names} accumulates over all images in one process and "
+            "cannot take them in blocks (its plugin has no blockwise support). Run it in one "
+            "process without --resume, or leave it out")
 
 
 def run_info(spec: Any, runner: Runner, n_images: int, seconds: float) -> dict[str, Any]:

@@ -20,6 +20,10 @@ Variants, chosen by parameters (Kornblith et al. 2019; Nguyen et al. 2021):
   at the end from the sums; per-batch CKA values are never averaged. Only the current batch's
   features are kept (at most batch_size + 3 images: a last remainder of fewer than 4 images
   joins the batch before it), plus the first image's, to tell a layer that never varies.
+  In a run (blocks of images, :mod:`mapsim.core.blocks`) ``update`` only collects a block's
+  pooled features, which ``block_state`` hands over; the batches are formed as the blocks are
+  added back in image order (``add_block_state``), so they do not depend on where the images
+  were cut, nor on the number of processes.
   Batches are weighted by their number of images. This needs the unbiased estimator, so
   ``debiased`` must not be false.
 
@@ -39,6 +43,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -131,6 +136,7 @@ class CKA(Metric):
         self.uses_moments = p.kernel == "linear" and p.samples == "pixels"
         self.needs_layer_norms = self.uses_moments and self.debiased
         self.accumulates = p.samples == "images"
+        self.blockwise = self.accumulates
         invariances = ("orthogonal", "scale", "shift", "sign")
         if p.samples == "images" and p.pool == "max":  # max pooling is not linear
             invariances = ("scale", "shift")
@@ -257,6 +263,8 @@ class CKA(Metric):
         self._varies: list[bool] = []
         self._first: list[torch.Tensor] = []
         self._reasons: list[str | None] = []
+        self._collecting = False
+        self._collected: list[list[torch.Tensor]] = []  # per image, features per key
 
     def update(self, image_id: str, maps: Mapping[str, Mapping[str, torch.Tensor]],
                mask: torch.Tensor | None = None) -> None:
@@ -269,25 +277,69 @@ class CKA(Metric):
                 "combined with engine.roi; use samples: pixels, or remove engine.roi"
             )
         keys = [(model, layer) for model, layers in maps.items() for layer in layers]
+        self._check_keys(keys, image_id)
+        features = [self._features(maps[model][layer], image_id, model, layer, index)
+                    for index, (model, layer) in enumerate(keys)]
+        if self._collecting:
+            self._collected.append(features)
+        else:
+            self._take(features)
+
+    def _check_keys(self, keys: list[tuple[str, str]], image_id: str) -> None:
         if not self._keys:
             self._keys = keys
             self._varies = [False] * len(keys)
             self._reasons = [None] * len(keys)
         elif keys != self._keys:
             raise MapsimError(f"image {image_id} gave other layers than the images before it")
-        features = []
-        for index, (model, layer) in enumerate(keys):
-            vector = self._features(maps[model][layer], image_id, model, layer, index)
+
+    def _take(self, features: list[torch.Tensor]) -> None:
+        """Add one image's feature vectors (one per layer) to the current batch."""
+        for index, vector in enumerate(features):
             if len(self._first) <= index:
                 self._first.append(vector)
             elif not self._varies[index] and not torch.equal(vector, self._first[index]):
                 self._varies[index] = True
-            features.append(vector)
         self._buffer.append(features)
         self._seen += 1
         if len(self._buffer) == self.params.batch_size + 4:
             self._add_batch(self._buffer[: self.params.batch_size])
             self._buffer = self._buffer[self.params.batch_size:]
+
+    # ------------------------------------------------------------------ blocks of images
+    def start_blocks(self) -> None:
+        """From now on update() only collects each image's pooled features for
+        :meth:`block_state`; the batches are formed when the blocks are added back in order,
+        so they are the same wherever the blocks were cut."""
+        if not self.accumulates:
+            super().start_blocks()
+        self._collecting = True
+
+    def block_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The pooled features of the images since the last call: one (images, features)
+        float32 array per layer."""
+        if not self.accumulates:
+            return super().block_state()
+        collected, self._collected = self._collected, []
+        meta = {"keys": [list(k) for k in self._keys], "images": len(collected),
+                "shapes": [list(s) for s in self._shapes]}
+        arrays = {f"layer{i}": torch.stack([image[i] for image in collected]).cpu().numpy()
+                  for i in range(len(self._keys))} if collected else {}
+        return meta, arrays
+
+    def add_block_state(self, meta: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        """Take in a block's features, image by image, as update() would have."""
+        if not self.accumulates:
+            super().add_block_state(meta, arrays)
+        if not meta["images"]:
+            return
+        keys = [tuple(k) for k in meta["keys"]]
+        self._check_keys(keys, "of a block")
+        if not self._shapes:
+            self._shapes = [tuple(s) for s in meta["shapes"]]
+        layers = [torch.from_numpy(np.array(arrays[f"layer{i}"])) for i in range(len(keys))]
+        for image in range(meta["images"]):
+            self._take([layer[image] for layer in layers])
 
     def _features(self, maps: torch.Tensor, image_id: str, model: str, layer: str,
                   index: int) -> torch.Tensor:
