@@ -102,7 +102,7 @@ def host_only(args: argparse.Namespace, folder: Path, out: Path) -> list[str]:
     and the time until the workers have written everything."""
     from mapsim.core.moments import compute_moments
     from mapsim.core.results import ResultsWriter
-    from mapsim.core.runner import Runner, summary_accumulators, table_sink
+    from mapsim.core.runner import Runner, WriterOutput, table_sink
     from mapsim.core.similarity import stack_maps
 
     s = spec(args, folder, 1)
@@ -113,7 +113,7 @@ def host_only(args: argparse.Namespace, folder: Path, out: Path) -> list[str]:
     moments = compute_moments(stack.z, layers=[(b.start, b.stop) for b in stack.blocks])
     stack.z = stack.z[:, :0]  # the fast path keeps no pixels on the host
     writer = ResultsWriter(out, overwrite=True)
-    sink = table_sink(runner, writer, summary_accumulators(runner.aggregators), args.images)
+    sink = table_sink(runner, WriterOutput(writer), args.images)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

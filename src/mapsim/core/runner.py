@@ -805,7 +805,7 @@ def _merge_and_publish(spec: Any, world: World, runner: Runner, partial: Partial
         runner.pooled_stacks = {g: MapStack(torch.empty(layout[-1].stop, 0), layout)
                                 for g, layout in merged.layouts.items()}
         if spec.engine.pooled:
-            sink = table_sink(runner, _Appender(writer), 0)
+            sink = table_sink(runner, WriterOutput(writer), 0)
             try:
                 runner.pooled_tables(sink)
             finally:
@@ -841,7 +841,7 @@ def _merge_and_publish(spec: Any, world: World, runner: Runner, partial: Partial
     return RunResult(out, merged.n_images, tables, info)
 
 
-class _Appender:
+class WriterOutput:
     """A results writer as a sink's output (tables that belong to no block)."""
 
     def __init__(self, writer: Any) -> None:
