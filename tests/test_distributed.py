@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import torch.distributed
 import yaml
 
@@ -68,12 +69,16 @@ def _single_process(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def torchrun(cwd: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node N -m mapsim run ARGS`` in ``cwd``."""
+def torchrun(cwd: Path, *args: str, processes: int = 2,
+             gpus: bool = False) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N -m mapsim run ARGS`` in ``cwd`` (GPUs
+    hidden unless ``gpus``)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                         "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
-    env |= {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env |= {"OMP_NUM_THREADS": "1", "NCCL_NVLS_ENABLE": "0"}
+    if not gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(processes), "-m", "mapsim", "run", *args, "--quiet"]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
@@ -218,3 +223,29 @@ def test_a_failing_rank_stops_the_run_and_resume_completes_it(tmp_path):
     assert (blocks["processes"], blocks["backend"], blocks["blocks"]) == (2, "gloo", 4)
     assert sum(blocks["images_per_rank"].values()) == 8
     assert run_info(tmp_path / "multi")["n_images"] == 8
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.distributed.is_nccl_available()),
+                    reason="needs a GPU and NCCL")
+def test_on_a_gpu_torchrun_joins_nccl_and_blocks_match_the_cpu(tmp_path):
+    """One process per GPU (here one): the NCCL group is joined, and the GPU fast path's block
+    states (pooled moments copied to the host without waiting) give the CPU's tables."""
+    spec = FULL_SPEC | {"metrics": ["pearson", "cosine", {"name": "euclidean"}],
+                        "device": "cuda"}
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "cpu.yaml").write_text(yaml.safe_dump(spec | {"device": "cpu"}))
+    done = torchrun(tmp_path, "gpu.yaml", "--out", "gpu", processes=1, gpus=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    blocks = run_info(tmp_path / "gpu")["blocks"]
+    assert (blocks["processes"], blocks["backend"], blocks["blocks"]) == (1, "nccl", 4)
+    assert run_info(tmp_path / "gpu")["device"] == "cuda:0"
+    cpu = one_process(tmp_path / "cpu.yaml", tmp_path / "cpu")
+    gpu, want = files(tmp_path / "gpu"), files(cpu)
+    assert sorted(gpu) == sorted(want)
+    for name in [n for n in want if n.endswith(".csv")]:
+        a, b = pd.read_csv(io.BytesIO(gpu[name])), pd.read_csv(io.BytesIO(want[name]))
+        assert list(a.columns) == list(b.columns) and len(a) == len(b), name
+        numeric = [c for c in a.select_dtypes("number").columns
+                   if c not in ("map_b",)]  # a best partner may flip between near ties
+        np.testing.assert_allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float),
+                                   rtol=1e-4, atol=1e-4, equal_nan=True, err_msg=name)
