@@ -63,22 +63,29 @@ FILES_SPEC = {
 
 @pytest.fixture(autouse=True)
 def _single_process(monkeypatch):
-    """The reference runs in this process are one process, whatever launched pytest."""
+    """What runs in this process (making images) is one process, whatever launched pytest."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                  "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
 
 
-def torchrun(cwd: Path, *args: str, processes: int = 2,
-             gpus: bool = False) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node N -m mapsim run ARGS`` in ``cwd`` (GPUs
-    hidden unless ``gpus``)."""
+def clean_env(gpus: bool) -> dict[str, str]:
+    """This environment without torchrun's variables, with one CPU thread (as torchrun gives
+    each process) and NVLink multicast off; GPUs hidden unless ``gpus``."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                         "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
     env |= {"OMP_NUM_THREADS": "1", "NCCL_NVLS_ENABLE": "0"}
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def torchrun(cwd: Path, *args: str, processes: int = 2,
+             gpus: bool = False) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N -m mapsim run ARGS`` in ``cwd`` (GPUs
+    hidden unless ``gpus``)."""
+    env = clean_env(gpus)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(processes), "-m", "mapsim", "run", *args, "--quiet"]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
@@ -86,12 +93,15 @@ def torchrun(cwd: Path, *args: str, processes: int = 2,
 
 
 def one_process(spec_path: Path, out: Path) -> Path:
-    """The same spec run in this process (the reference)."""
-    from mapsim.core.runner import run
-    from mapsim.core.spec import load_spec
-
-    result = run(load_spec(spec_path), base_dir=spec_path.parent, out_dir=out, progress=False)
-    return result.out_dir
+    """The same spec run by ``mapsim run`` alone (the reference), with the environment the
+    torchrun processes get: one CPU thread, as torchrun gives each process. (Convolutions on
+    the CPU round differently with other thread counts: about 3e-7 with 16 threads.)"""
+    env = clean_env(gpus=False)
+    done = subprocess.run([sys.executable, "-m", "mapsim", "run", str(spec_path), "--out",
+                           str(out), "--quiet"], cwd=spec_path.parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
 
 
 def files(root: Path) -> dict[str, bytes]:
