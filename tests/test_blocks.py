@@ -313,8 +313,7 @@ def _state(index, start, stop, ids, rank, summaries, pooled, dead, capture=None)
         pooled=pooled,
         layouts={0: [Block("a", "blocks.0", 0, 2, (24, 28)), Block("b", "blocks.1", 2, 6,
                                                                    (12, 14))]},
-        dead_counts=dead, capture=capture,
-        tables={"max": ["image", "metric", "value"]})
+        dead_counts=dead, capture=capture)
 
 
 def test_block_state_round_trip_keeps_everything():
@@ -336,7 +335,6 @@ def test_block_state_round_trip_keeps_everything():
 
     assert again.block == ImageBlock(3, 6, 10)
     assert again.ids == state.ids and again.rank == 1
-    assert again.tables == state.tables
     assert set(again.summaries) == set(state.summaries)
     for name, summary in state.summaries.items():
         pd.testing.assert_frame_equal(again.summaries[name].table(), summary.table(),
@@ -405,44 +403,63 @@ def _partial(tmp_path, **kw) -> PartialRun:
                       args.pop("block_images"), **args)
 
 
-def test_partial_run_commits_blocks_and_merges_them_in_block_order(tmp_path):
+def _rows(partial: PartialRun) -> str:
+    return (partial.rows.folder / "max.csv").read_text()
+
+
+def test_partial_run_puts_the_rows_in_block_order(tmp_path):
     partial = _partial(tmp_path)
     assert partial.folder == (tmp_path / ".out.partial").resolve()
     progress = json.loads((partial.folder / "progress.json").read_text())
-    assert progress == {"spec_sha256": "a" * 64, "n_images": 8, "block_images": 2}
-    # blocks finish out of order (as they arrive from several ranks)
+    assert progress == {"spec_sha256": "a" * 64, "n_images": 8, "block_images": 2,
+                        "in_rows": 0, "sizes": {}, "headers": {}}
+    # blocks finish out of order (as they arrive from several ranks): block 1 waits in its
+    # folder, block 0 goes straight into the rows, and block 1 follows it
     _commit(partial, 1, 2, 4, "img2,1\nimg3,1\n")
+    assert (partial.block_folder(1) / "max.csv").exists() and partial.in_rows == 0
     _commit(partial, 0, 0, 2, "img0,0\nimg1,0\n")
-    assert partial.done == {0, 1}
+    assert partial.done == {0, 1} and partial.in_rows == 2
+    assert _rows(partial) == "image,value\nimg0,0\nimg1,0\nimg2,1\nimg3,1\n"
     assert sorted(p.name for p in partial.blocks.iterdir()) == ["000000", "000001"]
-    assert (partial.block_folder(1) / STATE).exists()
+    for index in (0, 1):  # only the states are left in the block folders
+        assert [p.name for p in partial.block_folder(index).iterdir()] == [STATE]
+    progress = json.loads((partial.folder / "progress.json").read_text())
+    assert progress["in_rows"] == 2 and progress["headers"] == {"max": ["image", "value"]}
+    assert progress["sizes"] == {"max": len(_rows(partial).encode())}
 
-    files = TableFiles(tmp_path / "merged")
-    (tmp_path / "merged").mkdir()
-    merged = partial.merge_into(files, plan_blocks(4, 2))
-    assert (tmp_path / "merged" / "max.csv").read_text() == \
-        "image,value\nimg0,0\nimg1,0\nimg2,1\nimg3,1\n"
+    merged = partial.merge(plan_blocks(4, 2))
     assert merged.n_images == 4 and merged.images_per_rank == {0: 4}
     with pytest.raises(OutputError, match="block 2 .*never finished"):
-        partial.merge_into(TableFiles(tmp_path / "merged"), plan_blocks(8, 2))
+        partial.merge(plan_blocks(8, 2))
 
 
 def test_resume_keeps_finished_blocks_and_drops_one_being_written(tmp_path):
     partial = _partial(tmp_path)
     _commit(partial, 0, 0, 2, "img0,0\nimg1,0\n")
-    _commit(partial, 2, 4, 6, "img4,0\nimg5,0\n")
-    # a block that was being written when the run stopped
+    _commit(partial, 2, 4, 6, "img4,0\nimg5,0\n")  # out of order: waits in its folder
+    # block 1 was being written straight into the rows when the run stopped, and block 3
+    # into its own folder
     partial.part(1, TablePart("max", ("image", "value"), b"img2,1\n"))
-    tmp_block = partial.blocks / ".000001.tmp"
+    partial.part(3, TablePart("max", ("image", "value"), b"img6,1\n"))
+    assert _rows(partial).endswith("img2,1\n")
+    tmp_block = partial.blocks / ".000003.tmp"
     assert tmp_block.is_dir()
     # a stray folder without a state is not a finished block either
-    (partial.blocks / "000003").mkdir()
+    (partial.blocks / "000004").mkdir()
+    # nor is what a failed merge left among the rows
+    (partial.rows.folder / "summary.csv").write_text("x\n")
 
     again = _partial(tmp_path, resume=True)
-    assert again.done == {0, 2}
+    assert again.done == {0, 2} and again.in_rows == 1
+    assert _rows(again) == "image,value\nimg0,0\nimg1,0\n"  # block 1's row is cut
+    assert sorted(p.name for p in again.rows.folder.iterdir()) == ["max.csv"]
     assert not tmp_block.exists()
-    assert not (partial.blocks / "000003").exists()
+    assert not (partial.blocks / "000004").exists()
     assert sorted(p.name for p in again.blocks.iterdir()) == ["000000", "000002"]
+    # block 1 again, then block 2's rows follow it
+    _commit(again, 1, 2, 4, "img2,1\nimg3,1\n")
+    assert again.in_rows == 3
+    assert _rows(again) == "image,value\nimg0,0\nimg1,0\nimg2,1\nimg3,1\nimg4,0\nimg5,0\n"
 
 
 @pytest.mark.parametrize("change, message", [

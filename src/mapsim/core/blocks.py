@@ -133,15 +133,13 @@ class BlockState:
     #: index of a blockwise metric in the run's metrics -> its Metric.block_state()
     metrics: dict[int, tuple[dict[str, Any], dict[str, np.ndarray]]] = field(
         default_factory=dict)
-    #: table -> columns of the block's table files (filled in when the block is committed)
-    tables: dict[str, list[str]] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         """The state as one safetensors blob."""
         b = self.block
         meta: dict[str, Any] = {
             "block": [b.index, b.start, b.stop], "ids": self.ids, "rank": self.rank,
-            "summaries": {}, "pooled": {}, "tables": self.tables,
+            "summaries": {}, "pooled": {},
             "layouts": {str(g): [[x.model, x.layer, x.start, x.stop, list(x.shape)]
                                  for x in blocks] for g, blocks in self.layouts.items()},
             "dead_counts": [[*k, *v] for k, v in self.dead_counts.items()],
@@ -178,7 +176,7 @@ class BlockState:
             layouts={int(g): [Block(m, lay, s, e, tuple(shape)) for m, lay, s, e, shape in v]
                      for g, v in meta["layouts"].items()},
             dead_counts={(m, mo, lay): [d, n] for m, mo, lay, d, n in meta["dead_counts"]},
-            capture=capture, tables=meta["tables"],
+            capture=capture,
             metrics={int(i): (m, _under(f"metric/{i}", arrays))
                      for i, m in meta.get("metrics", {}).items()},
         )
@@ -186,7 +184,7 @@ class BlockState:
 
 @dataclass
 class Merged:
-    """The blocks of a run merged in order (see :func:`PartialRun.merge_into`)."""
+    """The blocks of a run merged in order (see :meth:`PartialRun.merge`)."""
 
     n_images: int = 0
     summaries: dict[str, SummaryAccumulator] = field(default_factory=dict)
@@ -280,8 +278,13 @@ class LocalBlocks(BlockOutput):
 class PartialRun:
     """The partial directory of a run, ``.<results name>.partial`` beside the results.
 
-    It holds ``progress.json`` (which spec and images it belongs to), one folder per finished
-    block, and while the blocks are merged, the results being staged. Only rank 0 uses it.
+    It holds ``progress.json`` (which spec and images it belongs to, and how far the rows
+    are), ``blocks/<index>/`` (one folder per finished block: its state and, until they are
+    moved on, its table rows) and ``results/``, the results being assembled. A block's rows
+    go straight into ``results/`` when every block before it is there (on one process, every
+    block: the rows are written once); a block that finishes out of order (another rank's)
+    keeps its rows in its folder until the blocks before it are in, and is then appended.
+    Only rank 0 uses it.
 
     ``resume``: keep the finished blocks of an earlier run of the same spec (the spec's sha256,
     the number of images and the block size must match); otherwise an earlier partial
@@ -296,7 +299,11 @@ class PartialRun:
         self.progress = {"spec_sha256": spec_sha256, "n_images": n_images,
                          "block_images": block_images}
         self.done: set[int] = set()
+        #: the results being assembled: the rows of blocks 0 to in_rows - 1, in order
+        self.rows = TableFiles(self.folder / "results")
+        self.in_rows = 0
         self._open: dict[int, TableFiles] = {}
+        self._direct: int | None = None  # the block being written straight into the rows
         self._lock = threading.Lock()
         self._closed = False  # after remove() or keep_or_remove(): no more blocks
         if resume and not self.folder.exists() and _complete(self.target):
@@ -311,7 +318,10 @@ class PartialRun:
             shutil.rmtree(self.folder, ignore_errors=True)
         try:
             self.blocks.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.folder / PROGRESS, json.dumps(self.progress, indent=2))
+            self.rows.folder.mkdir(parents=True, exist_ok=True)
+            with self._lock:
+                self._save_progress()
+                self._append_ready()
         except OSError as exc:
             raise OutputError(f"cannot create the partial directory {self.folder}: {exc}") \
                 from exc
@@ -334,27 +344,62 @@ class PartialRun:
                     f"{earlier.get(key)!r}, now {value!r}). Run without --resume to start "
                     "afresh."
                 )
+        self.in_rows = int(earlier.get("in_rows", 0))
+        sizes: dict[str, int] = earlier.get("sizes", {})
+        self.rows.headers = {t: list(c) for t, c in earlier.get("headers", {}).items()}
+        # the rows as they were when in_rows was saved: cut what came after, drop the rest
+        for path in sorted(self.rows.folder.rglob("*"), reverse=True):
+            table = path.relative_to(self.rows.folder).with_suffix("").as_posix()
+            if path.is_file() and path.suffix == ".csv" and table in sizes:
+                if path.stat().st_size < sizes[table]:
+                    raise OutputError(f"cannot resume from {self.folder}: {path} is shorter "
+                                      "than recorded. Run without --resume to start afresh.")
+                os.truncate(path, sizes[table])
+            elif path.is_file():
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        missing = set(sizes) - {t for t in sizes if (self.rows.folder / f"{t}.csv").exists()}
+        if missing:
+            raise OutputError(f"cannot resume from {self.folder}: the rows of "
+                              f"{sorted(missing)} are missing. Run without --resume to start "
+                              "afresh.")
         for path in self.blocks.iterdir() if self.blocks.exists() else ():
-            if path.name.isdigit() and (path / STATE).exists():
-                self.done.add(int(path.name))
+            index = int(path.name) if path.name.isdigit() else -1
+            finished = (path / STATE).exists() and (index < self.in_rows
+                                                     or (path / TABLES).exists())
+            if finished:
+                self.done.add(index)
             else:  # a block that was being written when the run stopped
                 shutil.rmtree(path, ignore_errors=True)
+
+    def _save_progress(self) -> None:
+        """Record how far the rows are (with the lock held)."""
+        sizes = {t: (self.rows.folder / f"{t}.csv").stat().st_size for t in self.rows.headers}
+        atomic_write_text(self.folder / PROGRESS, json.dumps(
+            self.progress | {"in_rows": self.in_rows, "sizes": sizes,
+                             "headers": self.rows.headers}, indent=2))
 
     def block_folder(self, index: int) -> Path:
         """Where a finished block lies."""
         return self.blocks / f"{index:06d}"
 
     def _files(self, index: int) -> TableFiles:
-        """The table files of block ``index`` while it is written (under a hidden name)."""
+        """Where the rows of block ``index`` go while it is written: the results, when every
+        block before it is there, else a hidden folder of its own."""
         with self._lock:
             if self._closed:
                 raise OutputError(f"the run has stopped; block {index} is not kept")
             files = self._open.get(index)
             if files is None:
-                folder = self.blocks / f".{index:06d}.tmp"
-                shutil.rmtree(folder, ignore_errors=True)
-                folder.mkdir(parents=True)
-                files = self._open[index] = TableFiles(folder)
+                if index == self.in_rows and self._direct is None:
+                    self._direct, files = index, self.rows
+                else:
+                    folder = self.blocks / f".{index:06d}.tmp"
+                    shutil.rmtree(folder, ignore_errors=True)
+                    folder.mkdir(parents=True)
+                    files = TableFiles(folder)
+                self._open[index] = files
             return files
 
     def part(self, index: int, part: TablePart) -> None:
@@ -362,32 +407,58 @@ class PartialRun:
         self._files(index).append_part(part)
 
     def commit(self, state: BlockState) -> None:
-        """Finish a block: write its state, then give its folder the final name."""
+        """Finish a block: write its state (and where its rows are), then give its folder the
+        final name; then move on the rows of the blocks that follow, if they are done."""
         index = state.block.index
         files = self._files(index)
-        state.tables = dict(files.headers)
-        (files.folder / STATE).write_bytes(state.to_bytes())
+        direct = files is self.rows
+        folder = self.blocks / f".{index:06d}.tmp"
+        if direct:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        else:
+            atomic_write_text(folder / TABLES, json.dumps(files.headers))
+        (folder / STATE).write_bytes(state.to_bytes())
         with self._lock:
             if self._closed:
                 raise OutputError(f"the run has stopped; block {index} is not kept")
-            os.replace(files.folder, self.block_folder(index))
+            os.replace(folder, self.block_folder(index))
             del self._open[index]
             self.done.add(index)
+            if direct:
+                self._direct, self.in_rows = None, index + 1
+                self._save_progress()
+            self._append_ready()
+
+    def _append_ready(self) -> None:
+        """Append the rows of finished blocks that are next in order (with the lock held)."""
+        while self.in_rows in self.done:
+            folder = self.block_folder(self.in_rows)
+            tables = json.loads((folder / TABLES).read_text())
+            for table, columns in tables.items():
+                self.rows.append_file(table, columns, folder / f"{table}.csv")
+            self.in_rows += 1
+            self._save_progress()
+            for table in tables:
+                (folder / f"{table}.csv").unlink()
+            (folder / TABLES).unlink()
 
     def state(self, index: int) -> BlockState:
         """The state of a finished block."""
         return BlockState.from_bytes((self.block_folder(index) / STATE).read_bytes())
 
-    def merge_into(self, files: TableFiles, blocks: list[ImageBlock], capture: Any = None,
-                   metrics: list | None = None) -> Merged:
-        """Append every block's rows to ``files`` and merge their states, in block order
-        (``capture`` takes in the kept thumbnails, ``metrics`` their block states)."""
+    def merge(self, blocks: list[ImageBlock], capture: Any = None,
+              metrics: list | None = None) -> Merged:
+        """Merge the states of every block, in block order (``capture`` takes in the kept
+        thumbnails, ``metrics`` their block states); their rows are in :attr:`rows`."""
+        if self.in_rows != len(blocks):
+            first = min(set(range(len(blocks))) - self.done, default=self.in_rows)
+            block = blocks[first]
+            raise OutputError(f"block {block.index} (images {block.start} to "
+                              f"{block.stop - 1}) was never finished")
         merged = Merged()
         seen: dict[str, int] = {}
         for block in blocks:
-            if block.index not in self.done:
-                raise OutputError(f"block {block.index} (images {block.start} to "
-                                  f"{block.stop - 1}) was never finished")
             state = self.state(block.index)
             for offset, image_id in enumerate(state.ids):
                 if image_id in seen:
@@ -395,9 +466,6 @@ class PartialRun:
                                      f"{seen[image_id]} and {block.start + offset}); image ids "
                                      "must be unique")
                 seen[image_id] = block.start + offset
-            folder = self.block_folder(block.index)
-            for table, columns in state.tables.items():
-                files.append_file(table, columns, folder / f"{table}.csv")
             merged.add(state, capture, metrics)
             merged.images_per_rank[state.rank] = (merged.images_per_rank.get(state.rank, 0)
                                                   + len(state.ids))

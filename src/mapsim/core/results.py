@@ -103,26 +103,28 @@ def copy_range(source: Any, offset: int, size: int, target: Any) -> None:
 class ResultsWriter:
     """Writes the tables and files of one run into a staging folder, then publishes it.
 
-    ``staging``: the folder to stage in (default: a new hidden folder beside the target).
+    ``files``: tables already staged, to add to (default: a new hidden folder beside the
+    target).
     """
 
     def __init__(self, target: str | Path, overwrite: bool = False,
-                 staging: Path | None = None) -> None:
+                 files: TableFiles | None = None) -> None:
         self.target = Path(target).resolve()
         self.overwrite = overwrite
         check_target(self.target, overwrite)
-        try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            if staging is None:
-                staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-",
-                                                dir=self.target.parent))
-            else:
-                shutil.rmtree(staging, ignore_errors=True)
-                staging.mkdir(parents=True)
-            self.staging = staging
-        except OSError as exc:
-            raise OutputError(f"cannot create the output directory {self.target}: {exc}") from exc
-        self.files = TableFiles(self.staging)
+        #: tables staged elsewhere (a run's partial folder), which this writer adds to; that
+        #: folder's owner removes it after a failure
+        self.adopted = files is not None
+        if files is None:
+            try:
+                self.target.parent.mkdir(parents=True, exist_ok=True)
+                files = TableFiles(Path(tempfile.mkdtemp(
+                    prefix=f".{self.target.name}.partial-", dir=self.target.parent)))
+            except OSError as exc:
+                raise OutputError(f"cannot create the output directory {self.target}: {exc}") \
+                    from exc
+        self.files = files
+        self.staging = files.folder
 
     def append(self, table: str, frame: pd.DataFrame) -> None:
         """Append rows to ``<table>.csv`` (header written once; a frame whose columns differ
@@ -160,8 +162,9 @@ class ResultsWriter:
         return self.target
 
     def discard(self) -> None:
-        """Remove the staging folder (after a failure)."""
-        shutil.rmtree(self.staging, ignore_errors=True)
+        """Remove the staging folder (after a failure), unless it was adopted."""
+        if not self.adopted:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -796,10 +796,9 @@ def _merge_and_publish(spec: Any, world: World, runner: Runner, partial: Partial
     from mapsim.core.results import ResultsWriter
 
     start = time.perf_counter()
-    writer = ResultsWriter(partial.target, overwrite=overwrite,
-                           staging=partial.folder / "results")
+    writer = ResultsWriter(partial.target, overwrite=overwrite, files=partial.rows)
     try:
-        merged = partial.merge_into(writer.files, blocks, runner.capture, runner.metrics)
+        merged = partial.merge(blocks, runner.capture, runner.metrics)
         runner.dead_counts = merged.dead_counts
         runner.pooled = merged.pooled
         runner.pooled_stacks = {g: MapStack(torch.empty(layout[-1].stop, 0), layout)
