@@ -742,3 +742,43 @@ def test_world_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(MapsimError, match="local rank 1"):
         world.device(torch.device("cuda"))
+
+
+# =========================================================================== pictures
+def test_thumbnails_kept_by_blocks_come_back_in_image_order(tmp_path):
+    """Each block hands over what it kept for pictures (take); merged in block order
+    (absorb), the first plot_images images are kept, with their matrices, as one pass would."""
+    from types import SimpleNamespace
+
+    from mapsim.plots.capture import PlotCapture
+
+    rng = np.random.default_rng(3)
+    blocks = [[f"img{i}" for i in range(0, 2)], [f"img{i}" for i in range(2, 4)]]
+    one_pass, merged = PlotCapture(3), PlotCapture(3)
+    states = []
+    for ids in blocks:
+        block = PlotCapture(3)
+        for image_id in ids:
+            maps = {"a": {"blocks.0": torch.from_numpy(rng.standard_normal((2, 8, 8)))}}
+            item = SimpleNamespace(id=image_id, image=rng.standard_normal((1, 8, 8)))
+            sim = SimpleNamespace(metric="pearson", model_a="a", model_b="a",
+                                  values=rng.standard_normal((2, 2)),
+                                  blocks_a=[Block("a", "blocks.0", 0, 2, (8, 8))],
+                                  blocks_b=[Block("a", "blocks.0", 0, 2, (8, 8))],
+                                  higher_is_more_similar=True)
+            for capture in (one_pass, block):
+                capture.add_maps(item, maps)
+                capture.add_matrix(image_id, sim)
+        meta, arrays = block.take()
+        assert block.thumbs == {} and block.mats == {}
+        states.append(BlockState.from_bytes(
+            BlockState(ImageBlock(len(states), 0, 2), ids, capture=(meta, arrays)).to_bytes()))
+    for state in states:
+        merged.absorb(*state.capture)
+    assert list(merged.thumbs) == ["img0", "img1", "img2"] == list(one_pass.thumbs)
+    for image in merged.thumbs:
+        for key, array in one_pass.thumbs[image].items():
+            np.testing.assert_array_equal(merged.thumbs[image][key], array)
+        for key, array in one_pass.mats[image].items():
+            np.testing.assert_array_equal(merged.mats[image][key], array)
+        assert merged.meta[image] == one_pass.meta[image]
