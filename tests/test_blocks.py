@@ -638,14 +638,11 @@ def test_resume_of_a_complete_run_through_the_command_line(tmp_path, synthetic_i
     assert not (tmp_path / ".out.partial").exists()
 
 
-def test_cka_over_images_resumes_to_the_values_of_one_pass(tmp_path, synthetic_images):
-    """cka with images as samples is taken in block by block: the resumed run forms the same
-    batches across the blocks (batch_size 3 against blocks of 2) as one uninterrupted run."""
+def _interrupted_run(tmp_path: Path, spec) -> None:
+    """Run ``spec`` into ``out`` with image 5 broken: it fails in block 2 and keeps blocks 0
+    and 1; the image is then mended."""
     from mapsim.core.runner import run
-    from mapsim.core.spec import load_spec
 
-    metrics = ["pearson", {"name": "cka", "samples": "images", "size": 2, "batch_size": 4}]
-    spec = load_spec(_workdir(tmp_path, synthetic_images, metrics))
     broken = _image(tmp_path, 5)
     good = broken.read_bytes()
     broken.write_bytes(BROKEN_PNG)
@@ -653,8 +650,18 @@ def test_cka_over_images_resumes_to_the_values_of_one_pass(tmp_path, synthetic_i
         run(spec, base_dir=tmp_path, out_dir=tmp_path / "out", progress=False)
     blocks = tmp_path / ".out.partial" / "blocks"
     assert sorted(p.name for p in blocks.iterdir()) == ["000000", "000001"]
-
     broken.write_bytes(good)
+
+
+def test_cka_over_images_resumes_to_the_values_of_one_pass(tmp_path, synthetic_images):
+    """cka with images as samples is taken in block by block: the resumed run forms the same
+    batches across the blocks (batches of 4 against blocks of 2) as one uninterrupted run."""
+    from mapsim.core.runner import run
+    from mapsim.core.spec import load_spec
+
+    metrics = ["pearson", {"name": "cka", "samples": "images", "size": 2, "batch_size": 4}]
+    spec = load_spec(_workdir(tmp_path, synthetic_images, metrics))
+    _interrupted_run(tmp_path, spec)
     run(spec, base_dir=tmp_path, out_dir=tmp_path / "out", progress=False, resume=True)
     run(spec, base_dir=tmp_path, out_dir=tmp_path / "fresh", progress=False)
     got = (tmp_path / "out" / "layer_similarity.csv").read_bytes()
@@ -680,15 +687,7 @@ def test_a_metric_that_cannot_take_blocks_cannot_resume(tmp_path, synthetic_imag
     spec_path = _workdir(tmp_path, synthetic_images, ["pearson", {"name": "cka",
                                                                   "samples": "images"}])
     spec = load_spec(spec_path)
-    broken = _image(tmp_path, 5)
-    good = broken.read_bytes()
-    broken.write_bytes(BROKEN_PNG)
-    with pytest.raises(ImageError):
-        run(spec, base_dir=tmp_path, out_dir=tmp_path / "out", progress=False)
-    blocks = tmp_path / ".out.partial" / "blocks"
-    assert sorted(p.name for p in blocks.iterdir()) == ["000000", "000001"]
-
-    broken.write_bytes(good)
+    _interrupted_run(tmp_path, spec)
     with pytest.raises(SpecError, match="resume") as info:
         run(spec, base_dir=tmp_path, out_dir=tmp_path / "out", progress=False, resume=True)
     assert "cka" in str(info.value) and "blockwise" in str(info.value)

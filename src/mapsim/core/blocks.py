@@ -20,6 +20,7 @@ import os
 import shutil
 import struct
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,7 @@ class Merged:
             metrics[index].add_block_state(meta, arrays)
 
 
-class BlockOutput:
+class BlockOutput(ABC):
     """Where one rank's table rows and block states go. They arrive in the order of
     ``blocks``: the rows of a block, then its state (:meth:`commit`), then the next block."""
 
@@ -247,11 +248,13 @@ class BlockOutput:
         self._commit(state)
         self._next += 1
 
+    @abstractmethod
     def _part(self, index: int, part: TablePart) -> None:
-        raise NotImplementedError
+        """Store or send rows of block ``index``."""
 
+    @abstractmethod
     def _commit(self, state: BlockState) -> None:
-        raise NotImplementedError
+        """Store or send the state of a finished block."""
 
     def finish(self) -> None:
         """After the last block."""
