@@ -271,6 +271,7 @@ class RemoteBlocks(BlockOutput):
     def __init__(self, blocks: list, world: World) -> None:
         super().__init__(blocks)
         self.world = world
+        self._finished = False
 
     def _part(self, index: int, part: TablePart) -> None:
         self.world.send(_message("part", {"index": index, "table": part.table,
@@ -283,9 +284,13 @@ class RemoteBlocks(BlockOutput):
     def finish(self) -> None:
         """Tell rank 0 that this rank has sent everything."""
         self.world.send(_message("done"))
+        self._finished = True
 
     def abort(self) -> None:
-        """Tell rank 0 that nothing more comes from this rank (after a failure)."""
+        """Tell rank 0 that nothing more comes from this rank (after a failure; not after
+        :meth:`finish`, when rank 0 no longer listens)."""
+        if self._finished:
+            return
         try:
             self.world.send(_message("abort"))
         except Exception:  # noqa: BLE001 - rank 0 may be gone; it is stopping anyway
