@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from files_spec import BROKEN_PNG, FILES_SPEC
 
 from mapsim.core.aggregation import SummaryAccumulator
 from mapsim.core.blocks import (
@@ -36,7 +37,6 @@ from mapsim.core.moments import Moments, compute_moments
 from mapsim.core.results import TableFiles, TablePart
 from mapsim.core.similarity import Block
 
-BROKEN_PNG = b"\x89PNG\r\n\x1a\n broken"
 
 
 @pytest.fixture(autouse=True)
@@ -511,17 +511,6 @@ def test_keep_or_remove(tmp_path):
 
 
 # =========================================================================== resume, in process
-FILES_SPEC = {
-    "name": "ff",
-    "models": {"a": {"architecture": {"name": "fcn", "depth": 2, "width": 4}, "seed": 1},
-               "b": {"architecture": {"name": "fcn", "depth": 2, "width": 4}, "seed": 2}},
-    "layers": {"a": "blocks.*", "b": "blocks.*"},
-    "images": "imgs/*.png",
-    "comparisons": [["a", "a"], ["a", "b"]],
-    "aggregators": ["max", "pivot"],
-    "engine": {"pooled": True, "block_images": 2},
-    "device": "cpu",
-}
 #: debiased CKA needs per-layer pixel statistics (no fast path; pooled moments carry
 #: layer_norms through the block states); pearson and cosine take the fast path
 METRICS = {"slow": ["pearson", {"name": "cka", "debiased": True}],

@@ -17,13 +17,13 @@ import pytest
 import torch
 import torch.distributed
 import yaml
+from files_spec import BROKEN_PNG, FILES_SPEC
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="this torch build has no torch.distributed with gloo, which torchrun runs need",
 )
 
-BROKEN_PNG = b"\x89PNG\r\n\x1a\n broken"
 
 #: every table there is: two comparison groups, metrics with and without a moments path,
 #: debiased CKA (per-layer pixel statistics), CKA across images (taken in block by block),
@@ -47,18 +47,7 @@ FULL_SPEC = {
 }
 
 #: 8 image files in blocks of 2: rank 0 does blocks 0 and 1, rank 1 blocks 2 and 3
-FILES_SPEC = {
-    "name": "ff",
-    "models": {"a": {"architecture": {"name": "fcn", "depth": 2, "width": 4}, "seed": 1},
-               "b": {"architecture": {"name": "fcn", "depth": 2, "width": 4}, "seed": 2}},
-    "layers": {"a": "blocks.*", "b": "blocks.*"},
-    "images": "imgs/*.png",
-    "comparisons": [["a", "a"], ["a", "b"]],
-    "metrics": ["pearson", {"name": "cka", "debiased": True}],
-    "aggregators": ["max", "pivot"],
-    "engine": {"pooled": True, "block_images": 2},
-    "device": "cpu",
-}
+RESUME_SPEC = FILES_SPEC | {"metrics": ["pearson", {"name": "cka", "debiased": True}]}
 
 
 @pytest.fixture(autouse=True)
@@ -190,7 +179,7 @@ def test_a_failing_rank_stops_the_run_and_resume_completes_it(tmp_path):
     assert main(["data", "synth", "--count", "8", "--size", "48", "56",
                  "--out", str(tmp_path / "imgs"), "--quiet"]) == 0
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(FILES_SPEC))
+    spec_path.write_text(yaml.safe_dump(RESUME_SPEC))
     # image 6 is in block 3, rank 1's second block
     broken = tmp_path / "imgs" / "synthetic-s0-i0006.png"
     good = broken.read_bytes()

@@ -114,12 +114,15 @@ class Moments:
             "with compute_moments(z, layers=[(start, stop), ...])"
         )
 
-    def to(self, device: torch.device | str) -> Moments:
-        """A copy on ``device``."""
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Moments:
+        """A copy on ``device`` (``non_blocking``: as ``Tensor.to``; from a GPU to the host,
+        valid once the work queued before it is done)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
         extra = (None, None) if self.layer_norms is None else (
-            self.layer_norms.to(device), self.layer_third.to(device))
-        return Moments(self.n, self.mean.to(device), self.comoment.to(device), self.layers,
-                       *extra)
+            move(self.layer_norms), move(self.layer_third))
+        return Moments(self.n, move(self.mean), move(self.comoment), self.layers, *extra)
 
 
 def layer_indicator(layers: tuple[tuple[int, int], ...], n_maps: int,

@@ -407,9 +407,9 @@ class Runner:
         """The runner's part of a block's state; the block's pooled moments and image ids
         start afresh. ``host``: copy the moments to the host without waiting (valid once the
         work queued so far is done), else copy them now."""
-        copy = _moments_to_host if host else (lambda m: m.to("cpu"))
         state = BlockState(block, ids=self._block_ids,
-                           pooled={g: copy(m) for g, m in self.pooled.items()},
+                           pooled={g: m.to("cpu", non_blocking=host)
+                                   for g, m in self.pooled.items()},
                            layouts={g: s.blocks for g, s in self.pooled_stacks.items()})
         self._block_ids, self.pooled = [], {}
         return state
@@ -570,14 +570,6 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     """A host copy that does not wait for the device (pinned memory; valid once the work
     queued before it is done)."""
     return tensor.to("cpu", non_blocking=True)
-
-
-def _moments_to_host(moments: Moments) -> Moments:
-    """:func:`_to_host` of every tensor of ``moments``."""
-    extra = (None, None) if moments.layer_norms is None else (
-        _to_host(moments.layer_norms), _to_host(moments.layer_third))
-    return Moments(moments.n, _to_host(moments.mean), _to_host(moments.comoment),
-                   moments.layers, *extra)
 
 
 class RunSink:
