@@ -36,9 +36,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import append, smooth_image  # noqa: E402
 
-from mapsim.core.plugins import load_registry  # noqa: E402
-from mapsim.core.runner import run  # noqa: E402
-from mapsim.core.spec import validate_spec  # noqa: E402
+from mapsim.registry import load_registry  # noqa: E402
+from mapsim.runner.run import run  # noqa: E402
+from mapsim.spec.run_spec import validate_spec  # noqa: E402
 
 
 def make_images(folder: Path, n: int, height: int, width: int) -> None:
@@ -100,10 +100,10 @@ def host_only(args: argparse.Namespace, folder: Path, out: Path) -> list[str]:
     once, then the metrics and the queueing of tables to the worker processes are timed per
     image with one torch thread (as :meth:`Runner._complete` runs them beside the device),
     and the time until the workers have written everything."""
-    from mapsim.core.moments import compute_moments
-    from mapsim.core.results import ResultsWriter
-    from mapsim.core.runner import Runner, WriterOutput, table_sink
-    from mapsim.core.similarity import stack_maps
+    from mapsim.engine.moments import compute_moments
+    from mapsim.runner.writer import ResultsWriter
+    from mapsim.runner.run import Runner, WriterOutput, table_sink
+    from mapsim.engine.similarity import stack_maps
 
     s = spec(args, folder, 1)
     runner = Runner(s, folder, device="cpu")

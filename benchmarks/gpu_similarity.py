@@ -32,17 +32,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import append, smooth_image  # noqa: E402
 
-from mapsim.core.models import build_model  # noqa: E402
-from mapsim.core.moments import Moments, MomentsBuilder, compute_moments  # noqa: E402
-from mapsim.core.plugins import load_registry  # noqa: E402
-from mapsim.core.similarity import (  # noqa: E402
+from mapsim.models.build import build_model  # noqa: E402
+from mapsim.engine.moments import Moments, MomentsBuilder, compute_moments  # noqa: E402
+from mapsim.registry import load_registry  # noqa: E402
+from mapsim.engine.similarity import (  # noqa: E402
     MapStack,
     layer_similarity,
     map_similarity,
     prepared_values,
     stack_maps,
 )
-from mapsim.core.streaming import builder_settings  # noqa: E402
+from mapsim.engine.streaming import builder_settings  # noqa: E402
 from mapsim.plugins.hooks import HooksExtractor  # noqa: E402
 
 

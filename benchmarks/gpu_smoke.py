@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mapsim.core.moments import compute_moments
-from mapsim.core.pearson import Pearson
+from mapsim.engine.moments import compute_moments
+from mapsim.plugins.metrics.pearson import Pearson
 
 
 def main() -> None:

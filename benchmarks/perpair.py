@@ -31,12 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import append, smooth_image  # noqa: E402
 
-from mapsim.core.aggregation import pairs_table  # noqa: E402
-from mapsim.core.models import build_model  # noqa: E402
-from mapsim.core.moments import compute_moments  # noqa: E402
-from mapsim.core.pearson import Pearson  # noqa: E402
-from mapsim.core.plugins import load_registry  # noqa: E402
-from mapsim.core.similarity import map_similarity, stack_maps  # noqa: E402
+from mapsim.tables.aggregation import pairs_table  # noqa: E402
+from mapsim.models.build import build_model  # noqa: E402
+from mapsim.engine.moments import compute_moments  # noqa: E402
+from mapsim.plugins.metrics.pearson import Pearson  # noqa: E402
+from mapsim.registry import load_registry  # noqa: E402
+from mapsim.engine.similarity import map_similarity, stack_maps  # noqa: E402
 from mapsim.plugins.hooks import HooksExtractor  # noqa: E402
 
 LAYERS = {"L1": "blocks.0", "L2": "blocks.1", "L4": "blocks.3", "L6": "blocks.5"}

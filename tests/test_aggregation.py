@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mapsim.core import aggregation
-from mapsim.core.similarity import Block, SimilarityMatrix, apply_dead_policy
+from mapsim.tables import aggregation
+from mapsim.engine.similarity import Block, SimilarityMatrix, apply_dead_policy
 from mapsim.plugins.aggregators import (
     MaxAggregator,
     PivotAggregator,

@@ -1,7 +1,7 @@
 """Runs in blocks of images: the plan and its share-out, the statistics merged across blocks
 (Chan's update) against float64 numpy, the block state's bytes, the partial folder and
---resume, and the torchrun environment (:mod:`mapsim.core.blocks`,
-:mod:`mapsim.core.distributed`). In-process and fast; torchrun itself is in
+--resume, and the torchrun environment (:mod:`mapsim.runner.blocks`,
+:mod:`mapsim.runner.distributed`). In-process and fast; torchrun itself is in
 test_distributed.py."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 import yaml
 from files_spec import BROKEN_PNG, FILES_SPEC
 
-from mapsim.core.aggregation import SummaryAccumulator
-from mapsim.core.blocks import (
+from mapsim.tables.aggregation import SummaryAccumulator
+from mapsim.runner.blocks import (
     STATE,
     BlockState,
     ImageBlock,
@@ -31,11 +31,11 @@ from mapsim.core.blocks import (
     plan_blocks,
     unpack,
 )
-from mapsim.core.distributed import World
-from mapsim.core.errors import ImageError, MapsimError, OutputError, SpecError
-from mapsim.core.moments import Moments, compute_moments
-from mapsim.core.results import TableFiles, TablePart
-from mapsim.core.similarity import Block
+from mapsim.runner.distributed import World
+from mapsim.errors import ImageError, MapsimError, OutputError, SpecError
+from mapsim.engine.moments import Moments, compute_moments
+from mapsim.runner.writer import TableFiles, TablePart
+from mapsim.engine.similarity import Block
 
 
 
@@ -554,9 +554,9 @@ def _without_timings(run_json: bytes) -> dict:
 @pytest.mark.parametrize("path,broken_at", [("slow", 5), ("fast", 5), ("fast", 4)])
 def test_resume_in_one_process_does_only_the_blocks_left(tmp_path, synthetic_images,
                                                          monkeypatch, path, broken_at):
-    from mapsim.core import runner as runner_module
-    from mapsim.core.runner import run
-    from mapsim.core.spec import load_spec
+    from mapsim.runner import run as runner_module
+    from mapsim.runner.run import run
+    from mapsim.spec.run_spec import load_spec
 
     spec_path = _workdir(tmp_path, synthetic_images, METRICS[path])
     spec = load_spec(spec_path)
@@ -630,7 +630,7 @@ def test_resume_of_a_complete_run_through_the_command_line(tmp_path, synthetic_i
 def _interrupted_run(tmp_path: Path, spec) -> None:
     """Run ``spec`` into ``out`` with image 5 broken: it fails in block 2 and keeps blocks 0
     and 1; the image is then mended."""
-    from mapsim.core.runner import run
+    from mapsim.runner.run import run
 
     broken = _image(tmp_path, 5)
     good = broken.read_bytes()
@@ -645,8 +645,8 @@ def _interrupted_run(tmp_path: Path, spec) -> None:
 def test_cka_over_images_resumes_to_the_values_of_one_pass(tmp_path, synthetic_images):
     """cka with images as samples is taken in block by block: the resumed run forms the same
     batches across the blocks (batches of 4 against blocks of 2) as one uninterrupted run."""
-    from mapsim.core.runner import run
-    from mapsim.core.spec import load_spec
+    from mapsim.runner.run import run
+    from mapsim.spec.run_spec import load_spec
 
     metrics = ["pearson", {"name": "cka", "samples": "images", "size": 2, "batch_size": 4}]
     spec = load_spec(_workdir(tmp_path, synthetic_images, metrics))
@@ -662,8 +662,8 @@ def test_cka_over_images_resumes_to_the_values_of_one_pass(tmp_path, synthetic_i
 
 def test_a_metric_that_cannot_take_blocks_cannot_resume(tmp_path, synthetic_images,
                                                         monkeypatch):
-    from mapsim.core.runner import Runner, run
-    from mapsim.core.spec import load_spec
+    from mapsim.runner.run import Runner, run
+    from mapsim.spec.run_spec import load_spec
 
     original = Runner._metric
 

@@ -12,9 +12,9 @@ from skimage.io import imread
 from skimage.morphology import skeletonize
 
 from mapsim.cli import main
-from mapsim.core.errors import ImageError, MapsimError, ModelError
-from mapsim.core.images import normalise
-from mapsim.core.plugins import load_registry
+from mapsim.errors import ImageError, MapsimError, ModelError
+from mapsim.io.images import normalise
+from mapsim.registry import load_registry
 from mapsim.training import train, validate_train_spec
 from mapsim.training.evaluate import evaluate, prediction_rgb
 from mapsim.training.models import load_segmentation_model

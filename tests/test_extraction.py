@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from mapsim.core.errors import ExtractionError, LayerNotFoundError
-from mapsim.core.extraction import (
+from mapsim.errors import ExtractionError, LayerNotFoundError
+from mapsim.models.layers import (
     LayerInfo,
     LayerOutputError,
     describe_layers,
     format_layers,
     resolve_layers,
 )
-from mapsim.core.plugins import load_registry
+from mapsim.registry import load_registry
 from mapsim.plugins.fcn import FCN
 from mapsim.plugins.hooks import HooksExtractor
 

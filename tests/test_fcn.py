@@ -6,7 +6,7 @@ import pydantic
 import pytest
 import torch
 
-from mapsim.core.plugins import load_registry
+from mapsim.registry import load_registry
 from mapsim.plugins.fcn import FCN, ConvModule, FCNArchitecture
 
 

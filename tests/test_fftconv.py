@@ -1,4 +1,4 @@
-"""FFT convolution (core/fftconv.py) and its use in ``fcn`` (parameter ``conv``).
+"""FFT convolution (plugins/fcn/fftconv.py) and its use in ``fcn`` (parameter ``conv``).
 
 Reference: ``F.conv2d`` in float64. The FFT path's error must be of the order of float32
 direct convolution's own error against that reference.
@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mapsim.core import fftconv
-from mapsim.core.fftconv import fft_conv2d
-from mapsim.core.models import build_model
-from mapsim.core.plugins import load_registry
-from mapsim.core.runner import run
-from mapsim.core.spec import validate_spec
+from mapsim.plugins.fcn import fftconv
+from mapsim.plugins.fcn.fftconv import fft_conv2d
+from mapsim.models.build import build_model
+from mapsim.registry import load_registry
+from mapsim.runner.run import run
+from mapsim.spec.run_spec import validate_spec
 from mapsim.plugins.fcn import FCN, Conv2d, FCNArchitecture
 
 
@@ -223,7 +223,7 @@ def test_pretrained_cnn6_pearson_agrees_between_fft_and_direct(vessel_image, tmp
 
 
 def test_bad_shapes_get_a_clear_error() -> None:
-    from mapsim.core.errors import ShapeMismatchError
+    from mapsim.errors import ShapeMismatchError
 
     with pytest.raises(ShapeMismatchError, match="same C"):
         fft_conv2d(torch.randn(1, 3, 8, 8), torch.randn(2, 4, 3, 3), None, 1)

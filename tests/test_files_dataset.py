@@ -9,7 +9,7 @@ import tifffile
 from skimage import io
 
 from mapsim import Dataset, ImageItem
-from mapsim.core.errors import ImageError
+from mapsim.errors import ImageError
 from mapsim.plugins.files import FilesDataset, make_ids
 
 
@@ -35,7 +35,7 @@ def dataset(base_dir, **params):
 
 # --------------------------------------------------------------------------- registration
 def test_registered_as_files_dataset():
-    from mapsim.core.plugins import load_registry
+    from mapsim.registry import load_registry
 
     entry = load_registry().get("dataset", "files")
     assert entry.cls is FilesDataset

@@ -9,9 +9,9 @@ import pytest
 import tifffile
 from skimage import io
 
-from mapsim.core.errors import ImageError
-from mapsim.core.images import normalise
-from mapsim.core.plugins import load_registry
+from mapsim.errors import ImageError
+from mapsim.io.images import normalise
+from mapsim.registry import load_registry
 from mapsim.plugins.folder import FolderDataset, binarise, split_ids
 from mapsim.training.data import split_indices
 
@@ -153,7 +153,7 @@ def test_missing_folder(tmp_path):
 
 
 def test_a_split_of_one_image_is_refused(tmp_path):
-    from mapsim.core.errors import SpecError
+    from mapsim.errors import SpecError
 
     write_pairs(tmp_path, n=1)
     assert len(make(tmp_path)) == 1

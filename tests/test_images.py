@@ -1,4 +1,4 @@
-"""Tests of mapsim.core.images: finding, reading and preprocessing images and labels."""
+"""Tests of mapsim.io.images: finding, reading and preprocessing images and labels."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import tifffile
 from skimage import io
 
-from mapsim.core.errors import ImageError, MapsimError
-from mapsim.core.images import (
+from mapsim.errors import ImageError, MapsimError
+from mapsim.io.images import (
     SUFFIXES,
     expand_paths,
     natural_key,

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import mapsim
-from mapsim.core.pearson import Pearson
-from mapsim.core.plugins import load_registry
+from mapsim.plugins.metrics.pearson import Pearson
+from mapsim.registry import load_registry
 from mapsim.plugins.metrics.euclidean import Euclidean
 from mapsim.testing import MetricContract, random_maps, relu_maps
 

@@ -19,7 +19,7 @@ from scipy.stats import zscore
 
 from conftest import relu_like_maps
 from mapsim import Undefined
-from mapsim.core.moments import compute_moments
+from mapsim.engine.moments import compute_moments
 from mapsim.plugins.metrics import hsic
 from mapsim.plugins.metrics.cka import CKA, CKAParams
 from mapsim.plugins.metrics.cosine import Cosine, CosineParams

@@ -14,13 +14,13 @@ import torch
 from scipy.spatial.distance import cdist
 
 from conftest import relu_like_maps
-from mapsim.core import runner as runner_module
-from mapsim.core.errors import SpecError
-from mapsim.core.moments import compute_moments
-from mapsim.core.plugins import load_registry
-from mapsim.core.runner import Runner, run
-from mapsim.core.similarity import map_similarity, stack_maps
-from mapsim.core.spec import load_spec, validate_spec
+from mapsim.runner import run as runner_module
+from mapsim.errors import SpecError
+from mapsim.engine.moments import compute_moments
+from mapsim.registry import load_registry
+from mapsim.runner.run import Runner, run
+from mapsim.engine.similarity import map_similarity, stack_maps
+from mapsim.spec.run_spec import load_spec, validate_spec
 from mapsim.plugins.aggregators import MaxAggregator, ThresholdAggregator, ThresholdParams
 from mapsim.plugins.metrics.euclidean import Euclidean, EuclideanParams
 from test_runner import reference_maps
@@ -240,7 +240,7 @@ def test_example_metrics_spec_validates():
     import jsonschema
     import yaml
 
-    from mapsim.core.spec import json_schema
+    from mapsim.spec.run_spec import json_schema
 
     jsonschema.validate(yaml.safe_load((ROOT / "examples" / "metrics.yaml").read_text()),
                         json_schema())
@@ -260,7 +260,7 @@ def test_the_original_dead_rule_concerns_map_metrics_only(tmp_path):
 @pytest.mark.parametrize("policy", ["exclude", "original"])
 def test_values_prepared_ahead_equal_the_checked_values(rng, name, policy):
     # the GPU fast path applies the dead-map rule and the NaN check where the moments are
-    from mapsim.core.similarity import prepared_values
+    from mapsim.engine.similarity import prepared_values
 
     metric = _metric(name, **({"standardise": True} if name == "euclidean" else {}))
     if policy == "original" and metric.dead_fill is None:
@@ -286,8 +286,8 @@ def test_values_prepared_ahead_equal_the_checked_values(rng, name, policy):
 
 
 def test_a_nan_for_live_maps_found_ahead_is_reported_with_the_pair(rng):
-    from mapsim.core.errors import MapsimError
-    from mapsim.core.similarity import prepared_values
+    from mapsim.errors import MapsimError
+    from mapsim.engine.similarity import prepared_values
 
     metric = _metric("pearson")
     stack = stack_maps({"m": {"L1": torch.from_numpy(relu_like_maps(rng, 5, 8, 8))}}, ["m"])

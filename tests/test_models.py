@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mapsim.core import models
-from mapsim.core.errors import ModelError, WeightsError
-from mapsim.core.models import (
+from mapsim.models import build as models
+from mapsim.errors import ModelError, WeightsError
+from mapsim.models.build import (
     LoadedModel,
     apply_weights,
     build_model,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import relu_like_maps
 
-from mapsim.core.moments import Moments, compute_moments
-from mapsim.core.pearson import Pearson, PearsonParams
+from mapsim.engine.moments import Moments, compute_moments
+from mapsim.plugins.metrics.pearson import Pearson, PearsonParams
 
 
 def reference_comoment(z: np.ndarray) -> np.ndarray:

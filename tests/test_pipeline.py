@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from mapsim.core.pipeline import BackgroundSink, prefetch, to_device
+from mapsim.runner.pipeline import BackgroundSink, prefetch, to_device
 
 
 def test_prefetch_keeps_order_and_reads_ahead_in_another_thread():
@@ -112,7 +112,7 @@ def _append(result):
 
 
 def test_process_sink_delivers_in_queue_order_when_jobs_finish_out_of_order(tmp_path):
-    from mapsim.core.pipeline import ProcessSink
+    from mapsim.runner.pipeline import ProcessSink
 
     sink = ProcessSink(_line, _append, workers=3, depth=6)
     for k in range(40):
@@ -124,7 +124,7 @@ def test_process_sink_delivers_in_queue_order_when_jobs_finish_out_of_order(tmp_
 
 
 def test_process_sink_raises_the_error_of_a_job_and_writes_nothing_after_it(tmp_path):
-    from mapsim.core.pipeline import ProcessSink
+    from mapsim.runner.pipeline import ProcessSink
 
     sink = ProcessSink(_line, _append, workers=2)
     sink.put((tmp_path / "a.txt", "fine"))
@@ -145,8 +145,8 @@ def _unpicklable(job):
 
 
 def test_process_sink_reports_an_error_that_cannot_be_pickled(tmp_path):
-    from mapsim.core.errors import OutputError
-    from mapsim.core.pipeline import ProcessSink
+    from mapsim.errors import OutputError
+    from mapsim.runner.pipeline import ProcessSink
 
     sink = ProcessSink(_unpicklable, _append, workers=1)
     sink.put("x")
@@ -155,8 +155,8 @@ def test_process_sink_reports_an_error_that_cannot_be_pickled(tmp_path):
 
 
 def test_process_sink_reports_a_worker_process_that_died(tmp_path):
-    from mapsim.core.errors import OutputError
-    from mapsim.core.pipeline import ProcessSink
+    from mapsim.errors import OutputError
+    from mapsim.runner.pipeline import ProcessSink
 
     sink = ProcessSink(_line, _append, workers=1, depth=1)
     with pytest.raises(OutputError, match="stopped unexpectedly"):

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from mapsim.cli import main
-from mapsim.core.errors import MapsimError, OutputError
-from mapsim.core.runner import run
-from mapsim.core.spec import validate_spec
+from mapsim.errors import MapsimError, OutputError
+from mapsim.runner.run import run
+from mapsim.spec.run_spec import validate_spec
 from mapsim.plots import heatmaps
 from mapsim.plots.capture import KEY_SEP, downsample, matrix_key, thumb_key
 from mapsim.plots.groups import well_groups

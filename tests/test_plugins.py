@@ -7,9 +7,9 @@ import types
 import pytest
 
 import mapsim
-from mapsim.core import hookspecs
-from mapsim.core.errors import DuplicatePluginError, PluginLoadError, UnknownNameError
-from mapsim.core.plugins import KINDS, Provider, build_registry, load_registry
+from mapsim import hookspecs
+from mapsim.errors import DuplicatePluginError, PluginLoadError, UnknownNameError
+from mapsim.registry import KINDS, Provider, build_registry, load_registry
 
 BUILTINS = {
     "metric": {"pearson", "cosine", "euclidean", "cka"},
@@ -54,7 +54,7 @@ def _plugin(**hooks):
 
 
 def test_a_duplicate_name_names_both_providers():
-    from mapsim.core import pearson
+    from mapsim.plugins.metrics import pearson
 
     plugins = [
         (pearson, Provider("mapsim", "0.1.0", "pearson")),

@@ -10,8 +10,8 @@ import torch
 from skimage.morphology import skeletonize
 
 from mapsim.cli import main
-from mapsim.core.models import file_sha256, pretrained_card, pretrained_names, pretrained_path
-from mapsim.core.plugins import load_registry
+from mapsim.models.build import file_sha256, pretrained_card, pretrained_names, pretrained_path
+from mapsim.registry import load_registry
 from mapsim.training.checkpoint import read_document
 from mapsim.training.models import load_segmentation_model
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mapsim.core.runner import run
-from mapsim.core.spec import validate_spec
+from mapsim.runner.run import run
+from mapsim.spec.run_spec import validate_spec
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -13,11 +13,11 @@ import torch
 import yaml
 from skimage.io import imread
 
-from mapsim.core.errors import ShapeMismatchError
-from mapsim.core.models import build_model
-from mapsim.core.plugins import load_registry
-from mapsim.core.runner import run
-from mapsim.core.spec import validate_spec
+from mapsim.errors import ShapeMismatchError
+from mapsim.models.build import build_model
+from mapsim.registry import load_registry
+from mapsim.runner.run import run
+from mapsim.spec.run_spec import validate_spec
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 
@@ -157,7 +157,7 @@ def test_roi_restricts_pixels_to_the_dilated_label(tmp_path):
     spec = make_spec(tmp_path, comparisons=[["b", "b"]], engine={"roi": {"dilate": 2}})
     out = run(spec, out_dir=tmp_path / "roi", progress=False).out_dir
     best = pd.read_csv(out / "max.csv")
-    from mapsim.core.images import roi_mask, read_label
+    from mapsim.io.images import roi_mask, read_label
 
     mask = roi_mask(read_label(DATA / "labels" / "vessels-1.png"), 2).ravel()
     za = reference_maps(2, 2, 5, ["blocks.1"], DATA / "vessels-1.png")[0][:, mask]
@@ -242,7 +242,7 @@ def test_a_failed_run_leaves_earlier_results_untouched(tmp_path):
     out.mkdir()
     (out / "max.csv").write_text("old results\n")
     spec = make_spec(tmp_path, layers={"a": ["blocks.9"], "b": ["blocks.0"]})
-    from mapsim.core.errors import LayerNotFoundError
+    from mapsim.errors import LayerNotFoundError
 
     with pytest.raises(LayerNotFoundError, match="blocks.0"):
         run(spec, out_dir=out, overwrite=True, progress=False)
@@ -258,7 +258,7 @@ def test_specs_in_yaml_run_from_their_own_folder(tmp_path):
         "models": {"m": {"architecture": {"name": "fcn", "depth": 1, "width": 3}}},
         "layers": {"m": "blocks.*"}, "images": "imgs/*.png",
     }))
-    from mapsim.core.spec import load_spec
+    from mapsim.spec.run_spec import load_spec
 
     out = run(load_spec(spec_file), base_dir=tmp_path, out_dir=tmp_path / "o",
               progress=False).out_dir
@@ -266,8 +266,8 @@ def test_specs_in_yaml_run_from_their_own_folder(tmp_path):
 
 
 def test_layer_label_mapping_needs_one_exact_path_per_label(tmp_path):
-    from mapsim.core.errors import SpecError
-    from mapsim.core.runner import layer_labels
+    from mapsim.errors import SpecError
+    from mapsim.runner.run import layer_labels
 
     available = ["blocks", "blocks.0", "blocks.0.conv", "blocks.1", "head"]
     assert layer_labels({"last": "blocks.1", "first": "blocks.0"}, available, "m") == {
@@ -276,7 +276,7 @@ def test_layer_label_mapping_needs_one_exact_path_per_label(tmp_path):
         layer_labels({"all": "blocks.*"}, available, "m")
     with pytest.raises(SpecError, match="given two labels"):
         layer_labels({"a": "head", "b": "head"}, available, "m")
-    from mapsim.core.errors import LayerNotFoundError
+    from mapsim.errors import LayerNotFoundError
 
     with pytest.raises(LayerNotFoundError, match="Closest matches: blocks.1"):
         layer_labels({"x": "block.1"}, available, "m")
@@ -287,7 +287,7 @@ def test_a_layer_granularity_metric_writes_layer_similarity(tmp_path):
     import types
 
     import mapsim
-    from mapsim.core.plugins import Provider, build_registry, discover
+    from mapsim.registry import Provider, build_registry, discover
 
     class MeanAbsR(mapsim.Metric):
         name = "mean-abs-r"
@@ -322,8 +322,8 @@ def test_a_layer_granularity_metric_writes_layer_similarity(tmp_path):
 
 
 def test_an_unavailable_device_is_a_clear_error():
-    from mapsim.core.errors import MapsimError
-    from mapsim.core.runner import resolve_device
+    from mapsim.errors import MapsimError
+    from mapsim.runner.run import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage.morphology import skeletonize
 
-from mapsim.core.errors import ShapeMismatchError
+from mapsim.errors import ShapeMismatchError
 from mapsim.segmentation import (
     METRICS,
     Counts,

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mapsim.core.errors import MapsimError, SpecError
-from mapsim.core.spec import json_schema, load_spec, read_document, validate_spec
+from mapsim.errors import MapsimError, SpecError
+from mapsim.spec.run_spec import json_schema, load_spec, read_document, validate_spec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 QUICKSTART = EXAMPLES / "quickstart.yaml"

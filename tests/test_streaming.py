@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import relu_like_maps
 
-from mapsim.core.models import build_model
-from mapsim.core.moments import MomentsBuilder, compute_moments, symmetric_gram
-from mapsim.core.plugins import load_registry
-from mapsim.core.runner import Runner, run
-from mapsim.core.spec import validate_spec
+from mapsim.models.build import build_model
+from mapsim.engine.moments import MomentsBuilder, compute_moments, symmetric_gram
+from mapsim.registry import load_registry
+from mapsim.runner.run import Runner, run
+from mapsim.spec.run_spec import validate_spec
 from mapsim.plugins.hooks import HooksExtractor
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
@@ -172,7 +172,7 @@ def test_streamed_run_equals_the_stacked_run(tmp_path, monkeypatch, engine, metr
 def test_run_with_writer_processes_equals_the_run_with_a_writer_thread(tmp_path, monkeypatch):
     import shutil
 
-    from mapsim.core import pipeline
+    from mapsim.runner import pipeline
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -187,9 +187,9 @@ def test_run_with_writer_processes_equals_the_run_with_a_writer_thread(tmp_path,
         used.append(type(sink).__name__)
         return sink
 
-    monkeypatch.setattr("mapsim.core.runner.make_sink", recording)
+    monkeypatch.setattr("mapsim.runner.run.make_sink", recording)
     run(spec(**data), out_dir=tmp_path / "procs", progress=False)
-    monkeypatch.setattr("mapsim.core.runner.make_sink",
+    monkeypatch.setattr("mapsim.runner.run.make_sink",
                         lambda f, a, n: original(f, a, n, min_items_for_processes=10**9))
     run(spec(**data), out_dir=tmp_path / "thread", progress=False)
     assert used == ["ProcessSink"]

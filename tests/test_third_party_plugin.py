@@ -22,8 +22,8 @@ import torch
 import yaml
 from scipy import stats
 
-from mapsim.core.models import build_model
-from mapsim.core.plugins import load_registry
+from mapsim.models.build import build_model
+from mapsim.registry import load_registry
 from mapsim.plugins.files import FilesDataset
 from mapsim.plugins.hooks import HooksExtractor
 

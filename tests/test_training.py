@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from scipy import ndimage
 
 from mapsim.cli import main
-from mapsim.core.errors import ImageError, OutputError, SpecError
-from mapsim.core.models import build_model, load_state_dict_file
-from mapsim.core.plugins import load_registry
+from mapsim.errors import ImageError, OutputError, SpecError
+from mapsim.models.build import build_model, load_state_dict_file
+from mapsim.registry import load_registry
 from mapsim.training import checkpoint as ckpt
 from mapsim.training import load_train_spec, train, validate_train_spec
 from mapsim.training.data import Sample, TrainingBatches, split_indices
@@ -266,7 +266,7 @@ def test_cli_train_and_resume(workdir, capsys):
 
 
 def test_models_must_output_two_maps(workdir):
-    from mapsim.core.errors import ModelError
+    from mapsim.errors import ModelError
 
     spec = tiny_spec(model={"architecture": {"name": "fcn", "depth": 1, "width": 2,
                                              "kernel_size": 3, "classes": 3}})
@@ -275,7 +275,7 @@ def test_models_must_output_two_maps(workdir):
 
 
 def test_divergence_is_reported(workdir):
-    from mapsim.core.errors import MapsimError
+    from mapsim.errors import MapsimError
 
     spec = tiny_spec(epochs=5, optimizer={"name": "sgd", "lr": 1e30})
     with pytest.raises(MapsimError, match="training diverged. Lower optimizer.lr"):

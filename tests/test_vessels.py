@@ -11,8 +11,8 @@ from skimage import io
 from skimage.draw import disk
 
 from mapsim.cli import main
-from mapsim.core.images import normalise
-from mapsim.core.plugins import load_registry
+from mapsim.io.images import normalise
+from mapsim.registry import load_registry
 from mapsim.plugins.folder import FolderDataset
 from mapsim.plugins.vessels import GeometryParams, SyntheticVessels, generate
 from mapsim.plugins.vessels.geometry import murray_angles

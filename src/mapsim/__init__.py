@@ -1,7 +1,7 @@
 """mapsim: extract, compare and summarise the activation maps of convolutional networks."""
 
-from mapsim.core.hookspecs import hookimpl
-from mapsim.core.plugin_api import (
+from mapsim.hookspecs import hookimpl
+from mapsim.api import (
     Aggregator,
     Architecture,
     Dataset,

@@ -8,12 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-from mapsim.core.errors import MapsimError
+from mapsim.errors import MapsimError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mapsim.core.runner import run
-    from mapsim.core.spec import load_spec
+    from mapsim.runner.run import run
+    from mapsim.spec.run_spec import load_spec
 
     spec = load_spec(args.spec)
     result = run(
@@ -58,12 +58,12 @@ def findings_table(out_dir: Path) -> str:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from mapsim.core.spec import load_spec
+    from mapsim.spec.run_spec import load_spec
 
     spec = load_spec(args.spec)
     deep = ""
     if args.deep:
-        from mapsim.core.runner import Runner
+        from mapsim.runner.run import Runner
 
         base = Path(args.spec).resolve().parent
         runner = Runner(spec, base, device="cpu")
@@ -82,11 +82,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from mapsim.core.spec import json_schema
+    from mapsim.spec.run_spec import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if args.out:
-        from mapsim.core.results import atomic_write_text
+        from mapsim.runner.writer import atomic_write_text
 
         atomic_write_text(Path(args.out), text)
         print(f"wrote {args.out}")
@@ -96,7 +96,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from mapsim.core.plugins import load_registry
+    from mapsim.registry import load_registry
 
     rows = [(e.kind, e.name, f"{e.provider.distribution} {e.provider.version}",
              e.provider.entry_point) for e in load_registry().entries()]
@@ -108,10 +108,10 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from mapsim.core.extraction import describe_layers, format_layers
-    from mapsim.core.models import build_from_spec
-    from mapsim.core.plugins import load_registry
-    from mapsim.core.spec import read_model_spec
+    from mapsim.models.layers import describe_layers, format_layers
+    from mapsim.models.build import build_from_spec
+    from mapsim.registry import load_registry
+    from mapsim.spec.run_spec import read_model_spec
 
     registry = load_registry()
     name, mspec, base = read_model_spec(args.model_spec, args.model, registry=registry)
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MapsimError as exc:
-        from mapsim.core.distributed import RunAborted
+        from mapsim.runner.distributed import RunAborted
 
         if not (isinstance(exc, RunAborted) and os.environ.get("RANK", "0") != "0"):
             # (a process stopped by another's failure stays quiet: rank 0 reports it)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mapsim.core.errors import OutputError, SpecError
+from mapsim.errors import OutputError, SpecError
 
 
 def atomic_write_png(path: Path, array: np.ndarray) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mapsim.core.errors import MapsimError, ShapeMismatchError
+from mapsim.errors import MapsimError, ShapeMismatchError
 
 #: Names of the metrics :func:`segmentation_metrics` returns, in table order.
 METRICS = ("accuracy", "precision", "recall", "f1", "dice", "iou", "tprec", "tsens", "cldice")

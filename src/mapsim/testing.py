@@ -46,8 +46,8 @@ try:
 except ImportError as exc:  # pragma: no cover
     raise ImportError("mapsim.testing needs pytest: pip install pytest") from exc
 
-from mapsim.core.moments import compute_moments
-from mapsim.core.plugin_api import Metric, MetricPathError, Undefined
+from mapsim.engine.moments import compute_moments
+from mapsim.api import Metric, MetricPathError, Undefined
 
 #: images, maps of x, maps of y, height, width of the generated samples
 SHAPE = (8, 5, 4, 9, 9)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mapsim.core.errors import MapsimError
+from mapsim.errors import MapsimError
 from mapsim.plots.io import save_figure, slug
 
 
@@ -28,9 +28,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> tuple[str, Any, Any]:
     """(name, loaded model, extractor) from MODEL_SPEC, like `mapsim layers`."""
-    from mapsim.core.models import build_from_spec
-    from mapsim.core.plugins import load_registry
-    from mapsim.core.spec import read_model_spec
+    from mapsim.models.build import build_from_spec
+    from mapsim.registry import load_registry
+    from mapsim.spec.run_spec import read_model_spec
 
     registry = load_registry()
     name, mspec, base = read_model_spec(args.model_spec, args.model, registry=registry)
@@ -53,7 +53,7 @@ def _ids(text: str | None) -> list[int] | None:
 
 def cmd_show_maps(args: argparse.Namespace) -> int:
     """Draw one layer's maps for one image."""
-    from mapsim.core.plugins import load_registry
+    from mapsim.registry import load_registry
     from mapsim.plots.maps import choose_maps, maps_figure
 
     name, loaded, extractor = _build(args)
@@ -100,7 +100,7 @@ def cmd_show_kernels(args: argparse.Namespace) -> int:
     name, loaded, _ = _build(args)
     modules = dict(loaded.module.named_modules())
     if args.layer not in modules:
-        from mapsim.core.errors import LayerNotFoundError
+        from mapsim.errors import LayerNotFoundError
 
         raise LayerNotFoundError("layer", args.layer, [m for m in modules if m],
                                  hint=f"(model {name!r})")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mapsim.core.errors import OutputError
+from mapsim.errors import OutputError
 from mapsim.plots import distributions, groups, heatmaps
 from mapsim.plots.capture import matrix_key
 from mapsim.plots.io import Results, atomic_write_bytes, save_figure, slug

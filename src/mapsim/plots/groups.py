@@ -123,7 +123,7 @@ def group_members(results_dir: str, group: int, model: str, layer_path: str,
 
     ``layer_path`` is a module path; the run's label for it is looked up in run.json.
     """
-    from mapsim.core.errors import MapsimError
+    from mapsim.errors import MapsimError
     from mapsim.plots.io import Results
 
     results = Results.open(results_dir)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mapsim.core.errors import OutputError
+from mapsim.errors import OutputError
 
 POOLED_IMAGE = "pooled"
 #: columns read as text whatever they hold (a layer label such as "1" stays "1")

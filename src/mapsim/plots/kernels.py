@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from torch import nn
 
-from mapsim.core.errors import MapsimError
+from mapsim.errors import MapsimError
 
 MAX_ROWS = 32
 MAX_COLS = 16

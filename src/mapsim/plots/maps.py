@@ -7,7 +7,7 @@ import math
 import numpy as np
 from matplotlib.figure import Figure
 
-from mapsim.core.errors import MapsimError
+from mapsim.errors import MapsimError
 
 
 def choose_maps(n_maps: int, maps: list[int] | None = None, first: int | None = None) -> list[int]:

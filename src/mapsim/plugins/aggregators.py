@@ -5,11 +5,11 @@ from __future__ import annotations
 import pandas as pd
 from pydantic import Field
 
-from mapsim.core import aggregation
-from mapsim.core.hookspecs import hookimpl
-from mapsim.core.errors import SpecError, closest_matches
-from mapsim.core.plugin_api import Aggregator, Metric, Params
-from mapsim.core.similarity import SimilarityMatrix
+from mapsim.tables import aggregation
+from mapsim.hookspecs import hookimpl
+from mapsim.errors import SpecError, closest_matches
+from mapsim.api import Aggregator, Metric, Params
+from mapsim.engine.similarity import SimilarityMatrix
 
 Tables = dict[str, pd.DataFrame]
 

@@ -13,11 +13,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePath
 from typing import Literal, NamedTuple
 
-from mapsim.core.errors import ImageError, closest_matches
-from mapsim.core.hookspecs import hookimpl
-from mapsim.core.images import expand_paths, normalise, read_image, read_label, to_channels
-from mapsim.core.plugin_api import Dataset, ImageItem
-from mapsim.core.plugin_api import Params as BaseParams
+from mapsim.errors import ImageError, closest_matches
+from mapsim.hookspecs import hookimpl
+from mapsim.io.images import expand_paths, normalise, read_image, read_label, to_channels
+from mapsim.api import Dataset, ImageItem
+from mapsim.api import Params as BaseParams
 
 
 class FileEntry(NamedTuple):

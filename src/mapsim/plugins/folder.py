@@ -16,11 +16,11 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from mapsim.core.errors import ImageError, closest_matches
-from mapsim.core.hookspecs import hookimpl
-from mapsim.core.images import expand_paths, normalise, read_image, to_channels
-from mapsim.core.plugin_api import Dataset, ImageItem
-from mapsim.core.plugin_api import Params as BaseParams
+from mapsim.errors import ImageError, closest_matches
+from mapsim.hookspecs import hookimpl
+from mapsim.io.images import expand_paths, normalise, read_image, to_channels
+from mapsim.api import Dataset, ImageItem
+from mapsim.api import Params as BaseParams
 from mapsim.plugins.files import FileEntry, FilesDataset
 
 

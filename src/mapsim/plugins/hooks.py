@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 import mapsim
-from mapsim.core.errors import ExtractionError, LayerNotFoundError
-from mapsim.core.extraction import LayerOutputError
-from mapsim.core.hookspecs import hookimpl
+from mapsim.errors import ExtractionError, LayerNotFoundError
+from mapsim.models.layers import LayerOutputError
+from mapsim.hookspecs import hookimpl
 
 
 class HooksExtractor(mapsim.Extractor):

@@ -27,8 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from mapsim.core.errors import MapsimError
-from mapsim.core.results import atomic_write_text
+from mapsim.errors import MapsimError
+from mapsim.runner.writer import atomic_write_text
 
 BEST = "best"
 LAST = "last"

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mapsim.core.errors import SpecError
+from mapsim.errors import SpecError
 
 
 def _train_command(args: argparse.Namespace) -> list[str]:
@@ -22,7 +22,7 @@ def _train_command(args: argparse.Namespace) -> list[str]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mapsim.training.loop import train
-    from mapsim.training.spec import load_train_spec
+    from mapsim.spec.train_spec import load_train_spec
 
     spec = load_train_spec(args.spec)
     out = Path(args.out).absolute() if args.out else None  # --out: relative to here
@@ -41,8 +41,8 @@ def _dataset_from(arg: str) -> tuple[Any, dict[str, Any], Path]:
     """DATA: a dataset file (YAML/TOML/JSON), inline YAML, or a run/training spec's data."""
     from pydantic import TypeAdapter, ValidationError
 
-    from mapsim.core.plugins import load_registry
-    from mapsim.core.spec import _choice_type, format_validation_error, parse_document, \
+    from mapsim.registry import load_registry
+    from mapsim.spec.run_spec import _choice_type, format_validation_error, parse_document, \
         read_document
 
     path = Path(arg)
@@ -93,8 +93,8 @@ def _number(value: Any, pattern: str = "{:.3f}") -> str:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from mapsim.core.images import natural_key
-    from mapsim.core.models import pretrained_card, pretrained_names
+    from mapsim.io.images import natural_key
+    from mapsim.models.build import pretrained_card, pretrained_names
 
     if args.name:
         print(json.dumps(pretrained_card(args.name), indent=2))

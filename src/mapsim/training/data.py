@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mapsim.core.errors import ImageError, SpecError
-from mapsim.core.images import normalise
-from mapsim.core.plugin_api import Dataset
+from mapsim.errors import ImageError, SpecError
+from mapsim.io.images import normalise
+from mapsim.api import Dataset
 
 
 @dataclass

@@ -28,11 +28,11 @@ import pandas as pd
 import torch
 
 import mapsim
-from mapsim.core.errors import MapsimError
-from mapsim.core.images import normalise as normalise_image
-from mapsim.core.plugin_api import Dataset
-from mapsim.core.results import ResultsWriter
-from mapsim.core.runner import resolve_device
+from mapsim.errors import MapsimError
+from mapsim.io.images import normalise as normalise_image
+from mapsim.api import Dataset
+from mapsim.runner.writer import ResultsWriter
+from mapsim.runner.run import resolve_device
 from mapsim.training.data import load_samples
 from mapsim.training.loop import conv_module_parameters
 from mapsim.training.models import SegmentationModel

@@ -31,15 +31,15 @@ import torch
 from torch import nn
 
 import mapsim
-from mapsim.core.errors import MapsimError, OutputError
-from mapsim.core.models import LoadedModel, build_model
-from mapsim.core.plugins import Registry, load_registry
-from mapsim.core.results import atomic_write_text
-from mapsim.core.runner import resolve_device
+from mapsim.errors import MapsimError, OutputError
+from mapsim.models.build import LoadedModel, build_model
+from mapsim.registry import Registry, load_registry
+from mapsim.runner.writer import atomic_write_text
+from mapsim.runner.run import resolve_device
 from mapsim.training import checkpoint as ckpt
 from mapsim.training.data import Sample, TrainingBatches, epoch_seed, load_samples, split_indices
 from mapsim.training.predict import autocast, check_scores, predict_mask
-from mapsim.training.spec import RESUMABLE_CHANGES
+from mapsim.spec.train_spec import RESUMABLE_CHANGES
 
 #: validation metrics logged per epoch (means over the validation images); best = highest iou
 VALIDATION_METRICS = ("iou", "cldice", "dice", "precision", "recall", "accuracy")
@@ -332,7 +332,7 @@ def _resume(folder: Path, spec: Any, model: nn.Module, optimizer: torch.optim.Op
             device: torch.device) -> tuple[int, list[dict[str, Any]], float, int, float]:
     """Load the last checkpoint into ``model`` and ``optimizer``; returns (next epoch,
     history, best IoU, best epoch, training seconds so far)."""
-    from mapsim.core.models import apply_weights
+    from mapsim.models.build import apply_weights
 
     state, optim_state, rng, document = ckpt.load_last(folder)
     if document.get("spec_sha256") != spec.digest(ignore=RESUMABLE_CHANGES):

@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mapsim.core.errors import ModelError, SpecError
-from mapsim.core.models import (
+from mapsim.errors import ModelError, SpecError
+from mapsim.models.build import (
     PRETRAINED_PREFIX,
     LoadedModel,
     build_from_spec,
     build_model,
     pretrained_card,
 )
-from mapsim.core.plugins import Registry, load_registry
-from mapsim.core.spec import NAME_PATTERN, read_model_spec
+from mapsim.registry import Registry, load_registry
+from mapsim.spec.run_spec import NAME_PATTERN, read_model_spec
 from mapsim.training.checkpoint import read_card
 
 _NAMED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)=(.+)$", re.DOTALL)

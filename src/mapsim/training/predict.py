@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mapsim.core.errors import ModelError
+from mapsim.errors import ModelError
 
 
 def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:

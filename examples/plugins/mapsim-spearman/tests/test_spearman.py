@@ -11,10 +11,10 @@ import pytest
 import torch
 from scipy import stats
 
-from mapsim.core.moments import compute_moments
-from mapsim.core.pearson import Pearson
-from mapsim.core.plugins import Provider, build_registry
-from mapsim.core.similarity import MapStack, map_similarity, stack_maps
+from mapsim.engine.moments import compute_moments
+from mapsim.plugins.metrics.pearson import Pearson
+from mapsim.registry import Provider, build_registry
+from mapsim.engine.similarity import MapStack, map_similarity, stack_maps
 from mapsim.testing import MetricContract
 
 import mapsim_spearman

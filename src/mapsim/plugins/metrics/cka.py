@@ -20,7 +20,7 @@ Variants, chosen by parameters (Kornblith et al. 2019; Nguyen et al. 2021):
   at the end from the sums; per-batch CKA values are never averaged. Only the current batch's
   features are kept (at most batch_size + 3 images: a last remainder of fewer than 4 images
   joins the batch before it), plus the first image's, to tell a layer that never varies.
-  In a run (blocks of images, :mod:`mapsim.core.blocks`) ``update`` only collects a block's
+  In a run (blocks of images, :mod:`mapsim.runner.blocks`) ``update`` only collects a block's
   pooled features, which ``block_state`` hands over; the batches are formed as the blocks are
   added back in image order (``add_block_state``), so they do not depend on where the images
   were cut, nor on the number of processes.
@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from mapsim.core.errors import MapsimError, ShapeMismatchError, SpecError
-from mapsim.core.hookspecs import hookimpl
-from mapsim.core.moments import Moments
-from mapsim.core.plugin_api import Metric, MetricInfo, MetricPathError, Params, Undefined
+from mapsim.errors import MapsimError, ShapeMismatchError, SpecError
+from mapsim.hookspecs import hookimpl
+from mapsim.engine.moments import Moments
+from mapsim.api import Metric, MetricInfo, MetricPathError, Params, Undefined
 from mapsim.plugins.metrics import hsic
 
 #: parameters that only apply to some variants: name -> (applies?, where it applies)

@@ -13,10 +13,10 @@ from typing import ClassVar
 
 import torch
 
-from mapsim.core.hookspecs import hookimpl
-from mapsim.core.moments import Moments
-from mapsim.core.pearson import normalised
-from mapsim.core.plugin_api import Metric, MetricInfo, Params
+from mapsim.hookspecs import hookimpl
+from mapsim.engine.moments import Moments
+from mapsim.plugins.metrics.pearson import normalised
+from mapsim.api import Metric, MetricInfo, Params
 
 
 class EuclideanParams(Params):

@@ -15,10 +15,10 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from mapsim.core.hookspecs import hookimpl
-from mapsim.core.images import normalise
-from mapsim.core.plugin_api import Dataset, ImageItem
-from mapsim.core.plugin_api import Params as BaseParams
+from mapsim.hookspecs import hookimpl
+from mapsim.io.images import normalise
+from mapsim.api import Dataset, ImageItem
+from mapsim.api import Params as BaseParams
 from mapsim.plugins.vessels.geometry import (
     GeometryParams,
     Segment,

@@ -3,7 +3,7 @@
 When every metric of a run reads moments and every extractor can stream (the ``hooks``
 extractor can), an image's maps are never stacked: each captured layer is centred into a
 preallocated buffer and multiplied with the rows before it while the forward pass goes on
-(:class:`mapsim.core.moments.MomentsBuilder`), the activation is dropped at once, and the
+(:class:`mapsim.engine.moments.MomentsBuilder`), the activation is dropped at once, and the
 forward pass stops after the last requested layer. The result equals
 ``compute_moments(stack_maps(...).z)`` to float32 rounding (tests/test_streaming.py).
 
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mapsim.core.errors import ExtractionError
-from mapsim.core.moments import Moments, MomentsBuilder
-from mapsim.core.pipeline import to_device
-from mapsim.core.similarity import Block, MapStack
+from mapsim.errors import ExtractionError
+from mapsim.engine.moments import Moments, MomentsBuilder
+from mapsim.runner.pipeline import to_device
+from mapsim.engine.similarity import Block, MapStack
 
 
 @dataclass

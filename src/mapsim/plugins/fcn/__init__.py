@@ -17,7 +17,7 @@ Module paths (what a spec's ``layers`` names):
 =========================  ==================================================================
 
 Convolution algorithm (parameter ``conv``): ``direct`` always uses PyTorch's convolution;
-``fft`` uses :func:`mapsim.core.fftconv.fft_conv2d` whenever the network runs for inference
+``fft`` uses :func:`mapsim.plugins.fcn.fftconv.fft_conv2d` whenever the network runs for inference
 (eval mode, gradients off) and the layer is a plain one (stride 1, dilation 1, groups 1, zero
 padding, float32); ``auto`` (the default) does so only on the CPU, for kernels of 5 or more
 with at least 16 input and output maps, where it measured 2-3x faster (7x7 kernels, 64 maps).
@@ -39,8 +39,8 @@ from pydantic import Field, field_validator, model_serializer
 from torch import Tensor, nn
 
 import mapsim
-from mapsim.core.fftconv import fft_conv2d
-from mapsim.core.hookspecs import hookimpl
+from mapsim.plugins.fcn.fftconv import fft_conv2d
+from mapsim.hookspecs import hookimpl
 
 ConvChoice = Literal["auto", "direct", "fft"]
 

@@ -1,7 +1,7 @@
 """Image IO and preprocessing: finding files, reading images and labels, normalising.
 
 Everything a user can get wrong here (a missing file, an unreadable image, a label that is not
-binary) raises :class:`mapsim.core.errors.ImageError` with a message that names the file and
+binary) raises :class:`mapsim.errors.ImageError` with a message that names the file and
 says how to fix it.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mapsim.core.errors import ImageError
+from mapsim.errors import ImageError
 
 #: File suffixes mapsim reads (compared case-insensitively).
 SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy")

@@ -6,9 +6,9 @@ from typing import ClassVar
 
 import torch
 
-from mapsim.core.hookspecs import hookimpl
-from mapsim.core.moments import Moments
-from mapsim.core.plugin_api import Metric, MetricInfo, Params
+from mapsim.hookspecs import hookimpl
+from mapsim.engine.moments import Moments
+from mapsim.api import Metric, MetricInfo, Params
 
 
 class PearsonParams(Params):

@@ -15,9 +15,9 @@ from typing import Any
 
 import pluggy
 
-from mapsim.core import hookspecs
-from mapsim.core.errors import DuplicatePluginError, PluginLoadError, UnknownNameError
-from mapsim.core.plugin_api import Aggregator, Architecture, Dataset, Extractor, Metric, Plugin
+from mapsim import hookspecs
+from mapsim.errors import DuplicatePluginError, PluginLoadError, UnknownNameError
+from mapsim.api import Aggregator, Architecture, Dataset, Extractor, Metric, Plugin
 
 ENTRY_POINT_GROUP = "mapsim"
 

@@ -3,9 +3,9 @@
 The main loop of a run hands out two kinds of jobs (and block marks, passed through): a finished table part
 (:class:`FrameJob`: dead-map counts, layer values) and a similarity matrix to aggregate
 (:class:`AggregateJob`: the study's tables, the bulk of the rows). :class:`TableWork` turns
-either into :class:`~mapsim.core.results.TablePart` objects (CSV rows without a header) and
+either into :class:`~mapsim.runner.writer.TablePart` objects (CSV rows without a header) and
 hands back the frames that are summarised across images. It runs in the writer processes of
-:class:`mapsim.core.pipeline.ProcessSink` (inherited when they are forked, so aggregator
+:class:`mapsim.runner.pipeline.ProcessSink` (inherited when they are forked, so aggregator
 plugins are never pickled) or in the writer thread; the parts are written in the order the
 jobs were queued either way, so the results do not depend on where the work ran.
 """
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from mapsim.core import aggregation
-from mapsim.core.aggregation import SummaryRows, summary_rows
-from mapsim.core.plugin_api import Aggregator
-from mapsim.core.results import TablePart, format_part
-from mapsim.core.similarity import SimilarityMatrix
+from mapsim.tables import aggregation
+from mapsim.tables.aggregation import SummaryRows, summary_rows
+from mapsim.api import Aggregator
+from mapsim.runner.writer import TablePart, format_part
+from mapsim.engine.similarity import SimilarityMatrix
 
 
 @dataclass
@@ -45,7 +45,7 @@ class AggregateJob:
 
 @dataclass(frozen=True)
 class BlockMark:
-    """The end of a block of images (:mod:`mapsim.core.blocks`): passed through unchanged,
+    """The end of a block of images (:mod:`mapsim.runner.blocks`): passed through unchanged,
     so that it is delivered after every table of the block."""
 
     index: int

@@ -10,7 +10,7 @@ concatenated and the statistics merged with Chan et al.'s update in float64. The
 depend on how many processes there were, so neither do the results.
 
 Only the main process (rank 0) writes: the other ranks send their rows and states to it (see
-:mod:`mapsim.core.distributed`).
+:mod:`mapsim.runner.distributed`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import numpy as np
 import safetensors.numpy
 import torch
 
-from mapsim.core.aggregation import SummaryAccumulator
-from mapsim.core.errors import ImageError, OutputError
-from mapsim.core.moments import Moments
-from mapsim.core.results import TableFiles, TablePart, atomic_write_text, check_target
-from mapsim.core.similarity import Block
+from mapsim.tables.aggregation import SummaryAccumulator
+from mapsim.errors import ImageError, OutputError
+from mapsim.engine.moments import Moments
+from mapsim.runner.writer import TableFiles, TablePart, atomic_write_text, check_target
+from mapsim.engine.similarity import Block
 
 PROGRESS = "progress.json"
 STATE = "state.safetensors"

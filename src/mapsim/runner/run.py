@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 import mapsim
-from mapsim.core import aggregation
-from mapsim.core.blocks import (
+from mapsim.tables import aggregation
+from mapsim.runner.blocks import (
     BlockState,
     ImageBlock,
     LocalBlocks,
@@ -27,17 +27,17 @@ from mapsim.core.blocks import (
     assign_blocks,
     plan_blocks,
 )
-from mapsim.core.distributed import STOP_WAIT_S, Inbox, RemoteBlocks, World
-from mapsim.core.errors import ExtractionError, ImageError, MapsimError, SpecError
-from mapsim.core.extraction import resolve_layers
-from mapsim.core.images import roi_mask
-from mapsim.core.models import LoadedModel, build_from_spec
-from mapsim.core.moments import Moments, compute_moments
-from mapsim.core.pipeline import make_sink, prefetch, to_device
-from mapsim.core.plugin_api import Aggregator, Extractor, ImageItem, Metric
-from mapsim.core.plugins import Registry, load_registry
-from mapsim.core.streaming import Layout, can_stream, probe_layout, stream_group
-from mapsim.core.tables import (
+from mapsim.runner.distributed import STOP_WAIT_S, Inbox, RemoteBlocks, World
+from mapsim.errors import ExtractionError, ImageError, MapsimError, SpecError
+from mapsim.models.layers import resolve_layers
+from mapsim.io.images import roi_mask
+from mapsim.models.build import LoadedModel, build_from_spec
+from mapsim.engine.moments import Moments, compute_moments
+from mapsim.runner.pipeline import make_sink, prefetch, to_device
+from mapsim.api import Aggregator, Extractor, ImageItem, Metric
+from mapsim.registry import Registry, load_registry
+from mapsim.engine.streaming import Layout, can_stream, probe_layout, stream_group
+from mapsim.runner.tablework import (
     AggregateJob,
     BlockMark,
     FrameJob,
@@ -46,7 +46,7 @@ from mapsim.core.tables import (
     aggregate_tables,
     with_image,
 )
-from mapsim.core.similarity import (
+from mapsim.engine.similarity import (
     LayerValue,
     MapStack,
     SimilarityMatrix,
@@ -336,7 +336,7 @@ class Runner:
 
         ``index``: the image's place in the run (pictures keep the first images only).
         ``closes``: the block this image ends; after its tables, the block's state goes to
-        ``sink.end_block`` (see :mod:`mapsim.core.blocks`).
+        ``sink.end_block`` (see :mod:`mapsim.runner.blocks`).
         """
         self._block_ids.append(item.id)
         try:
@@ -458,7 +458,7 @@ class Runner:
 
     @property
     def streamable(self) -> bool:
-        """Whether images can take the fast path (see :mod:`mapsim.core.streaming`); not when
+        """Whether images can take the fast path (see :mod:`mapsim.engine.streaming`); not when
         plots need the maps themselves."""
         return self.capture is None and can_stream(
             [m.extractor for m in self.models.values()], self.metrics)
@@ -574,7 +574,7 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 class RunSink:
     """Where a run's per-image tables go: into ``background`` (a sink of
-    :mod:`mapsim.core.pipeline` running :class:`~mapsim.core.tables.TableWork`), as finished
+    :mod:`mapsim.runner.pipeline` running :class:`~mapsim.runner.tablework.TableWork`), as finished
     frames or as matrices to aggregate there."""
 
     def __init__(self, background: Any, timings: dict[str, float], prefix: str = "",
@@ -623,7 +623,7 @@ def summary_accumulators(aggregators: list[Aggregator]) -> dict[str, Any]:
 def table_sink(runner: Runner, output: Any, n_images: int) -> RunSink:
     """The sink of a rank's per-image tables: they are built and formatted in worker
     processes (or a thread) and go to ``output`` in the order they were queued (a
-    :class:`~mapsim.core.blocks.BlockOutput`, or anything with ``part``), where the tables
+    :class:`~mapsim.runner.blocks.BlockOutput`, or anything with ``part``), where the tables
     summarised across images update the block's summaries in that order too."""
     summarised = summary_accumulators(runner.aggregators)
     work = TableWork(runner.aggregators, runner.spec.output.pairs,
@@ -663,7 +663,7 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
     The images are done in blocks of ``engine.block_images``, each kept in the partial
     directory beside the results until all are done. ``resume``: skip the blocks that an
     interrupted run of the same spec finished. Started by torchrun, every process runs this
-    on its share of the blocks and rank 0 writes (see :mod:`mapsim.core.distributed`); the
+    on its share of the blocks and rank 0 writes (see :mod:`mapsim.runner.distributed`); the
     results are the same as one process's.
     """
     started = time.perf_counter()
@@ -785,7 +785,7 @@ def _merge_and_publish(spec: Any, world: World, runner: Runner, partial: Partial
                        started: float) -> RunResult:
     """Rank 0, after every block is done: the results directory, staged in the partial
     directory and moved into place."""
-    from mapsim.core.results import ResultsWriter
+    from mapsim.runner.writer import ResultsWriter
 
     start = time.perf_counter()
     writer = ResultsWriter(partial.target, overwrite=overwrite, files=partial.rows)

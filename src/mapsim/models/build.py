@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mapsim.core.errors import ModelError, WeightsError
-from mapsim.core.plugin_api import Architecture
+from mapsim.errors import ModelError, WeightsError
+from mapsim.api import Architecture
 
 PRETRAINED_PREFIX = "pretrained:"
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")

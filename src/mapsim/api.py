@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from mapsim.core.errors import MapsimError
+from mapsim.errors import MapsimError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import torch
     from torch import nn
 
-    from mapsim.core.moments import Moments
-    from mapsim.core.similarity import SimilarityMatrix
+    from mapsim.engine.moments import Moments
+    from mapsim.engine.similarity import SimilarityMatrix
 
 
 class MetricPathError(MapsimError):
@@ -161,7 +161,7 @@ class Metric(Plugin):
     * **moments** (``uses_moments = True``): :meth:`from_moments` reads the means and centred
       co-moments that the engine computes once per image and comparison group (one matrix
       product shared by every moment-based metric). A metric that also needs the per-pixel
-      squared norms of each layer (see :class:`mapsim.core.moments.Moments`) sets
+      squared norms of each layer (see :class:`mapsim.engine.moments.Moments`) sets
       ``needs_layer_norms = True``.
     * **generic** (``uses_moments = False``): :meth:`from_maps` receives the maps themselves.
       Moment-based metrics should implement it too: the contract tests

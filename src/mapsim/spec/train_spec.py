@@ -28,9 +28,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
 
-from mapsim.core.errors import SpecError, closest_matches
-from mapsim.core.plugins import Registry, load_registry
-from mapsim.core.spec import (
+from mapsim.errors import SpecError, closest_matches
+from mapsim.registry import Registry, load_registry
+from mapsim.spec.run_spec import (
     DEVICE_PATTERN,
     NAME_PATTERN,
     StrictModel,

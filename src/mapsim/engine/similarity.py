@@ -1,7 +1,7 @@
 """The engine: from the captured maps of one image to similarity matrices.
 
 Per image the selected maps of every model in a comparison group are stacked into one matrix Z
-(C_total maps x P pixels); one call to :func:`mapsim.core.moments.compute_moments` gives the
+(C_total maps x P pixels); one call to :func:`mapsim.engine.moments.compute_moments` gives the
 moments every moment-based metric reads, and each comparison's blocks are read off them.
 """
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mapsim.core.errors import MapsimError, ShapeMismatchError
-from mapsim.core.moments import Moments
-from mapsim.core.plugin_api import Metric, Undefined
+from mapsim.errors import MapsimError, ShapeMismatchError
+from mapsim.engine.moments import Moments
+from mapsim.api import Metric, Undefined
 
 DEAD_POLICIES = ("exclude", "original")
 

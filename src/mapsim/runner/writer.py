@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from mapsim.core.errors import OutputError
+from mapsim.errors import OutputError
 
 
 def check_target(target: Path, overwrite: bool) -> None:

@@ -3,7 +3,7 @@
 ``torchrun --nproc-per-node N -m mapsim run SPEC`` starts N copies of ``mapsim run``. Each reads
 its rank from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and joins the
 process group: NCCL when the run is on CUDA (one GPU per process, ``cuda:LOCAL_RANK``), gloo on
-the CPU. The images are shared out in blocks (:mod:`mapsim.core.blocks`). The processes talk
+the CPU. The images are shared out in blocks (:mod:`mapsim.runner.blocks`). The processes talk
 over three channels:
 
 - the process group (NCCL or gloo): one all-reduce after setting up, by which every rank learns
@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mapsim.core.blocks import BlockOutput, BlockState, pack, unpack
-from mapsim.core.errors import MapsimError
-from mapsim.core.results import TablePart
+from mapsim.runner.blocks import BlockOutput, BlockState, pack, unpack
+from mapsim.errors import MapsimError
+from mapsim.runner.writer import TablePart
 
 FAILED = "mapsim/failed"
 FINISHED = "mapsim/finished"
@@ -266,7 +266,7 @@ def _message(kind: str, meta: dict[str, Any] | None = None, data: bytes = b"") -
 
 
 class RemoteBlocks(BlockOutput):
-    """A rank's finished blocks, sent to rank 0 (see :class:`mapsim.core.blocks.BlockOutput`)."""
+    """A rank's finished blocks, sent to rank 0 (see :class:`mapsim.runner.blocks.BlockOutput`)."""
 
     def __init__(self, blocks: list, world: World) -> None:
         super().__init__(blocks)
@@ -299,7 +299,7 @@ class RemoteBlocks(BlockOutput):
 
 class Inbox:
     """Rank 0's threads that take the other ranks' blocks and hand them to ``output`` (a
-    :class:`mapsim.core.blocks.PartialRun`: ``part(index, part)`` and ``commit(state)``)."""
+    :class:`mapsim.runner.blocks.PartialRun`: ``part(index, part)`` and ``commit(state)``)."""
 
     def __init__(self, world: World, output: Any) -> None:
         self.world = world

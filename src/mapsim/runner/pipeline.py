@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mapsim.core.errors import OutputError
+from mapsim.errors import OutputError
 
 _DONE = object()
 _STARTED = "started"

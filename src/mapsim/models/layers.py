@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mapsim.core.errors import ExtractionError, LayerNotFoundError
-from mapsim.core.plugin_api import Extractor
+from mapsim.errors import ExtractionError, LayerNotFoundError
+from mapsim.api import Extractor
 
 
 class LayerOutputError(ExtractionError):

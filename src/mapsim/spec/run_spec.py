@@ -27,8 +27,8 @@ from pydantic import (
     model_validator,
 )
 
-from mapsim.core.errors import SpecError, UnknownNameError, closest_matches
-from mapsim.core.plugins import Registry, load_registry
+from mapsim.errors import SpecError, UnknownNameError, closest_matches
+from mapsim.registry import Registry, load_registry
 
 if sys.version_info >= (3, 11):
     import tomllib

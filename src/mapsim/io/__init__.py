@@ -1,0 +1,1 @@
+"""Reading images and labels, and writing files atomically."""

@@ -1,0 +1,1 @@
+"""Building models (architectures, factories, TorchScript), weights, layer names and patterns."""

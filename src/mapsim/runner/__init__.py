@@ -1,0 +1,1 @@
+"""Running a spec: orders the stages, blocks of images, resume, torchrun and publishing the results."""

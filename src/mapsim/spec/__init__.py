@@ -1,0 +1,1 @@
+"""Run, training and model specs: pydantic models read from YAML, TOML or JSON."""

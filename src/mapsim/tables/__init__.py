@@ -1,0 +1,1 @@
+"""From similarity matrices to tables: partners, threshold, pivot and across-image summaries."""
