@@ -86,7 +86,7 @@ def kornblith_demo() -> tuple[np.ndarray, np.ndarray]:
 
 def images_cka(params: dict, xs: np.ndarray, ys: np.ndarray):
     """CKA with images as samples: xs (N, C_x, H, W), ys (N, C_y, H, W)."""
-    metric = CKA(CKAParams(samples="images", **params))
+    metric = CKA.create(CKAParams(samples="images", **params))
     for i in range(len(xs)):
         metric.update(f"i{i}", {"a": {"x": torch.from_numpy(xs[i]).float()},
                                 "b": {"y": torch.from_numpy(ys[i]).float()}})
@@ -305,7 +305,7 @@ def test_minibatch_sums_hsic_over_batches_then_divides_once(rng):
 
 
 def test_minibatch_memory_holds_at_most_one_batch_plus_three_images(rng):
-    metric = CKA(CKAParams(samples="images", pool="none", batch_size=5))
+    metric = CKA.create(CKAParams(samples="images", pool="none", batch_size=5))
     sizes = []
     for i in range(23):
         metric.update(str(i), {"a": {"x": torch.from_numpy(rng.standard_normal((2, 3, 3)))}})
@@ -350,7 +350,7 @@ def test_cka_parameters_that_do_not_apply_are_refused():
         CKAParams(subsample=10)
     with pytest.raises(ValidationError, match="needs the unbiased HSIC"):
         CKAParams(samples="images", debiased=False)
-    assert CKA(CKAParams(samples="images")).debiased is True
+    assert CKA.create(CKAParams(samples="images")).debiased is True
     assert CKA().debiased is False
 
 

@@ -14,24 +14,24 @@ mapsim builds the spec schema from those models and constructs the plugin as
 from __future__ import annotations
 
 import itertools
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from mapsim.errors import MapsimError
 
+from mapsim.types import Moments, SimilarityMatrix
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import torch
     from torch import nn
-
-    from mapsim.engine.moments import Moments
-    from mapsim.engine.similarity import SimilarityMatrix
 
 
 class MetricPathError(MapsimError):
@@ -53,6 +53,13 @@ class Plugin(ABC):
     def __init__(self, params: Params | None = None) -> None:
         self.params = params if params is not None else type(self).Params()
 
+    @classmethod
+    def create(cls, params: Params, **kwargs: Any) -> Plugin:
+        """The plugin for validated ``params``: ``cls(params)``. A registered name that
+        stands for a family of classes (``cka``: per image or across images) overrides this
+        to pick the class by its parameters."""
+        return cls(params, **kwargs)
+
 
 # --------------------------------------------------------------------------- architectures
 class Architecture(Plugin):
@@ -65,6 +72,20 @@ class Architecture(Plugin):
     def in_channels(self) -> int:
         """Number of input channels the built model expects."""
         return 1
+
+
+@runtime_checkable
+class FusesForInference(Protocol):
+    """Optional: a model built by an architecture may fold layers for inference.
+
+    When a model has this method and the spec keeps ``engine.fuse_batchnorm`` on, the runner
+    calls ``fuse_for_inference(captured)`` once, after loading the weights, with the module
+    paths it captures; the model folds what it can without changing what those paths show
+    (``fcn`` folds batch norms into convolutions) and returns the paths of the modules it
+    folded (recorded in run.json).
+    """
+
+    def fuse_for_inference(self, captured: Collection[str]) -> list[str]: ...
 
 
 # --------------------------------------------------------------------------- extractors
@@ -80,6 +101,19 @@ class Extractor(Plugin):
         self, model: nn.Module, layers: Sequence[str], inputs: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Return ``{layer path: detached output}`` for the exact paths in ``layers``."""
+
+    def stream(self, model: nn.Module, layers: Sequence[str], inputs: torch.Tensor,
+               on_output: Callable[[str, torch.Tensor], None]) -> bool:
+        """Optional fast path: call ``on_output(path, output)`` while each requested layer's
+        output exists (valid only during the call), so that the engine builds the moments
+        without keeping the maps. Return False, calling nothing, when this model cannot be
+        streamed; the runner then uses :meth:`extract`. The default cannot stream."""
+        return False
+
+    @classmethod
+    def can_stream(cls) -> bool:
+        """Whether this extractor implements :meth:`stream`."""
+        return cls.stream is not Extractor.stream
 
 
 # --------------------------------------------------------------------------- datasets
@@ -154,45 +188,48 @@ class Undefined:
 
 
 class Metric(Plugin):
-    """A similarity (or distance) between maps.
+    """What every similarity (or distance) metric has: a name, parameters, metadata, a label.
 
-    There are three ways to compute a metric; a metric implements one or more of them:
+    A plugin subclasses one of the three kinds, by what the metric is:
 
-    * **moments** (``uses_moments = True``): :meth:`from_moments` reads the means and centred
-      co-moments that the engine computes once per image and comparison group (one matrix
-      product shared by every moment-based metric). A metric that also needs the per-pixel
-      squared norms of each layer (see :class:`mapsim.engine.moments.Moments`) sets
-      ``needs_layer_norms = True``.
-    * **generic** (``uses_moments = False``): :meth:`from_maps` receives the maps themselves.
-      Moment-based metrics should implement it too: the contract tests
-      (:mod:`mapsim.testing`) check both paths against each other.
-    * **across images** (``accumulates = True``): values that need all images at once (e.g.
-      CKA with images as samples). The runner calls :meth:`update` once per image with that
-      image's maps and :meth:`finish` once per comparison after the last image; keep only
-      bounded state (e.g. one minibatch) between calls. Such metrics must have layer
-      granularity; their rows go to ``layer_similarity.csv`` with the image ``all-images``.
+    * :class:`MapMetric`: compares every map of one layer with every map of another, one
+      (C_a, C_b) matrix per layer pair and image (Pearson, cosine, Euclidean);
+    * :class:`LayerMetric`: one value per layer pair and image (CKA with pixels as samples);
+    * :class:`ImagesMetric`: one value per layer pair over all images of a run (CKA with images
+      as samples); it declares its state, so blocks, ``--resume`` and torchrun work for it.
 
-    Map-granularity values that are undefined (dead maps) are NaN; the engine flags them and
-    applies the spec's dead-map policy. Layer-granularity values that are undefined are
-    returned as :class:`Undefined` with a reason.
+    Subclassing :class:`Metric` itself with the flags ``uses_moments``, ``accumulates`` and
+    ``blockwise`` is the API of mapsim 0.1; it still works, with a ``DeprecationWarning``, and
+    goes away in 0.3. The engine reads the flags below from every metric; the three kinds set
+    them for you.
     """
 
     info: ClassVar[MetricInfo] = MetricInfo()
-    uses_moments: ClassVar[bool] = True
-    #: True when :meth:`from_moments` reads ``moments.layer_norms`` (layer granularity only)
-    needs_layer_norms: ClassVar[bool] = False
-    #: True for a metric computed across images through :meth:`update` and :meth:`finish`
-    accumulates: ClassVar[bool] = False
-    #: True for an across-image metric whose images can be taken in block by block, in other
-    #: processes or an earlier run (:meth:`start_blocks`, :meth:`block_state`,
-    #: :meth:`add_block_state`); without it, a run with the metric cannot resume or use
-    #: several processes
-    blockwise: ClassVar[bool] = False
-    #: values the original library used for (both dead, one dead); None: no such rule.
-    dead_fill: ClassVar[tuple[float, float] | None] = None
     #: parameter sets the contract tests exercise (``tests/test_metric_contract.py`` runs
     #: :class:`mapsim.testing.MetricContract` over each set of every registered metric)
     examples: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+    #: values the original library used for (both dead, one dead); None: no such rule.
+    dead_fill: ClassVar[tuple[float, float] | None] = None
+    # Engine-facing flags (0.1 API; the three kinds derive them):
+    #: True when the values come from :meth:`from_moments` (the shared product)
+    uses_moments: bool = True
+    #: True when :meth:`from_moments` reads ``moments.layer_norms`` (layer granularity only)
+    needs_layer_norms: bool = False
+    #: True for a metric computed across images through :meth:`update` and :meth:`finish`
+    accumulates: bool = False
+    #: True when such a metric can take its images in blocks (:meth:`start_blocks`,
+    #: :meth:`block_state`, :meth:`add_block_state`)
+    blockwise: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__module__ != __name__ and not issubclass(cls, _KINDS):
+            warnings.warn(
+                f"metric class {cls.__qualname__} subclasses mapsim.Metric directly (the 0.1 "
+                "API, removed in 0.3): subclass mapsim.MapMetric, mapsim.LayerMetric or "
+                "mapsim.ImagesMetric instead (see docs/plugins.md)",
+                DeprecationWarning, stacklevel=2,
+            )
 
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
@@ -203,7 +240,7 @@ class Metric(Plugin):
         """Boolean flag per map: True where the metric is undefined for that map."""
         return moments.variance() <= dead_std**2
 
-    def from_moments(self, moments: Moments, rows: slice, cols: slice) -> torch.Tensor:
+    def from_moments(self, moments: Moments, rows: slice, cols: slice) -> Any:
         """Values between maps ``rows`` and ``cols`` of the stacked maps, from their moments."""
         raise MetricPathError(f"metric {self.name!r} has no moments path (uses_moments=False)")
 
@@ -212,14 +249,13 @@ class Metric(Plugin):
         """Layer granularity: the values of every layer pair (``rows[i]``, ``cols[j]``) at once.
 
         Returns a ``len(rows)`` x ``len(cols)`` nested list of floats (or :class:`Undefined`).
-        The engine calls this instead of :meth:`from_moments` per layer pair; the default
-        loops over :meth:`from_moments`. Override it to compute all pairs with a few tensor
-        ops and one device -> host transfer (see ``cka``); the values must match
+        The default loops over :meth:`from_moments`; override it to compute all pairs with a
+        few tensor ops and one device -> host transfer (see ``cka``); the values must match
         :meth:`from_moments` (the contract tests compare both).
         """
         return [[self.from_moments(moments, r, c) for c in cols] for r in rows]
 
-    def from_maps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def from_maps(self, x: torch.Tensor, y: torch.Tensor) -> Any:
         """Values between the rows of ``x`` (C_a, P) and of ``y`` (C_b, P): the generic path.
 
         Map granularity: a (C_a, C_b) float64 tensor. Layer granularity: one value (a float
@@ -229,36 +265,25 @@ class Metric(Plugin):
 
     def update(self, image_id: str, maps: Mapping[str, Mapping[str, torch.Tensor]],
                mask: torch.Tensor | None = None) -> None:
-        """Across-image metrics: take in one image's maps ``{model: {layer: (C, H, W)}}``.
-
-        ``mask`` is the image's ROI mask (H, W) when the spec sets ``engine.roi``. Called once
-        per image, in dataset order, for every model of the run.
-        """
+        """Across-image metrics: take in one image's maps ``{model: {layer: (C, H, W)}}``."""
         raise MetricPathError(f"metric {self.name!r} does not accumulate over images")
 
     def finish(self, model_a: str, model_b: str) -> dict[tuple[str, str], Any]:
-        """Across-image metrics: ``{(layer_a, layer_b): value or Undefined}`` after all images.
-
-        Called once per comparison after the last :meth:`update`; may be called several times.
-        """
+        """Across-image metrics: ``{(layer_a, layer_b): value or Undefined}`` after all images."""
         raise MetricPathError(f"metric {self.name!r} does not accumulate over images")
 
     def start_blocks(self) -> None:
         """Blockwise metrics: from now on :meth:`update` only collects what the next
-        :meth:`block_state` hands over; the values come from :meth:`add_block_state` and
-        :meth:`finish`. A run calls this before its first image."""
+        :meth:`block_state` hands over. A run calls this before its first image."""
         raise MetricPathError(f"metric {self.name!r} cannot take its images in blocks")
 
     def block_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Blockwise metrics: what :meth:`update` collected since the last call, as JSON-able
-        metadata and named numpy arrays (saved with the block; never pickled); the metric then
-        holds none of it. Keep it small: it is stored for every block of images."""
+        metadata and named numpy arrays (saved with the block; never pickled)."""
         raise MetricPathError(f"metric {self.name!r} cannot take its images in blocks")
 
     def add_block_state(self, meta: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-        """Blockwise metrics: take in one block's :meth:`block_state` (from this process or
-        another), as if :meth:`update` had been called with that block's images here. Blocks
-        arrive in image order; the result must not depend on where the blocks were cut."""
+        """Blockwise metrics: take in one block's :meth:`block_state`, blocks in image order."""
         raise MetricPathError(f"metric {self.name!r} cannot take its images in blocks")
 
     def describe(self) -> dict[str, Any]:
@@ -273,6 +298,193 @@ class Metric(Plugin):
             "value_range": list(info.value_range),
             "invariances": list(info.invariances),
         }
+
+
+def _overrides(metric: Metric, base: type, method: str) -> bool:
+    return getattr(type(metric), method) is not getattr(base, method)
+
+
+class MapMetric(Metric):
+    """A metric between single maps: a (C_a, C_b) matrix for every layer pair and image.
+
+    Implement :meth:`from_moments` (read off the means and centred co-moments that one matrix
+    product per image gives every such metric) and/or :meth:`from_maps` (the maps themselves,
+    rows of x (C_a, P) and y (C_b, P)); both return a float64 tensor of shape (C_a, C_b).
+    With both, the engine uses the moments and the contract tests check that the two agree.
+    Values that are undefined because a map is dead are NaN; the engine flags them
+    (:meth:`dead`) and applies the spec's dead-map policy (``dead_fill`` gives the original
+    library's values for pairs with a dead map). The tables' best partner, threshold and pivot
+    follow ``info.higher_is_more_similar``.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.info.granularity != "map":
+            cls.info = replace(cls.info, granularity="map")
+
+    def __init__(self, params: Params | None = None) -> None:
+        super().__init__(params)
+        self.uses_moments = _overrides(self, MapMetric, "from_moments")
+        if not self.uses_moments and not _overrides(self, MapMetric, "from_maps"):
+            raise TypeError(f"{type(self).__name__} implements neither from_moments nor "
+                            "from_maps; a MapMetric needs at least one")
+
+    def from_moments(self, moments: Moments, rows: slice, cols: slice) -> torch.Tensor:
+        """(C_a, C_b) values between maps ``rows`` and ``cols`` of the stacked maps."""
+        return super().from_moments(moments, rows, cols)
+
+    def from_maps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(C_a, C_b) float64 values between the rows of ``x`` and the rows of ``y``."""
+        return super().from_maps(x, y)
+
+
+class LayerMetric(Metric):
+    """A metric between whole layers: one value per layer pair and image (e.g. CKA).
+
+    Implement :meth:`from_moments` (optionally :meth:`layers_from_moments`, every layer pair
+    at once) and/or :meth:`from_maps`. A value is a float, or :class:`Undefined` with a reason
+    (never a bare NaN). Set ``needs_layer_norms = True`` in ``__init__`` when
+    :meth:`from_moments` reads ``moments.layer_norms``. Rows go to ``layer_similarity.csv``.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.info.granularity != "layer":
+            cls.info = replace(cls.info, granularity="layer")
+
+    def __init__(self, params: Params | None = None) -> None:
+        super().__init__(params)
+        self.uses_moments = _overrides(self, LayerMetric, "from_moments")
+        if not self.uses_moments and not _overrides(self, LayerMetric, "from_maps"):
+            raise TypeError(f"{type(self).__name__} implements neither from_moments nor "
+                            "from_maps; a LayerMetric needs at least one")
+
+    def from_moments(self, moments: Moments, rows: slice, cols: slice) -> float | Undefined:
+        """The value between the layers at rows ``rows`` and ``cols`` of the stacked maps."""
+        return super().from_moments(moments, rows, cols)
+
+    def from_maps(self, x: torch.Tensor, y: torch.Tensor) -> float | Undefined:
+        """The value between layer x (C_a, P) and layer y (C_b, P)."""
+        return super().from_maps(x, y)
+
+
+#: how a declared state of an :class:`ImagesMetric` merges
+StateReduce = Literal["cat", "sum"]
+
+
+class ImagesMetric(Metric):
+    """A metric over all images of a run: one value per layer pair (rows with the image
+    ``all-images`` in ``layer_similarity.csv``), e.g. CKA with images as samples.
+
+    Declare the state in ``__init__`` with :meth:`add_state`, then implement :meth:`update`
+    (called once per image, in dataset order, with ``{model: {layer: (C, H, W)}}``) and
+    :meth:`compute` (the values after the last image). A run takes its images in blocks, in
+    one or several processes, and may resume: each block's state is saved (as numpy arrays,
+    never pickled) and the states are merged in image order with :meth:`merge` before
+    :meth:`compute`, so any metric that keeps all it needs in declared state gets blocks,
+    ``--resume`` and torchrun for free. Keep states small: a ``cat`` state holds one entry per
+    image of a block.
+
+    * ``reduce="cat"``: the attribute is a list; :meth:`update` appends one entry per image, a
+      numpy array / tensor or a dict of them (the entries of one block must share shapes);
+      merging concatenates in image order.
+    * ``reduce="sum"``: the attribute is a float64 numpy array; merging adds.
+
+    Override :meth:`merge` to fold entries into a bounded summary as they arrive (``cka`` forms
+    its minibatches there); call ``super().merge`` for the states you do not fold.
+    """
+
+    accumulates = True
+    blockwise = True
+    uses_moments = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.info.granularity != "layer":
+            cls.info = replace(cls.info, granularity="layer")
+
+    def __init__(self, params: Params | None = None) -> None:
+        super().__init__(params)
+        self._states: dict[str, tuple[StateReduce, Any]] = {}
+
+    def add_state(self, name: str, reduce: StateReduce = "cat", default: Any = 0.0) -> None:
+        """Declare the attribute ``name`` as state (``default``: the start of a sum state)."""
+        if reduce not in ("cat", "sum"):
+            raise ValueError(f"state {name!r}: reduce must be 'cat' or 'sum', not {reduce!r}")
+        self._states[name] = (reduce, default)
+        self._reset_state(name)
+
+    def _reset_state(self, name: str) -> None:
+        reduce, default = self._states[name]
+        setattr(self, name, [] if reduce == "cat" else np.array(default, dtype=np.float64))
+
+    @abstractmethod
+    def update(self, image_id: str, maps: Mapping[str, Mapping[str, torch.Tensor]],
+               mask: torch.Tensor | None = None) -> None:
+        """Take in one image's maps ``{model: {layer: (C, H, W)}}`` (``mask``: its ROI mask
+        (H, W) when the spec sets ``engine.roi``), by updating the declared states."""
+
+    @abstractmethod
+    def compute(self, model_a: str, model_b: str) -> dict[tuple[str, str], Any]:
+        """``{(layer_a, layer_b): value or Undefined}`` from the states, after all images."""
+
+    def merge(self, states: Mapping[str, Any]) -> None:
+        """Take in another part's states (``{name: value}``, parts in image order)."""
+        for name, value in states.items():
+            reduce, _ = self._states[name]
+            if reduce == "cat":
+                getattr(self, name).extend(value)
+            else:
+                setattr(self, name, getattr(self, name) + np.asarray(value, dtype=np.float64))
+
+    # The engine's side of the contract (Metric's 0.1 names), in terms of the states.
+    def finish(self, model_a: str, model_b: str) -> dict[tuple[str, str], Any]:
+        return self.compute(model_a, model_b)
+
+    def start_blocks(self) -> None:
+        """Nothing to do: states are taken out block by block by :meth:`block_state`."""
+
+    def block_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The declared states since the last call, as metadata and named arrays; the
+        states then start afresh."""
+        meta: dict[str, Any] = {}
+        arrays: dict[str, np.ndarray] = {}
+        for name, (reduce, _) in self._states.items():
+            value = getattr(self, name)
+            if reduce == "sum":
+                arrays[name] = np.asarray(value, dtype=np.float64)
+                meta[name] = {"reduce": "sum"}
+            else:
+                keys = list(value[0]) if value and isinstance(value[0], Mapping) else None
+                meta[name] = {"reduce": "cat", "entries": len(value), "keys": keys}
+                if keys is None and value:
+                    arrays[name] = np.stack([_numpy(v) for v in value])
+                for key in keys or ():
+                    arrays[f"{name}/{key}"] = np.stack([_numpy(v[key]) for v in value])
+            self._reset_state(name)
+        return meta, arrays
+
+    def add_block_state(self, meta: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        """Merge one block's :meth:`block_state` (blocks arrive in image order)."""
+        states: dict[str, Any] = {}
+        for name, about in meta.items():
+            if about["reduce"] == "sum":
+                states[name] = arrays[name]
+            elif about["keys"] is None:
+                states[name] = [arrays[name][i] for i in range(about["entries"])]
+            else:
+                states[name] = [{k: arrays[f"{name}/{k}"][i] for k in about["keys"]}
+                                for i in range(about["entries"])]
+        self.merge(states)
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+_KINDS = (MapMetric, LayerMetric, ImagesMetric)
 
 
 # --------------------------------------------------------------------------- aggregators
@@ -301,3 +513,44 @@ class Aggregator(Plugin):
         ``tables`` holds what earlier aggregators produced for the same matrix (read-only:
         copy a table before changing it).
         """
+
+
+# --------------------------------------------------------------------------- observers
+class RunObserver(ABC):
+    """Watches a run without taking part in its tables (the pictures are one).
+
+    A run calls the hooks below in image order on the process that computes each image; a
+    run in blocks (every run) hands :meth:`block_state` to the block's saved state, and the
+    merge gives it back through :meth:`add_block_state` in block order, so an observer sees
+    the same data with ``--resume`` and under torchrun. :meth:`write` puts files into the
+    results directory before it is published; :meth:`finished` runs after the run returns
+    its published directory (draw there).
+    """
+
+    #: the name of this observer's part of a block's state
+    key: ClassVar[str] = "observer"
+
+    def wants_maps(self, index: int) -> bool:
+        """Whether :meth:`on_maps` needs image ``index``'s maps (then the run keeps them for
+        that image instead of streaming its moments)."""
+        return False
+
+    def on_maps(self, index: int, item: ImageItem,
+                maps: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """One image's captured maps ``{model: {layer: (C, H, W)}}`` (only if wanted)."""
+
+    def on_matrix(self, image_id: str, sim: SimilarityMatrix) -> None:
+        """One similarity matrix of one image (each direction of a comparison)."""
+
+    def block_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What was kept since the last call (JSON-able metadata, named arrays)."""
+        return {}, {}
+
+    def add_block_state(self, meta: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        """Take back one block's :meth:`block_state` (blocks in image order)."""
+
+    def write(self, staging: Path) -> None:
+        """Write files into the results directory (``staging``) before it is published."""
+
+    def finished(self, out_dir: Path) -> None:
+        """After the results are published in ``out_dir``."""

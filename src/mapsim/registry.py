@@ -111,7 +111,7 @@ class Registry:
         cls = self.get(kind, name).cls
         if params is None or isinstance(params, dict):
             params = cls.Params.model_validate(params or {})
-        return cls(params, **kwargs)
+        return cls.create(params, **kwargs)
 
     def providers(self) -> dict[str, dict[str, dict[str, str]]]:
         """``{kind: {name: provider}}`` for run.json."""

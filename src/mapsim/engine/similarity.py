@@ -10,80 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from mapsim.errors import MapsimError, ShapeMismatchError
 from mapsim.engine.moments import Moments
+from mapsim.types import Block, LayerValue, SimilarityMatrix
 from mapsim.api import Metric, Undefined
 
 DEAD_POLICIES = ("exclude", "original")
-
-
-@dataclass(frozen=True)
-class Block:
-    """The maps of one layer of one model: rows ``start:stop`` of a stacked matrix."""
-
-    model: str
-    layer: str
-    start: int
-    stop: int
-    shape: tuple[int, int]
-
-    @property
-    def n_maps(self) -> int:
-        return self.stop - self.start
-
-    def shifted(self, offset: int) -> Block:
-        """The same block with rows counted from ``offset``."""
-        return Block(self.model, self.layer, self.start - offset, self.stop - offset, self.shape)
-
-
-@dataclass
-class SimilarityMatrix:
-    """Values of one metric between every map of model A and every map of model B.
-
-    ``values[i, j]`` compares map i of A (rows, grouped by ``blocks_a``) with map j of B.
-    NaN marks a pair excluded because a map is dead (``dead_a``/``dead_b``).
-    """
-
-    metric: str
-    model_a: str
-    model_b: str
-    values: np.ndarray
-    blocks_a: list[Block]
-    blocks_b: list[Block]
-    dead_a: np.ndarray
-    dead_b: np.ndarray
-    higher_is_more_similar: bool = True
-
-    @property
-    def same_model(self) -> bool:
-        """True within one network: a map is then never its own partner."""
-        return self.model_a == self.model_b
-
-    def transposed(self) -> SimilarityMatrix:
-        """The B -> A view (valid for symmetric metrics)."""
-        return SimilarityMatrix(
-            self.metric, self.model_b, self.model_a, self.values.T, self.blocks_b,
-            self.blocks_a, self.dead_b, self.dead_a, self.higher_is_more_similar,
-        )
-
-
-@dataclass
-class LayerValue:
-    """One value of a layer-granularity metric for a layer pair.
-
-    An undefined value is NaN with the metric's explanation in ``reason`` (else empty).
-    """
-
-    metric: str
-    model_a: str
-    layer_a: str
-    model_b: str
-    layer_b: str
-    value: float
-    reason: str = ""
 
 
 def layer_value(metric: Metric, model_a: str, layer_a: str, model_b: str, layer_b: str,

@@ -85,7 +85,7 @@ def test_constant_map_is_nan(rng):
 def test_info_follows_absolute():
     assert Spearman().info.value_range == (0.0, 1.0)
     assert Spearman(Spearman.Params(absolute=False)).info.value_range == (-1.0, 1.0)
-    assert Spearman.uses_moments is False
+    assert Spearman().uses_moments is False
     assert "monotonic" in Spearman().info.invariances
 
 

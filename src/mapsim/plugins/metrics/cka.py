@@ -43,15 +43,22 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from mapsim.errors import MapsimError, ShapeMismatchError, SpecError
-from mapsim.hookspecs import hookimpl
-from mapsim.engine.moments import Moments
-from mapsim.api import Metric, MetricInfo, MetricPathError, Params, Undefined
+from mapsim import (
+    ImagesMetric,
+    LayerMetric,
+    MapsimError,
+    MetricInfo,
+    Moments,
+    Params,
+    ShapeMismatchError,
+    SpecError,
+    Undefined,
+    hookimpl,
+)
 from mapsim.plugins.metrics import hsic
 
 #: parameters that only apply to some variants: name -> (applies?, where it applies)
@@ -109,8 +116,8 @@ class CKAParams(Params):
         return self
 
 
-class CKA(Metric):
-    """Centred kernel alignment between two layers' maps; see the module docstring."""
+class _CKAFamily:
+    """What both kinds of ``cka`` share: parameters, metadata and Gram matrices."""
 
     name = "cka"
     Params = CKAParams
@@ -128,21 +135,63 @@ class CKA(Metric):
         {"samples": "images", "pool": "none"},
         {"samples": "images", "kernel": "rbf", "size": 2},
     )
+    params: CKAParams
 
-    def __init__(self, params: CKAParams | None = None) -> None:
-        super().__init__(params)
+    def _settle(self) -> None:
         p = self.params
         self.debiased = p.debiased if p.debiased is not None else p.samples == "images"
-        self.uses_moments = p.kernel == "linear" and p.samples == "pixels"
-        self.needs_layer_norms = self.uses_moments and self.debiased
-        self.accumulates = p.samples == "images"
-        self.blockwise = self.accumulates
         invariances = ("orthogonal", "scale", "shift", "sign")
         if p.samples == "images" and p.pool == "max":  # max pooling is not linear
             invariances = ("scale", "shift")
         low = -1.0 if self.debiased else 0.0  # an unbiased HSIC can be negative
         self.info = MetricInfo("layer", True, True, (low, 1.0), invariances)
-        self._reset()
+
+    def _cka_of_samples(self, features: list[torch.Tensor], a: int, b: int) -> float | Undefined:
+        """CKA between two (n, D) feature matrices of the same samples."""
+        n = features[0].shape[0]
+        if self.debiased and n < 4:
+            return Undefined(hsic.TOO_FEW.format(n=n))
+        grams, reasons = self._grams(features)
+        estimate = hsic.hsic_unbiased(grams) if self.debiased else hsic.hsic_biased(grams)
+        return hsic.cka_value(estimate, a, b, reasons, self.debiased)
+
+    def _grams(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[str | None]]:
+        """(L, n, n) Gram matrices and, per layer, the reason it is undefined (or None)."""
+        grams, reasons = [], []
+        n = features[0].shape[0]
+        for x in features:
+            gram, reason = None, None
+            if hsic.is_constant(x):
+                reason = hsic.ZERO_VARIANCE
+            elif self.params.kernel == "linear":
+                gram = hsic.linear_gram(x)
+            else:
+                gram = hsic.rbf_gram(x, self.params.bandwidth, self.params.median)
+                reason = hsic.ZERO_BANDWIDTH if gram is None else None
+            grams.append(gram if gram is not None else torch.zeros(
+                n, n, dtype=torch.float64, device=x.device))
+            reasons.append(reason)
+        return torch.stack(grams), reasons
+
+
+class CKA(_CKAFamily, LayerMetric):
+    """Centred kernel alignment between two layers with pixels as samples: one value per
+    layer pair and image. ``samples: images`` gives :class:`CKAImages` instead (see the
+    module docstring)."""
+
+    @classmethod
+    def create(cls, params: CKAParams, **kwargs: Any) -> CKA | CKAImages:
+        """``cka`` with ``samples: images`` is an across-images metric."""
+        return CKAImages(params) if params.samples == "images" else cls(params)
+
+    def __init__(self, params: CKAParams | None = None) -> None:
+        super().__init__(params)
+        if self.params.samples == "images":
+            raise MapsimError("cka with samples: images is CKAImages; build it with "
+                              "CKA.create(params) (the registry does)")
+        self._settle()
+        self.uses_moments = self.params.kernel == "linear"
+        self.needs_layer_norms = self.uses_moments and self.debiased
 
     # ------------------------------------------------------------------ pixels as samples
     def from_moments(self, moments: Moments, rows: slice, cols: slice) -> float | Undefined:
@@ -202,9 +251,6 @@ class CKA(Metric):
 
     def from_maps(self, x: torch.Tensor, y: torch.Tensor) -> float | Undefined:
         """CKA between x (C_a, P) and y (C_b, P) with pixels as samples (generic path)."""
-        if self.params.samples == "images":
-            raise MetricPathError(
-                "cka with samples: images is computed across images (update/finish)")
         x, y = x.to(torch.float64), y.to(torch.float64)
         if self.params.kernel == "rbf":
             return self._rbf_pixels(x, y)
@@ -225,37 +271,25 @@ class CKA(Metric):
             x, y = x[:, keep.to(x.device)], y[:, keep.to(y.device)]
         return self._cka_of_samples([x.T, y.T], 0, 1)
 
-    def _cka_of_samples(self, features: list[torch.Tensor], a: int, b: int) -> float | Undefined:
-        """CKA between two (n, D) feature matrices of the same samples."""
-        n = features[0].shape[0]
-        if self.debiased and n < 4:
-            return Undefined(hsic.TOO_FEW.format(n=n))
-        grams, reasons = self._grams(features)
-        estimate = hsic.hsic_unbiased(grams) if self.debiased else hsic.hsic_biased(grams)
-        return hsic.cka_value(estimate, a, b, reasons, self.debiased)
 
-    def _grams(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[str | None]]:
-        """(L, n, n) Gram matrices and, per layer, the reason it is undefined (or None)."""
-        grams, reasons = [], []
-        n = features[0].shape[0]
-        for x in features:
-            gram, reason = None, None
-            if hsic.is_constant(x):
-                reason = hsic.ZERO_VARIANCE
-            elif self.params.kernel == "linear":
-                gram = hsic.linear_gram(x)
-            else:
-                gram = hsic.rbf_gram(x, self.params.bandwidth, self.params.median)
-                reason = hsic.ZERO_BANDWIDTH if gram is None else None
-            grams.append(gram if gram is not None else torch.zeros(
-                n, n, dtype=torch.float64, device=x.device))
-            reasons.append(reason)
-        return torch.stack(grams), reasons
+KEY_SEP = "\x1f"
 
-    # ------------------------------------------------------------------ images as samples
-    def _reset(self) -> None:
-        self._keys: list[tuple[str, str]] = []
-        self._shapes: list[tuple[int, ...]] = []
+
+class CKAImages(_CKAFamily, ImagesMetric):
+    """Minibatch CKA with images as samples: one value per layer pair over all images.
+
+    The declared state ``features`` holds, per image, the pooled feature vector of every
+    captured layer (keys ``model<US>layer``). :meth:`merge` forms the minibatches as the
+    images arrive in order and keeps only the HSIC sums and the current batch, so the values
+    do not depend on where blocks were cut, nor on the number of processes.
+    """
+
+    def __init__(self, params: CKAParams | None = None) -> None:
+        super().__init__(params)
+        self._settle()
+        self.add_state("features", "cat")
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._keys: list[str] = []
         self._buffer: list[list[torch.Tensor]] = []
         self._sum: torch.Tensor | None = None
         self._weight = 0
@@ -263,38 +297,58 @@ class CKA(Metric):
         self._varies: list[bool] = []
         self._first: list[torch.Tensor] = []
         self._reasons: list[str | None] = []
-        self._collecting = False
-        self._collected: list[list[torch.Tensor]] = []  # per image, features per key
 
     def update(self, image_id: str, maps: Mapping[str, Mapping[str, torch.Tensor]],
                mask: torch.Tensor | None = None) -> None:
-        """Pool one image's maps into per-layer feature vectors and buffer them."""
-        if not self.accumulates:
-            super().update(image_id, maps, mask)
+        """Pool one image's maps into per-layer feature vectors (one state entry)."""
         if mask is not None:
             raise SpecError(
                 "cka with samples: images compares whole maps across images and cannot be "
                 "combined with engine.roi; use samples: pixels, or remove engine.roi"
             )
-        keys = [(model, layer) for model, layers in maps.items() for layer in layers]
-        self._check_keys(keys, image_id)
-        features = [self._features(maps[model][layer], image_id, model, layer, index)
-                    for index, (model, layer) in enumerate(keys)]
-        if self._collecting:
-            self._collected.append(features)
-        else:
-            self._take(features)
+        self.features.append({
+            f"{model}{KEY_SEP}{layer}": self._pooled(layer_maps, image_id, model, layer)
+            for model, layers in maps.items() for layer, layer_maps in layers.items()})
 
-    def _check_keys(self, keys: list[tuple[str, str]], image_id: str) -> None:
+    def merge(self, states: Mapping[str, Any]) -> None:
+        """Take in images' features in order, forming the minibatches as they fill."""
+        for entry in states["features"]:
+            self._take(entry, "of a block")
+
+    def compute(self, model_a: str, model_b: str) -> dict[tuple[str, str], Any]:
+        """CKA of every layer pair of two models from the HSIC sums of all batches."""
+        pending, self.features = self.features, []
+        self.merge({"features": pending})  # images given to update() here, not in blocks
+        if self._buffer and self._seen >= 4:
+            if len(self._buffer) < 4:
+                raise MapsimError("cka: images were added after finish(); start a new metric")
+            self._add_batch(self._buffer)
+            self._buffer = []
+        keys = [tuple(k.split(KEY_SEP, 1)) for k in self._keys]
+        layers_a = [i for i, k in enumerate(keys) if k[0] == model_a]
+        layers_b = [i for i, k in enumerate(keys) if k[0] == model_b]
+        reasons = [r if r is not None else (None if v else hsic.ZERO_VARIANCE)
+                   for r, v in zip(self._reasons, self._varies)]
+        out: dict[tuple[str, str], Any] = {}
+        for a in layers_a:
+            for b in layers_b:
+                key = (keys[a][1], keys[b][1])
+                if self._seen < 4:
+                    out[key] = Undefined(hsic.TOO_FEW.format(n=self._seen))
+                else:
+                    out[key] = hsic.cka_value(self._sum / self._weight, a, b, reasons, True)
+        return out
+
+    def _take(self, entry: Mapping[str, Any], image_id: str) -> None:
+        """Add one image's feature vectors (one per layer) to the current batch."""
+        keys = list(entry)
         if not self._keys:
             self._keys = keys
             self._varies = [False] * len(keys)
             self._reasons = [None] * len(keys)
         elif keys != self._keys:
             raise MapsimError(f"image {image_id} gave other layers than the images before it")
-
-    def _take(self, features: list[torch.Tensor]) -> None:
-        """Add one image's feature vectors (one per layer) to the current batch."""
+        features = [torch.as_tensor(entry[k]) for k in keys]
         for index, vector in enumerate(features):
             if len(self._first) <= index:
                 self._first.append(vector)
@@ -306,43 +360,8 @@ class CKA(Metric):
             self._add_batch(self._buffer[: self.params.batch_size])
             self._buffer = self._buffer[self.params.batch_size:]
 
-    # ------------------------------------------------------------------ blocks of images
-    def start_blocks(self) -> None:
-        """From now on update() only collects each image's pooled features for
-        :meth:`block_state`; the batches are formed when the blocks are added back in order,
-        so they are the same wherever the blocks were cut."""
-        if not self.accumulates:
-            super().start_blocks()
-        self._collecting = True
-
-    def block_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The pooled features of the images since the last call: one (images, features)
-        float32 array per layer."""
-        if not self.accumulates:
-            return super().block_state()
-        collected, self._collected = self._collected, []
-        meta = {"keys": [list(k) for k in self._keys], "images": len(collected),
-                "shapes": [list(s) for s in self._shapes]}
-        arrays = {f"layer{i}": torch.stack([image[i] for image in collected]).cpu().numpy()
-                  for i in range(len(self._keys))} if collected else {}
-        return meta, arrays
-
-    def add_block_state(self, meta: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-        """Take in a block's features, image by image, as update() would have."""
-        if not self.accumulates:
-            super().add_block_state(meta, arrays)
-        if not meta["images"]:
-            return
-        keys = [tuple(k) for k in meta["keys"]]
-        self._check_keys(keys, "of a block")
-        if not self._shapes:
-            self._shapes = [tuple(s) for s in meta["shapes"]]
-        layers = [torch.from_numpy(np.array(arrays[f"layer{i}"])) for i in range(len(keys))]
-        for image in range(meta["images"]):
-            self._take([layer[image] for layer in layers])
-
-    def _features(self, maps: torch.Tensor, image_id: str, model: str, layer: str,
-                  index: int) -> torch.Tensor:
+    def _pooled(self, maps: torch.Tensor, image_id: str, model: str,
+                layer: str) -> torch.Tensor:
         if maps.dim() != 3:
             raise ShapeMismatchError(
                 f"layer {layer!r} of model {model!r} gives maps of shape {tuple(maps.shape)}; "
@@ -355,15 +374,14 @@ class CKA(Metric):
         elif self.params.pool == "max":
             maps = F.adaptive_max_pool2d(maps[None], size)[0]
         shape = tuple(maps.shape)
-        if len(self._shapes) <= index:
-            self._shapes.append(shape)
-        elif shape != self._shapes[index]:
+        key = f"{model}{KEY_SEP}{layer}"
+        if self._shapes.setdefault(key, shape) != shape:
             raise ShapeMismatchError(
                 f"cka with samples: images and pool: none needs maps of one size across "
-                f"images, but layer {layer!r} of model {model!r} is {self._shapes[index]} "
+                f"images, but layer {layer!r} of model {model!r} is {self._shapes[key]} "
                 f"before image {image_id} and {shape} in it; use pool: avg or max"
             )
-        return maps.reshape(-1)
+        return maps.reshape(-1).cpu()
 
     def _add_batch(self, batch: list[list[torch.Tensor]]) -> None:
         """Add the unbiased HSIC of every layer pair over one batch of images."""
@@ -377,29 +395,6 @@ class CKA(Metric):
         estimate = hsic.hsic_unbiased(grams) * len(batch)
         self._sum = estimate if self._sum is None else self._sum + estimate
         self._weight += len(batch)
-
-    def finish(self, model_a: str, model_b: str) -> dict[tuple[str, str], Any]:
-        """CKA of every layer pair of two models from the HSIC sums of all batches."""
-        if not self.accumulates:
-            return super().finish(model_a, model_b)
-        if self._buffer and self._seen >= 4:
-            if len(self._buffer) < 4:
-                raise MapsimError("cka: images were added after finish(); start a new metric")
-            self._add_batch(self._buffer)
-            self._buffer = []
-        out: dict[tuple[str, str], Any] = {}
-        layers_a = [i for i, k in enumerate(self._keys) if k[0] == model_a]
-        layers_b = [i for i, k in enumerate(self._keys) if k[0] == model_b]
-        reasons = [r if r is not None else (None if v else hsic.ZERO_VARIANCE)
-                   for r, v in zip(self._reasons, self._varies)]
-        for a in layers_a:
-            for b in layers_b:
-                key = (self._keys[a][1], self._keys[b][1])
-                if self._seen < 4:
-                    out[key] = Undefined(hsic.TOO_FEW.format(n=self._seen))
-                else:
-                    out[key] = hsic.cka_value(self._sum / self._weight, a, b, reasons, True)
-        return out
 
 
 def _indicator(slices: Sequence[slice], n_maps: int, device: torch.device) -> torch.Tensor:

@@ -10,10 +10,8 @@ from typing import ClassVar
 
 import torch
 
-from mapsim.hookspecs import hookimpl
-from mapsim.engine.moments import Moments
-from mapsim.plugins.metrics.pearson import normalised
-from mapsim.api import Metric, MetricInfo, Params
+from mapsim import MapMetric, MetricInfo, Moments, Params, hookimpl
+from mapsim.plugins.metrics._normalise import normalised
 
 
 class CosineParams(Params):
@@ -23,7 +21,7 @@ class CosineParams(Params):
     """Report |cos| (like the study's |r|) rather than the signed cosine."""
 
 
-class Cosine(Metric):
+class Cosine(MapMetric):
     """Cosine of the angle between two maps, each flattened over the compared pixels.
 
     Unlike Pearson, the maps are not centred: adding a constant changes the value, scaling

@@ -13,10 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from mapsim.hookspecs import hookimpl
-from mapsim.engine.moments import Moments
-from mapsim.plugins.metrics.pearson import normalised
-from mapsim.api import Metric, MetricInfo, Params
+from mapsim import MapMetric, MetricInfo, Moments, Params, hookimpl
+from mapsim.plugins.metrics._normalise import normalised
 
 
 class EuclideanParams(Params):
@@ -30,7 +28,7 @@ class EuclideanParams(Params):
     are comparable across image sizes and ROIs."""
 
 
-class Euclidean(Metric):
+class Euclidean(MapMetric):
     """Euclidean distance between two maps: lower is more similar (best partner = minimum).
 
     Without ``standardise`` every map is defined (an all-zero map is simply at distance

@@ -6,9 +6,8 @@ from typing import ClassVar
 
 import torch
 
-from mapsim.hookspecs import hookimpl
-from mapsim.engine.moments import Moments
-from mapsim.api import Metric, MetricInfo, Params
+from mapsim import MapMetric, MetricInfo, Moments, Params, hookimpl
+from mapsim.plugins.metrics._normalise import normalised
 
 
 class PearsonParams(Params):
@@ -18,7 +17,7 @@ class PearsonParams(Params):
     """Report |r| (the study's choice) rather than the signed correlation."""
 
 
-class Pearson(Metric):
+class Pearson(MapMetric):
     """Pearson correlation between two maps, each flattened over the compared pixels.
 
     r_ij = G_ij / sqrt(G_ii G_jj) with G the centred co-moment matrix. Undefined (NaN) for a
@@ -61,23 +60,6 @@ class Pearson(Metric):
         r = torch.where(live, (xc @ yc.T) / torch.where(live, denom, 1.0), torch.nan)
         r = r.clamp(-1.0, 1.0)
         return r.abs() if self.params.absolute else r
-
-
-def normalised(block: torch.Tensor, diag_rows: torch.Tensor,
-               diag_cols: torch.Tensor) -> torch.Tensor:
-    """``block / sqrt(outer(diag_rows, diag_cols))`` as a new tensor, NaN where that root is 0.
-
-    On the CPU, when no product can be 0 (checked on the smallest of each side: rounding is
-    monotone) it takes three passes over the matrix instead of six. On a GPU that check would
-    make the host wait for the device, and the passes are cheap there, so it is skipped.
-    """
-    denom = torch.outer(diag_rows, diag_cols)
-    if (denom.device.type == "cpu" and len(diag_rows) and len(diag_cols)
-            and float(diag_rows.min() * diag_cols.min()) > 0):
-        return block / denom.sqrt_()
-    denom.sqrt_()
-    live = denom > 0
-    return torch.where(live, block / torch.where(live, denom, 1.0), torch.nan)
 
 
 @hookimpl

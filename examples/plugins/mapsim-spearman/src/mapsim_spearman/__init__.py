@@ -9,11 +9,12 @@ from scipy.stats import rankdata
 import mapsim
 
 
-class Spearman(mapsim.Metric):
+class Spearman(mapsim.MapMetric):
     """Pearson correlation of the maps' pixel ranks (ties get their average rank).
 
     Invariant under any strictly increasing transform of a map. Ranks cannot be written from
-    moments, so the metric uses the generic path (``from_maps``). NaN for a constant map.
+    moments, so the metric implements only the generic path (``from_maps``); a MapMetric
+    without ``from_moments`` gets its maps. NaN for a constant map.
     """
 
     name = "spearman"
@@ -31,8 +32,6 @@ class Spearman(mapsim.Metric):
         value_range=(0.0, 1.0),
         invariances=("scale", "shift", "monotonic", "sign"),
     )
-    uses_moments = False  # served by from_maps, not by the shared moments
-
     def __init__(self, params: Spearman.Params | None = None) -> None:
         super().__init__(params)
         if not self.params.absolute:  # value range and sign invariance depend on the parameter
