@@ -31,6 +31,7 @@ from mapsim.runner.blocks import (
     plan_blocks,
     unpack,
 )
+from mapsim.engine.step import DeadCount, DeadKey
 from mapsim.runner.distributed import World
 from mapsim.errors import ImageError, MapsimError, OutputError, SpecError
 from mapsim.engine.moments import Moments, compute_moments
@@ -313,7 +314,7 @@ def _state(index, start, stop, ids, rank, summaries, pooled, dead, capture=None)
         pooled=pooled,
         layouts={0: [Block("a", "blocks.0", 0, 2, (24, 28)), Block("b", "blocks.1", 2, 6,
                                                                    (12, 14))]},
-        dead_counts=dead, capture=capture)
+        dead_counts=dead, observers={} if capture is None else {"plots": capture})
 
 
 def test_block_state_round_trip_keeps_everything():
@@ -329,7 +330,8 @@ def test_block_state_round_trip_keeps_everything():
                    {"max": _fed(tables), "layer_similarity": _fed(tables[:2]),
                     "empty": SummaryAccumulator(("metric",))},
                    {0: _moments(z, True), 1: _moments(z[:3], False)},
-                   {("pearson", "a", "blocks.0"): [3, 4], ("cka", "b", "blocks.1"): [0, 4]},
+                   {DeadKey("pearson", "a", "blocks.0"): DeadCount(3, 4),
+                    DeadKey("cka", "b", "blocks.1"): DeadCount(0, 4)},
                    capture)
     again = BlockState.from_bytes(state.to_bytes())
 
@@ -351,11 +353,11 @@ def test_block_state_round_trip_keeps_everything():
                 assert torch.equal(getattr(got, name), want), name
     assert again.layouts == state.layouts
     assert again.dead_counts == state.dead_counts
-    assert again.capture[0] == capture[0]
-    assert set(again.capture[1]) == set(capture[1])
+    assert again.observers["plots"][0] == capture[0]
+    assert set(again.observers["plots"][1]) == set(capture[1])
     for name, array in capture[1].items():
-        assert again.capture[1][name].dtype == array.dtype
-        np.testing.assert_array_equal(again.capture[1][name], array)
+        assert again.observers["plots"][1][name].dtype == array.dtype
+        np.testing.assert_array_equal(again.observers["plots"][1][name], array)
 
 
 def test_an_empty_block_state_round_trips():
@@ -363,7 +365,7 @@ def test_an_empty_block_state_round_trips():
     again = BlockState.from_bytes(state.to_bytes())
     assert (again.block, again.ids, again.rank) == (state.block, ["x"], 0)
     assert again.summaries == again.pooled == again.layouts == again.dead_counts == {}
-    assert again.capture is None
+    assert again.observers == {}
 
 
 @pytest.mark.parametrize("layer_stats", [False, True])
@@ -378,15 +380,15 @@ def test_blocks_merged_in_order_equal_numpy_over_all_pixels(layer_stats):
     for index, p0, p1, i0, i1 in cuts:
         state = _state(index, i0, i1, [f"img{i}" for i in range(i0, i1)], index % 2,
                        {"max": _fed(tables[i0:i1])}, {0: _moments(z[:, p0:p1], layer_stats)},
-                       {("pearson", "a", "blocks.0"): [index, i1 - i0]})
-        merged.add(BlockState.from_bytes(state.to_bytes()), capture=None)
+                       {DeadKey("pearson", "a", "blocks.0"): DeadCount(index, i1 - i0)})
+        merged.add(BlockState.from_bytes(state.to_bytes()))
 
     assert merged.n_images == 9
     _assert_moments_close(merged.pooled[0], z, layer_stats)
     # the independent reference agrees with one pass over all pixels, too
     _assert_moments_close(_moments(z, layer_stats), z, layer_stats)
     _assert_summary_matches(merged.summaries["max"].table(), _reference_summary(tables))
-    assert merged.dead_counts == {("pearson", "a", "blocks.0"): [0 + 1 + 2, 9]}
+    assert merged.dead_counts == {DeadKey("pearson", "a", "blocks.0"): DeadCount(0 + 1 + 2, 9)}
     assert merged.layouts[0][1] == Block("b", "blocks.1", 2, 6, (12, 14))
 
 
@@ -662,17 +664,18 @@ def test_cka_over_images_resumes_to_the_values_of_one_pass(tmp_path, synthetic_i
 
 def test_a_metric_that_cannot_take_blocks_cannot_resume(tmp_path, synthetic_images,
                                                         monkeypatch):
-    from mapsim.runner.run import Runner, run
+    from mapsim.runner.run import run
+    from mapsim.runner.setup import RunSetup
     from mapsim.spec.run_spec import load_spec
 
-    original = Runner._metric
+    original = RunSetup._metric
 
     def without_blocks(self, choice):  # an across-image metric of a plugin without blocks
         metric = original(self, choice)
         metric.blockwise = False
         return metric
 
-    monkeypatch.setattr(Runner, "_metric", without_blocks)
+    monkeypatch.setattr(RunSetup, "_metric", without_blocks)
     spec_path = _workdir(tmp_path, synthetic_images, ["pearson", {"name": "cka",
                                                                   "samples": "images"}])
     spec = load_spec(spec_path)
@@ -760,9 +763,10 @@ def test_thumbnails_kept_by_blocks_come_back_in_image_order(tmp_path):
         meta, arrays = block.take()
         assert block.thumbs == {} and block.mats == {}
         states.append(BlockState.from_bytes(
-            BlockState(ImageBlock(len(states), 0, 2), ids, capture=(meta, arrays)).to_bytes()))
+            BlockState(ImageBlock(len(states), 0, 2), ids,
+                       observers={"plots": (meta, arrays)}).to_bytes()))
     for state in states:
-        merged.absorb(*state.capture)
+        merged.absorb(*state.observers["plots"])
     assert list(merged.thumbs) == ["img0", "img1", "img2"] == list(one_pass.thumbs)
     for image in merged.thumbs:
         for key, array in one_pass.thumbs[image].items():

@@ -14,7 +14,7 @@ import torch
 from scipy.spatial.distance import cdist
 
 from conftest import relu_like_maps
-from mapsim.runner import run as runner_module
+from mapsim.engine import step as step_module
 from mapsim.errors import SpecError
 from mapsim.engine.moments import compute_moments
 from mapsim.registry import load_registry
@@ -102,17 +102,17 @@ def _spec(**overrides):
 @pytest.fixture(scope="module")
 def multi(tmp_path_factory):
     calls = []
-    original = runner_module.compute_moments
+    original = step_module.compute_moments
 
     def counting(z, **kwargs):
         calls.append((tuple(z.shape), kwargs.get("layers")))
         return original(z, **kwargs)
 
-    runner_module.compute_moments = counting
+    step_module.compute_moments = counting
     try:
         out = run(_spec(), out_dir=tmp_path_factory.mktemp("multi") / "out", progress=False)
     finally:
-        runner_module.compute_moments = original
+        step_module.compute_moments = original
     return out.out_dir, calls
 
 

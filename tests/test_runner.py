@@ -267,7 +267,7 @@ def test_specs_in_yaml_run_from_their_own_folder(tmp_path):
 
 def test_layer_label_mapping_needs_one_exact_path_per_label(tmp_path):
     from mapsim.errors import SpecError
-    from mapsim.runner.run import layer_labels
+    from mapsim.models.prepare import layer_labels
 
     available = ["blocks", "blocks.0", "blocks.0.conv", "blocks.1", "head"]
     assert layer_labels({"last": "blocks.1", "first": "blocks.0"}, available, "m") == {
@@ -323,7 +323,7 @@ def test_a_layer_granularity_metric_writes_layer_similarity(tmp_path):
 
 def test_an_unavailable_device_is_a_clear_error():
     from mapsim.errors import MapsimError
-    from mapsim.runner.run import resolve_device
+    from mapsim.devices import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,7 +13,8 @@ from conftest import relu_like_maps
 from mapsim.models.build import build_model
 from mapsim.engine.moments import MomentsBuilder, compute_moments, symmetric_gram
 from mapsim.registry import load_registry
-from mapsim.runner.run import Runner, run
+from mapsim.engine.step import ImageStep
+from mapsim.runner.run import run
 from mapsim.spec.run_spec import validate_spec
 from mapsim.plugins.hooks import HooksExtractor
 
@@ -138,20 +139,20 @@ def spec(**overrides):
 ])
 def test_streamed_run_equals_the_stacked_run(tmp_path, monkeypatch, engine, metrics):
     calls = []
-    original = Runner._stream
+    original = ImageStep.launch
 
-    def counting(self, item, closes=None):
-        pending = original(self, item, closes)
-        calls.append(pending is not None)
-        return pending
+    def counting(self, item):
+        launched = original(self, item)
+        calls.append(launched is not None)
+        return launched
 
-    monkeypatch.setattr(Runner, "_stream", counting)
+    monkeypatch.setattr(ImageStep, "launch", counting)
     limits = {"euclidean": 1.5} if "euclidean" in metrics else {}
     aggregators = ["max", "min", {"name": "threshold", "per_metric": limits}, "pivot"]
     fast = run(spec(engine=engine, metrics=metrics, aggregators=aggregators),
                out_dir=tmp_path / "fast", progress=False)
     assert all(calls) and len(calls) >= 2  # every image streamed (the first after a probe)
-    monkeypatch.setattr(Runner, "streamable", property(lambda self: False))
+    monkeypatch.setattr(ImageStep, "streamable", property(lambda self: False))
     slow = run(spec(engine=engine, metrics=metrics, aggregators=aggregators),
                out_dir=tmp_path / "slow", progress=False)
     assert fast.tables == slow.tables
@@ -187,9 +188,9 @@ def test_run_with_writer_processes_equals_the_run_with_a_writer_thread(tmp_path,
         used.append(type(sink).__name__)
         return sink
 
-    monkeypatch.setattr("mapsim.runner.run.make_sink", recording)
+    monkeypatch.setattr("mapsim.runner.sinks.make_sink", recording)
     run(spec(**data), out_dir=tmp_path / "procs", progress=False)
-    monkeypatch.setattr("mapsim.runner.run.make_sink",
+    monkeypatch.setattr("mapsim.runner.sinks.make_sink",
                         lambda f, a, n: original(f, a, n, min_items_for_processes=10**9))
     run(spec(**data), out_dir=tmp_path / "thread", progress=False)
     assert used == ["ProcessSink"]

@@ -530,14 +530,14 @@ class RunObserver(ABC):
     #: the name of this observer's part of a block's state
     key: ClassVar[str] = "observer"
 
-    def wants_maps(self, index: int) -> bool:
-        """Whether :meth:`on_maps` needs image ``index``'s maps (then the run keeps them for
-        that image instead of streaming its moments)."""
-        return False
+    #: True when :meth:`on_maps` needs the maps: the run then keeps every image's maps
+    #: instead of streaming their moments (the fast path)
+    needs_maps: ClassVar[bool] = False
 
     def on_maps(self, index: int, item: ImageItem,
                 maps: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """One image's captured maps ``{model: {layer: (C, H, W)}}`` (only if wanted)."""
+        """One image's captured maps ``{model: {layer: (C, H, W)}}`` (``needs_maps`` only);
+        ``index`` is the image's place in the run."""
 
     def on_matrix(self, image_id: str, sim: SimilarityMatrix) -> None:
         """One similarity matrix of one image (each direction of a comparison)."""

@@ -12,6 +12,7 @@ from mapsim.errors import MapsimError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from mapsim.plots.observer import observers_for
     from mapsim.runner.run import run
     from mapsim.spec.run_spec import load_spec
 
@@ -24,6 +25,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         resume=args.resume,
         progress=not args.quiet,
+        observers=observers_for(spec.output),
     )
     if not result.info:  # a process of a torchrun job other than rank 0: rank 0 reports
         return 0
@@ -68,7 +70,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         base = Path(args.spec).resolve().parent
         runner = Runner(spec, base, device="cpu")
         dataset = runner.check(base)
-        layers = sum(len(m.layers) for m in runner.models.values())
+        layers = sum(len(m.layers) for m in runner.setup.models.values())
         deep = f"; models built, {layers} layer(s) resolved, {len(dataset)} image(s) found"
     print(
         f"{args.spec} is valid: {len(spec.models)} model(s), "

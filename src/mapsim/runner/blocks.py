@@ -23,17 +23,19 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import safetensors.numpy
 import torch
 
-from mapsim.tables.aggregation import SummaryAccumulator
+from mapsim.api import RunObserver
+from mapsim.engine.step import DeadCount, DeadKey
 from mapsim.errors import ImageError, OutputError
-from mapsim.engine.moments import Moments
 from mapsim.runner.writer import TableFiles, TablePart, atomic_write_text, check_target
-from mapsim.engine.similarity import Block
+from mapsim.tables.aggregation import SummaryAccumulator
+from mapsim.types import Block, Moments
 
 PROGRESS = "progress.json"
 STATE = "state.safetensors"
@@ -127,10 +129,11 @@ class BlockState:
     pooled: dict[int, Moments] = field(default_factory=dict)
     #: comparison group -> the layers of its stacked maps (for the pooled tables)
     layouts: dict[int, list[Block]] = field(default_factory=dict)
-    #: (metric, model, layer) -> [dead maps summed over images, images]
-    dead_counts: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
-    #: thumbnails and matrices kept for pictures, as PlotCapture.take() gave them
-    capture: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
+    #: dead maps summed over the block's images
+    dead_counts: dict[DeadKey, DeadCount] = field(default_factory=dict)
+    #: observer key -> what it kept (RunObserver.block_state())
+    observers: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = field(
+        default_factory=dict)
     #: index of a blockwise metric in the run's metrics -> its Metric.block_state()
     metrics: dict[int, tuple[dict[str, Any], dict[str, np.ndarray]]] = field(
         default_factory=dict)
@@ -143,7 +146,8 @@ class BlockState:
             "summaries": {}, "pooled": {},
             "layouts": {str(g): [[x.model, x.layer, x.start, x.stop, list(x.shape)]
                                  for x in blocks] for g, blocks in self.layouts.items()},
-            "dead_counts": [[*k, *v] for k, v in self.dead_counts.items()],
+            "dead_counts": [[k.metric, k.model, k.layer, v.dead, v.images]
+                            for k, v in self.dead_counts.items()],
         }
         arrays: dict[str, np.ndarray] = {}
         for name, summary in self.summaries.items():
@@ -152,9 +156,10 @@ class BlockState:
         for group, moments in self.pooled.items():
             meta["pooled"][str(group)], parts = moments_state(moments)
             arrays |= _prefixed(f"pooled/{group}", parts)
-        if self.capture is not None:
-            meta["capture"] = self.capture[0]
-            arrays |= _prefixed("capture", self.capture[1])
+        meta["observers"] = {}
+        for key, (observer_meta, parts) in self.observers.items():
+            meta["observers"][key] = observer_meta
+            arrays |= _prefixed(f"observer/{key}", parts)
         meta["metrics"] = {}
         for index, (metric_meta, parts) in self.metrics.items():
             meta["metrics"][str(index)] = metric_meta
@@ -165,9 +170,6 @@ class BlockState:
     def from_bytes(cls, data: bytes) -> BlockState:
         """The state :meth:`to_bytes` packed."""
         meta, arrays = unpack(data)
-        capture = None
-        if "capture" in meta:
-            capture = (meta["capture"], _under("capture", arrays))
         return cls(
             block=ImageBlock(*meta["block"]), ids=list(meta["ids"]), rank=meta["rank"],
             summaries={name: SummaryAccumulator.from_state(m, _under(f"summary/{name}", arrays))
@@ -176,8 +178,10 @@ class BlockState:
                     for g, m in meta["pooled"].items()},
             layouts={int(g): [Block(m, lay, s, e, tuple(shape)) for m, lay, s, e, shape in v]
                      for g, v in meta["layouts"].items()},
-            dead_counts={(m, mo, lay): [d, n] for m, mo, lay, d, n in meta["dead_counts"]},
-            capture=capture,
+            dead_counts={DeadKey(m, mo, lay): DeadCount(d, n)
+                         for m, mo, lay, d, n in meta["dead_counts"]},
+            observers={key: (m, _under(f"observer/{key}", arrays))
+                       for key, m in meta.get("observers", {}).items()},
             metrics={int(i): (m, _under(f"metric/{i}", arrays))
                      for i, m in meta.get("metrics", {}).items()},
         )
@@ -191,13 +195,14 @@ class Merged:
     summaries: dict[str, SummaryAccumulator] = field(default_factory=dict)
     pooled: dict[int, Moments] = field(default_factory=dict)
     layouts: dict[int, list[Block]] = field(default_factory=dict)
-    dead_counts: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
+    dead_counts: dict[DeadKey, DeadCount] = field(default_factory=dict)
     #: rank -> images its blocks held (by the rank that did each block)
     images_per_rank: dict[int, int] = field(default_factory=dict)
 
-    def add(self, state: BlockState, capture: Any = None, metrics: list | None = None) -> None:
-        """Merge one block's state after those already merged (``metrics``: the run's
-        metrics, which take in their block states)."""
+    def add(self, state: BlockState, observers: Sequence[RunObserver] = (),
+            metrics: list | None = None) -> None:
+        """Merge one block's state after those already merged (``observers`` and
+        ``metrics``: the run's, which take in their block states)."""
         self.n_images += len(state.ids)
         for name, summary in state.summaries.items():
             if name in self.summaries:
@@ -209,12 +214,11 @@ class Merged:
             self.pooled[group] = moments if previous is None else previous.merge(moments)
         for group, layout in state.layouts.items():
             self.layouts.setdefault(group, layout)
-        for key, (dead, images) in state.dead_counts.items():
-            total = self.dead_counts.setdefault(key, [0, 0])
-            total[0] += dead
-            total[1] += images
-        if capture is not None and state.capture is not None:
-            capture.absorb(*state.capture)
+        for key, count in state.dead_counts.items():
+            self.dead_counts.setdefault(key, DeadCount()).add(count)
+        for observer in observers:
+            if observer.key in state.observers:
+                observer.add_block_state(*state.observers[observer.key])
         for index, (meta, arrays) in state.metrics.items():
             if metrics is None:
                 raise OutputError("a block holds a metric's state but no metrics take it in")
@@ -450,10 +454,10 @@ class PartialRun:
         """The state of a finished block."""
         return BlockState.from_bytes((self.block_folder(index) / STATE).read_bytes())
 
-    def merge(self, blocks: list[ImageBlock], capture: Any = None,
+    def merge(self, blocks: list[ImageBlock], observers: Sequence[RunObserver] = (),
               metrics: list | None = None) -> Merged:
-        """Merge the states of every block, in block order (``capture`` takes in the kept
-        thumbnails, ``metrics`` their block states); their rows are in :attr:`rows`."""
+        """Merge the states of every block, in block order (``observers`` and ``metrics``
+        take in their block states); their rows are in :attr:`rows`."""
         if self.in_rows != len(blocks):
             first = min(set(range(len(blocks))) - self.done, default=self.in_rows)
             block = blocks[first]
@@ -469,7 +473,7 @@ class PartialRun:
                                      f"{seen[image_id]} and {block.start + offset}); image ids "
                                      "must be unique")
                 seen[image_id] = block.start + offset
-            merged.add(state, capture, metrics)
+            merged.add(state, observers, metrics)
             merged.images_per_rank[state.rank] = (merged.images_per_rank.get(state.rank, 0)
                                                   + len(state.ids))
         return merged

@@ -18,46 +18,12 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import torch
 
+from mapsim.devices import to_device  # noqa: F401 (re-exported for the tests)
 from mapsim.errors import OutputError
 
 _DONE = object()
 _STARTED = "started"
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` (on the host) copied to ``device``.
-
-    To a GPU it goes on a stream of its own, which the current stream then waits for. A copy
-    from ordinary (pageable) memory first waits for the work queued on its stream; on the
-    current stream that is the device's work on the previous image, so the host could not
-    prepare the next image meanwhile. On an idle copy stream the call returns as soon as the
-    driver has staged the data in its own fixed buffers, and no pinned copy per image is
-    needed (such copies stay cached for the rest of the process).
-    """
-    if device.type != "cuda":
-        return tensor.to(device)
-    compute = torch.cuda.current_stream(device)
-    stream = _copy_stream(device)
-    # the destination comes from the copy stream's own memory pool, so it never overlaps
-    # memory the compute stream freed but may still be using (no wait for it needed here)
-    with torch.cuda.stream(stream):
-        copied = tensor.to(device, non_blocking=True)
-    compute.wait_stream(stream)
-    copied.record_stream(compute)  # used there: not reused before that work is done
-    return copied
-
-
-_copy_streams: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = torch.device("cuda", index)
-    if key not in _copy_streams:
-        _copy_streams[key] = torch.cuda.Stream(key)
-    return _copy_streams[key]
 
 
 def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:

@@ -1,0 +1,423 @@
+"""One image in, an :class:`ImageResult` out: maps -> moments -> every metric's values.
+
+:class:`ImageStep` holds what the per-image work needs (the prepared models, the metrics, the
+comparison groups and the engine settings) and nothing of a run: no sinks, no blocks, no
+pictures. The runner (:mod:`mapsim.runner.run`) decides where the frames and matrices of an
+:class:`ImageResult` go.
+
+Two paths give the same result:
+
+* :meth:`ImageStep.compute` extracts the maps, stacks each comparison group's maps into one
+  matrix and computes its moments with one product;
+* :meth:`ImageStep.launch` / :meth:`ImageStep.complete` (the fast path,
+  :mod:`mapsim.engine.streaming`) build the moments inside the extractor's hooks without
+  keeping the maps; on a GPU the launch only queues work, and the values are copied to the
+  host without waiting, so the device computes one image while the host finishes the last.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mapsim.api import ImageItem, Metric
+from mapsim.devices import to_device
+from mapsim.engine.moments import compute_moments
+from mapsim.engine.similarity import (
+    MapStack,
+    comparison_groups,
+    layer_similarity,
+    layer_value,
+    map_similarity,
+    prepared_values,
+    stack_maps,
+)
+from mapsim.engine.streaming import Layout, can_stream, probe_layout, stream_group
+from mapsim.errors import ExtractionError, ImageError, MapsimError
+from mapsim.io.images import roi_mask
+from mapsim.models.prepare import PreparedModel
+from mapsim.types import LayerValue, Moments, SimilarityMatrix
+
+#: the image column of the tables computed from the moments pooled over all images
+POOLED_IMAGE = "pooled"
+#: the image column of rows computed across all images (:class:`mapsim.ImagesMetric`)
+ACROSS_IMAGES = "all-images"
+
+Maps = dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class DeadKey:
+    """Whose dead maps are counted: one metric's flags on one layer of one model."""
+
+    metric: str
+    model: str
+    layer: str
+
+
+@dataclass
+class DeadCount:
+    """Dead maps summed over images, and how many images were counted."""
+
+    dead: int = 0
+    images: int = 0
+
+    def add(self, other: DeadCount) -> None:
+        self.dead += other.dead
+        self.images += other.images
+
+
+@dataclass
+class DirectionValues:
+    """A map metric's values for one direction (model a -> model b), computed where the
+    moments are: the dead-map policy applied, and a flag that a live pair has no value."""
+
+    values: torch.Tensor
+    undefined: torch.Tensor
+
+
+@dataclass
+class PreparedValues:
+    """A group's map-metric values computed ahead (on a GPU: queued behind the forward pass
+    and copied to the host without waiting), by metric index."""
+
+    dead: dict[int, torch.Tensor] = field(default_factory=dict)
+    directions: dict[tuple[int, str, str], DirectionValues] = field(default_factory=dict)
+
+
+@dataclass
+class GroupMoments:
+    """One comparison group's moments for one image."""
+
+    index: int
+    models: list[str]
+    #: the group's layout (blocks of rows; ``z`` holds no pixels on the fast path)
+    stack: MapStack
+    #: where the metrics read them (the host, on the fast path)
+    moments: Moments
+    #: where they were computed (pooled there)
+    device_moments: Moments
+    prepared: PreparedValues | None = None
+
+
+@dataclass
+class ImageResult:
+    """What one image gives: table frames, similarity matrices, its moments per group (to be
+    pooled) and its dead-map counts. ``maps`` only when they were asked for."""
+
+    image_id: str
+    frames: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    matrices: list[SimilarityMatrix] = field(default_factory=list)
+    groups: list[GroupMoments] = field(default_factory=list)
+    dead_counts: dict[DeadKey, DeadCount] = field(default_factory=dict)
+    maps: Maps | None = None
+
+
+@dataclass
+class LaunchedImage:
+    """An image on the fast path whose values are on their way to the host."""
+
+    image_id: str
+    groups: list[GroupMoments]
+    #: CUDA events around the image's device work (None on the CPU)
+    began: Any = None
+    ended: Any = None
+
+
+def layer_frame(image_id: str, values: list[LayerValue]) -> pd.DataFrame:
+    """Rows of ``layer_similarity.csv`` for one image (or ``all-images``, ``pooled``)."""
+    frame = pd.DataFrame([v.__dict__ for v in values])
+    frame.insert(0, "image", image_id)
+    return frame
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy that does not wait for the device (valid once the work queued before it
+    is done)."""
+    return tensor.to("cpu", non_blocking=True)
+
+
+class ImageStep:
+    """The per-image work of a run (see the module docstring)."""
+
+    def __init__(self, models: Mapping[str, PreparedModel], metrics: list[Metric],
+                 comparisons: list[tuple[str, str]], engine: Any, device: torch.device,
+                 timings: dict[str, float]) -> None:
+        self.models = dict(models)
+        self.metrics = metrics
+        self.comparisons = comparisons
+        self.groups = comparison_groups(comparisons)
+        self.engine = engine
+        self.device = device
+        self.timings = timings
+        self.layouts: dict[tuple, Layout] = {}  # (group, image shape) -> layout, fast path
+        self.builders: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ inputs
+    def extract(self, item: ImageItem) -> Maps:
+        """Capture the chosen layers of every model for one image: {model: {label: (C,H,W)}}."""
+        image = self.input(item)
+        out = {}
+        for name, model in self.models.items():
+            captured = model.extractor.extract(model.loaded.module, list(model.layers.values()),
+                                               image)
+            maps = {}
+            for label, path in model.layers.items():
+                tensor = captured[path]
+                if tensor.dim() != 4 or tensor.shape[0] != 1:
+                    raise ExtractionError(
+                        f"layer {path!r} of model {name!r} gives an output of shape "
+                        f"{tuple(tensor.shape)}; mapsim compares maps of shape "
+                        "(1, channels, height, width). Choose convolutional layers "
+                        "(see `mapsim layers`)."
+                    )
+                maps[label] = tensor[0]
+            out[name] = maps
+        return out
+
+    def input(self, item: ImageItem) -> torch.Tensor:
+        """The image as a (1, C, H, W) tensor on the device, checked against every model."""
+        image = to_device(torch.from_numpy(np.ascontiguousarray(item.image)), self.device)[None]
+        for name, model in self.models.items():
+            expected = model.loaded.in_channels
+            if expected is not None and image.shape[1] != expected:
+                raise ImageError(
+                    f"image {item.id} has {image.shape[1]} channel(s) but model {name!r} expects "
+                    f"{expected}; set the dataset's 'color' (e.g. rgb or luminance)."
+                )
+        return image
+
+    def mask_for(self, item: ImageItem) -> torch.Tensor | None:
+        """The ROI mask of an image, if the spec asks for one."""
+        roi = self.engine.roi
+        if roi is None:
+            return None
+        if item.label is None:
+            raise ImageError(
+                f"engine.roi needs a label for image {item.id}, but the dataset gave none; "
+                "add 'labels' to the images entry or remove engine.roi"
+            )
+        return torch.from_numpy(roi_mask(item.label, roi.dilate, source=item.source))
+
+    # ------------------------------------------------------------------ the plain path
+    def compute(self, item: ImageItem, keep_maps: bool = False) -> ImageResult:
+        """Everything for one image, with its maps kept in memory."""
+        try:
+            return self._compute(item, keep_maps)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise self._out_of_memory(item) from exc
+
+    def _compute(self, item: ImageItem, keep_maps: bool) -> ImageResult:
+        start = time.perf_counter()
+        maps = self.extract(item)
+        mask = self.mask_for(item)
+        self._sync()
+        self.timings["forward"] += time.perf_counter() - start
+        for metric in self.metrics:
+            if metric.accumulates:
+                metric.update(item.id, maps, mask)
+        norms = any(m.needs_layer_norms for m in self.metrics)
+        result = ImageResult(item.id, maps=maps if keep_maps else None)
+        for index, models in enumerate(self.groups):
+            start = time.perf_counter()
+            stack = stack_maps(maps, models, None if mask is None else mask.to(self.device))
+            moments = compute_moments(
+                stack.z, chunk_pixels=self.engine.chunk_pixels,
+                layers=[(b.start, b.stop) for b in stack.blocks] if norms else None)
+            self._sync()
+            self.timings["moments"] += time.perf_counter() - start
+            if self.streamable:
+                self.layouts[(index, item.image.shape)] = Layout.of(stack)
+            group = GroupMoments(index, models, stack, moments, moments)
+            self.values(item.id, group, result)
+            result.groups.append(group)
+        return result
+
+    # ------------------------------------------------------------------ the fast path
+    @property
+    def streamable(self) -> bool:
+        """Whether images can take the fast path (every metric reads plain moments and every
+        extractor streams; see :mod:`mapsim.engine.streaming`)."""
+        return can_stream([m.extractor for m in self.models.values()], self.metrics)
+
+    def launch(self, item: ImageItem) -> LaunchedImage | None:
+        """Start one image on the fast path; None when it cannot take it."""
+        if not self.streamable:
+            return None
+        try:
+            return self._launch(item)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise self._out_of_memory(item) from exc
+
+    def _launch(self, item: ImageItem) -> LaunchedImage | None:
+        start = time.perf_counter()
+        began = None
+        if self.device.type == "cuda":
+            began = torch.cuda.Event(enable_timing=True)
+            began.record()
+        image = self.input(item)
+        mask = self.mask_for(item)
+
+        def run_model(name: str, on_output: Any) -> bool:
+            model = self.models[name]
+            return model.extractor.stream(model.loaded.module, list(model.layers.values()),
+                                          image, on_output)
+
+        groups = []
+        for index, models in enumerate(self.groups):
+            labels = {n: {p: lb for lb, p in self.models[n].layers.items()} for n in models}
+            key = (index, item.image.shape)
+            if key not in self.layouts:  # first image of this size: learn the layout
+                layout = probe_layout(models, run_model, labels)
+                if layout is None:
+                    return None
+                self.layouts[key] = layout
+            out = stream_group(self.layouts[key], run_model, labels, self.device, mask,
+                               self.engine.chunk_pixels, self.builders.get(index))
+            if out is None:
+                return None
+            stack, moments, self.builders[index] = out
+            layout = MapStack(torch.empty(stack.z.shape[0], 0), stack.blocks)
+            prepared = self._prepare(models, stack, moments)
+            host = Moments(moments.n, _to_host(moments.mean), _to_host(moments.comoment))
+            groups.append(GroupMoments(index, models, layout, host, moments, prepared))
+        ended = None
+        if self.device.type == "cuda":
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+        seconds = time.perf_counter() - start
+        self.timings["forward_and_moments"] += seconds
+        self.timings["launch"] += seconds
+        return LaunchedImage(item.id, groups, began, ended)
+
+    def complete(self, launched: LaunchedImage) -> ImageResult:
+        """Wait for a launched image's values and compute its tables' inputs."""
+        threads = torch.get_num_threads()
+        if launched.ended is not None:
+            start = time.perf_counter()
+            launched.ended.synchronize()
+            seconds = time.perf_counter() - start
+            self.timings["forward_and_moments"] += seconds
+            self.timings["wait_for_device"] += seconds
+            # from the image's first to its last queued work on the device, idle gaps included
+            self.timings["device_span"] += launched.began.elapsed_time(launched.ended) / 1000
+            # the host part is small matrices (maps x maps) beside the reader and writer
+            # threads: a pool of many threads there costs more in waiting than it saves
+            torch.set_num_threads(1)
+        result = ImageResult(launched.image_id, groups=launched.groups)
+        try:
+            for group in launched.groups:
+                self.values(launched.image_id, group, result)
+        finally:
+            torch.set_num_threads(threads)
+        return result
+
+    def _prepare(self, models: list[str], stack: MapStack, moments: Moments) -> PreparedValues:
+        """Every map metric's values and dead-map flags for one group, computed where the
+        moments are and copied to the host without waiting."""
+        prepared = PreparedValues()
+        for i, metric in enumerate(self.metrics):
+            if metric.accumulates or metric.info.granularity != "map":
+                continue
+            dead = metric.dead(moments, self.engine.dead_std)
+            prepared.dead[i] = _to_host(dead)
+            for a, b in self.comparisons:
+                if a not in models:
+                    continue
+                directions = [(a, b)] if a == b or metric.info.symmetric else [(a, b), (b, a)]
+                for x, y in directions:
+                    values, undefined = prepared_values(metric, stack, moments, x, y, dead,
+                                                        self.engine.dead_maps)
+                    prepared.directions[(i, x, y)] = DirectionValues(_to_host(values),
+                                                                     _to_host(undefined))
+        return prepared
+
+    # ------------------------------------------------------------------ values
+    def values(self, image_id: str, group: GroupMoments, result: ImageResult,
+               metrics: list[Metric] | None = None, count_dead: bool = True) -> None:
+        """Dead-map counts, layer values and map matrices of one group into ``result``."""
+        start = time.perf_counter()
+        if count_dead:
+            result.frames.append(("dead_maps", self._count_dead(image_id, group, result)))
+        prepared = group.prepared or PreparedValues()
+        stack, moments = group.stack, group.moments
+        chosen = self.metrics if metrics is None else metrics
+        for i, metric in enumerate(self.metrics):
+            if metric.accumulates or metric not in chosen:
+                continue
+            for a, b in self.comparisons:
+                if a not in group.models:
+                    continue
+                if metric.info.granularity == "layer":
+                    values = layer_similarity(metric, stack, moments, a, b)
+                    result.frames.append(("layer_similarity", layer_frame(image_id, values)))
+                    continue
+                directions = [(a, b)]
+                if a != b and not metric.info.symmetric:
+                    directions.append((b, a))
+                for x, y in directions:
+                    ahead = prepared.directions.get((i, x, y))
+                    sim = map_similarity(
+                        metric, stack, moments, x, y, dead_policy=self.engine.dead_maps,
+                        dead_std=self.engine.dead_std, dead=prepared.dead.get(i),
+                        values=None if ahead is None else ahead.values,
+                        undefined=None if ahead is None else ahead.undefined)
+                    result.matrices.append(sim)
+                if a != b and metric.info.symmetric:  # inter-network: keep both directions
+                    result.matrices.append(result.matrices[-1].transposed())
+        self.timings["similarity"] += time.perf_counter() - start
+
+    def _count_dead(self, image_id: str, group: GroupMoments,
+                    result: ImageResult) -> pd.DataFrame:
+        rows = []
+        for metric in self.metrics:
+            dead = metric.dead(group.moments, self.engine.dead_std).cpu().numpy()
+            for block in group.stack.blocks:
+                n_dead = int(dead[block.start:block.stop].sum())
+                key = DeadKey(metric.label, block.model, block.layer)
+                result.dead_counts.setdefault(key, DeadCount()).add(DeadCount(n_dead, 1))
+                rows.append({"image": image_id, "metric": metric.label, "model": block.model,
+                             "layer": block.layer, "n_maps": block.n_maps, "n_dead": n_dead})
+        return pd.DataFrame(rows)
+
+    def pooled(self, pooled: Mapping[int, Moments], layouts: Mapping[int, MapStack]
+               ) -> ImageResult:
+        """Frames and matrices from the moments merged over all images (moment-based
+        metrics only), with the image ``pooled``."""
+        result = ImageResult(POOLED_IMAGE)
+        metrics = [m for m in self.metrics if m.uses_moments]
+        for index, models in enumerate(self.groups):
+            moments = pooled.get(index)
+            if moments is None:
+                continue
+            group = GroupMoments(index, models, layouts[index], moments, moments)
+            self.values(POOLED_IMAGE, group, result, metrics=metrics, count_dead=False)
+        return result
+
+    def across_images(self) -> list[pd.DataFrame]:
+        """Rows of the metrics computed across images, after the last image."""
+        frames = []
+        for metric in self.metrics:
+            if not metric.accumulates:
+                continue
+            for a, b in self.comparisons:
+                values = [layer_value(metric, a, la, b, lb, value)
+                          for (la, lb), value in metric.finish(a, b).items()]
+                frames.append(layer_frame(ACROSS_IMAGES, values))
+        return frames
+
+    def _out_of_memory(self, item: ImageItem) -> MapsimError:
+        return MapsimError(
+            f"out of GPU memory on image {item.id} ({self.device}): fewer layers or models "
+            "per run, a smaller engine.chunk_pixels, or --device cpu will fit"
+        )
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,64 @@
+"""The pictures as a run observer: keep thumbnails and matrices during a run, draw after it.
+
+The CLI and :func:`mapsim.run` attach a :class:`PlotObserver` when a spec asks for plots or a
+report; the runner itself never imports this package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from mapsim.api import ImageItem, RunObserver
+from mapsim.plots.capture import PlotCapture
+from mapsim.plots.draw import draw_for_run
+from mapsim.types import SimilarityMatrix
+
+
+class PlotObserver(RunObserver):
+    """Keeps what the pictures need (:class:`~mapsim.plots.capture.PlotCapture`: thumbnails
+    of the first ``n_images`` images and their similarity matrices), writes it into the
+    results before they are published, and draws ``plots/`` (and ``report.html`` when
+    ``report``) in the published directory."""
+
+    key: ClassVar[str] = "plots"
+    needs_maps: ClassVar[bool] = True
+
+    def __init__(self, report: bool = False, n_images: int = 1) -> None:
+        self.report = report
+        self.capture = PlotCapture(n_images)
+        #: the pictures drawn by :meth:`finished`
+        self.drawn: list[Path] = []
+
+    def on_maps(self, index: int, item: ImageItem,
+                maps: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        if index < self.capture.n_images:
+            self.capture.add_maps(item, maps)
+
+    def on_matrix(self, image_id: str, sim: SimilarityMatrix) -> None:
+        self.capture.add_matrix(image_id, sim)
+
+    def block_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return self.capture.take()
+
+    def add_block_state(self, meta: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        self.capture.absorb(meta, dict(arrays))
+
+    def write(self, staging: Path) -> None:
+        self.capture.write(staging)
+
+    def finished(self, out_dir: Path) -> None:
+        self.drawn = draw_for_run(out_dir, report=self.report)
+
+
+def observers_for(output: Any, plots: bool | None = None) -> list[RunObserver]:
+    """The observers a spec's ``output`` asks for: a :class:`PlotObserver` when it wants
+    plots or a report (``plots``: True or False overrides the spec)."""
+    wanted = (output.plots or output.report) if plots is None else plots
+    if not wanted:
+        return []
+    return [PlotObserver(report=bool(output.report), n_images=output.plot_images)]

@@ -1,0 +1,159 @@
+"""Rank 0, after every block: merge the blocks, write the summaries and run.json, publish."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import mapsim
+from mapsim.api import RunObserver
+from mapsim.engine.similarity import MapStack
+from mapsim.engine.step import DeadCount, DeadKey
+from mapsim.runner.blocks import ImageBlock, PartialRun
+from mapsim.runner.distributed import World
+from mapsim.runner.setup import RunSetup
+from mapsim.runner.sinks import WriterOutput, summary_accumulators, table_sink
+from mapsim.runner.writer import ResultsWriter
+
+
+@dataclass
+class RunResult:
+    """What a run produced."""
+
+    out_dir: Path
+    n_images: int
+    tables: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def merge_and_publish(setup: RunSetup, world: World, partial: PartialRun,
+                      blocks: list[ImageBlock], resumed: set[int], overwrite: bool,
+                      started: float, observers: Sequence[RunObserver] = ()) -> RunResult:
+    """The results directory, staged in the partial directory and moved into place: the
+    blocks' states merged in block order, the pooled and across-image tables, the summaries,
+    run.json and what the observers write."""
+    spec = setup.spec
+    start = time.perf_counter()
+    writer = ResultsWriter(partial.target, overwrite=overwrite, files=partial.rows)
+    try:
+        merged = partial.merge(blocks, observers, setup.metrics)
+        if spec.engine.pooled:
+            layouts = {g: MapStack(torch.empty(layout[-1].stop, 0), layout)
+                       for g, layout in merged.layouts.items()}
+            pooled = setup.step.pooled(merged.pooled, layouts)
+            sink = table_sink(setup.aggregators, spec.output.pairs, WriterOutput(writer), 0,
+                              setup.timings).prefixed("pooled/")
+            try:
+                for name, frame in pooled.frames:
+                    sink.frame(name, frame)
+                for sim in pooled.matrices:
+                    sink.aggregate(pooled.image_id, sim)
+            finally:
+                sink.close()
+        for frame in setup.step.across_images():
+            writer.append("layer_similarity", frame)
+        from_aggregators = {t for a in setup.aggregators for t in a.summarise}  # always written
+        for table, accumulator in summary_accumulators(setup.aggregators).items():
+            frame = merged.summaries.get(table, accumulator).table()
+            if table in from_aggregators or not frame.empty:
+                name = "summary" if table == "pivot" else f"{table}_summary"
+                writer.write_table(name, frame)
+        setup.timings["merge"] = time.perf_counter() - start
+        info = run_info(setup, merged.dead_counts, merged.n_images, time.perf_counter() - started)
+        info["blocks"] = {
+            "processes": world.size, "backend": world.backend or "none",
+            "block_images": spec.engine.block_images, "blocks": len(blocks),
+            "resumed_blocks": len(resumed),
+            "images_per_rank": {str(r): n for r, n in sorted(merged.images_per_rank.items())},
+        }
+        writer.write_json("run.json", info)
+        for observer in observers:
+            observer.write(writer.staging)
+        tables = writer.tables()
+        out = writer.publish()
+    except BaseException:
+        writer.discard()
+        raise
+    partial.remove()
+    world.share("finished", str(out))
+    return RunResult(out, merged.n_images, tables, info)
+
+
+def run_info(setup: RunSetup, dead_counts: dict[DeadKey, DeadCount], n_images: int,
+             seconds: float) -> dict[str, Any]:
+    """The contents of run.json."""
+    spec = setup.spec
+    providers = setup.registry.providers()
+    used = {
+        "metrics": {m.name: providers["metric"][m.name] for m in setup.metrics},
+        "aggregators": {a.name: providers["aggregator"][a.name] for a in setup.aggregators},
+        "datasets": {spec.images.name: providers["dataset"][spec.images.name]},
+        "extractors": {
+            m.extractor.name: providers["extractor"][m.extractor.name]
+            for m in setup.models.values()
+        },
+        "architectures": {
+            s.architecture.name: providers["architecture"][s.architecture.name]
+            for n, s in spec.models.items() if s.architecture is not None and n in setup.models
+        },
+    }
+    return {
+        "mapsim_version": mapsim.__version__,
+        "spec": spec.model_dump(mode="json"),
+        "spec_sha256": spec.digest(),
+        "n_images": n_images,
+        "comparisons": [list(p) for p in setup.comparisons],
+        "models": {
+            name: {"source": m.loaded.source, "layers": m.layers,
+                   "parameters": m.parameters,
+                   "batchnorm_folded": m.fused}
+            for name, m in setup.models.items()
+        },
+        "metrics": [m.describe() | {"label": m.label} for m in setup.metrics],
+        "aggregators": [
+            {"name": a.name, "params": a.params.model_dump(mode="json"),
+             "added_as_requirement": a.name in setup.added_aggregators}
+            for a in setup.aggregators
+        ],
+        "plugins_used": used,
+        "plugins_registered": providers,
+        "device": str(setup.device),
+        "precision": {
+            "activations": "float32",
+            "products": "float32 chunks over pixels, TF32 disabled",
+            "accumulation": "float64",
+            "merge_across_images": "float64, Chan et al. update",
+        },
+        "pooled": {
+            "enabled": spec.engine.pooled,
+            "metrics": [m.label for m in setup.metrics if m.uses_moments],
+            "left_out": [m.label for m in setup.metrics if not m.uses_moments],
+            "note": "pooled tables are computed from moments merged over all images; metrics "
+                    "without a moments path are left out",
+        },
+        "dead_maps": {
+            "policy": spec.engine.dead_maps,
+            "dead_std": spec.engine.dead_std,
+            "counts": [
+                {"metric": k.metric, "model": k.model, "layer": k.layer, "dead_total": v.dead,
+                 "images": v.images}
+                for k, v in dead_counts.items()
+            ],
+        },
+        "timings_s": {**{k: round(v, 4) for k, v in setup.timings.items()},
+                      "total": round(seconds, 4)},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "pandas": pd.__version__,
+        },
+    }

@@ -1,0 +1,91 @@
+"""What a run is made of, before its first image: metrics, aggregators, models, dataset."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mapsim.api import Aggregator, Metric
+from mapsim.devices import resolve_device
+from mapsim.engine.step import ImageStep
+from mapsim.errors import SpecError
+from mapsim.models.prepare import PreparedModel, prepare_model
+from mapsim.registry import Registry, load_registry
+
+
+class RunSetup:
+    """A validated spec's plugins, built: the metrics and aggregators at once (so a bad
+    combination fails before any model is built), the models by :meth:`prepare_models`.
+
+    Everything later stages read about the run (run.json, the merge) comes from here;
+    nothing writes back into it after :meth:`prepare_models`.
+    """
+
+    def __init__(self, spec: Any, base_dir: Path, device: str | None = None,
+                 registry: Registry | None = None) -> None:
+        self.spec = spec
+        self.base_dir = Path(base_dir)
+        self.registry = registry or load_registry()
+        self.device: torch.device = resolve_device(device or spec.device)
+        self.comparisons: list[tuple[str, str]] = spec.pairs()
+        self.metrics: list[Metric] = [self._metric(m) for m in spec.metrics]
+        self.added_aggregators: list[str] = []
+        self.aggregators: list[Aggregator] = self._aggregators(spec.aggregators)
+        for aggregator in self.aggregators:
+            aggregator.prepare(self.metrics)
+        self.models: dict[str, PreparedModel] = {}
+        self.timings: dict[str, float] = defaultdict(float)
+        self.step = ImageStep({}, self.metrics, self.comparisons, spec.engine, self.device,
+                              self.timings)
+
+    def prepare_models(self) -> None:
+        """Build every compared model, move it to the device and resolve its layers."""
+        used = dict.fromkeys(m for pair in self.comparisons for m in pair)
+        for name in used:
+            self.models[name] = prepare_model(name, self.spec, self.registry, self.base_dir,
+                                              self.device)
+        self.step.models = dict(self.models)
+
+    def _metric(self, choice: Any) -> Metric:
+        params = choice.model_dump(exclude={"name", "label"})
+        metric = self.registry.create("metric", choice.name, params)
+        metric.label = choice.label or choice.name
+        if (self.spec.engine.dead_maps == "original" and metric.dead_fill is None
+                and metric.info.granularity == "map"):  # layer values have no dead-map rule
+            raise SpecError(
+                f"engine.dead_maps: 'original' is not defined for metric {choice.name!r}; "
+                "use 'exclude'"
+            )
+        return metric
+
+    def _aggregators(self, choices: list[Any]) -> list[Aggregator]:
+        chosen = {c.name: c.model_dump(exclude={"name"}) for c in choices}
+        pending = list(chosen)
+        while pending:  # add what the chosen aggregators require, with default parameters
+            name = pending.pop()
+            for needed in self.registry.get("aggregator", name).cls.requires:
+                if needed not in chosen:
+                    chosen[needed] = {}
+                    pending.append(needed)
+        self.added_aggregators = sorted(set(chosen) - {c.name for c in choices})
+        aggs = [self.registry.create("aggregator", n, p) for n, p in chosen.items()]
+        return sorted(aggs, key=lambda a: (a.order, a.name))
+
+    def check(self, base_dir: Path) -> Any:
+        """Everything short of running: build models, resolve layers, find the images.
+
+        Returns the dataset, so a run can go on with it.
+        """
+        self.prepare_models()
+        return self.dataset(base_dir)
+
+    def dataset(self, base_dir: Path) -> Any:
+        """The spec's dataset (its images are found, not read)."""
+        return self.registry.create(
+            "dataset", self.spec.images.name, self.spec.images.model_dump(exclude={"name"}),
+            base_dir=base_dir,
+        )
+
