@@ -17,7 +17,6 @@ from mapsim.cli import main
 from mapsim.errors import MapsimError, OutputError
 from mapsim.plots.observer import observers_for
 from mapsim.runner.run import run as run_spec
-
 from mapsim.spec.run_spec import validate_spec
 from mapsim.plots import heatmaps
 from mapsim.plots.capture import KEY_SEP, downsample, matrix_key, thumb_key
@@ -28,6 +27,7 @@ from mapsim.plots.io import MetricView, Results, slug
 def run(spec, **kwargs):
     """A run with the pictures its spec asks for (as the CLI and mapsim.run attach them)."""
     return run_spec(spec, observers=observers_for(spec.output), **kwargs)
+
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 

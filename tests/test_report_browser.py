@@ -14,13 +14,13 @@ import pytest
 
 from mapsim.plots.observer import observers_for
 from mapsim.runner.run import run as run_spec
-
 from mapsim.spec.run_spec import validate_spec
 
 
 def run(spec, **kwargs):
     """A run with the pictures its spec asks for (as the CLI and mapsim.run attach them)."""
     return run_spec(spec, observers=observers_for(spec.output), **kwargs)
+
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
