@@ -24,9 +24,9 @@ from mapsim.api import (
     MetricInfo,
     MetricPathError,
     Params,
-    RunObserver,
     Undefined,
 )
+from mapsim.observers import RunObserver
 from mapsim.errors import (
     ExtractionError,
     ImageError,

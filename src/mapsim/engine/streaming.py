@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from mapsim.errors import ExtractionError
+from mapsim.api import Extractor, Metric
+from mapsim.devices import to_device
 from mapsim.engine.moments import Moments, MomentsBuilder
-from mapsim.runner.pipeline import to_device
 from mapsim.engine.similarity import Block, MapStack
+from mapsim.errors import ExtractionError
 
 
 @dataclass
@@ -77,11 +78,11 @@ def builder_settings(device: torch.device | str, chunk_pixels: int | None) -> di
     return {"chunk_pixels": chunk_pixels, "block_rows": None}
 
 
-def can_stream(extractors: Sequence[object], metrics: Sequence[object]) -> bool:
+def can_stream(extractors: Sequence[Extractor], metrics: Sequence[Metric]) -> bool:
     """True when every metric reads plain moments (no per-layer pixel statistics, which
-    debiased CKA needs) and every extractor has ``stream``."""
-    return all(getattr(m, "uses_moments", False) and not getattr(m, "needs_layer_norms", False)
-               for m in metrics) and all(callable(getattr(e, "stream", None)) for e in extractors)
+    debiased CKA needs) and every extractor implements :meth:`mapsim.Extractor.stream`."""
+    return (all(m.uses_moments and not m.needs_layer_norms for m in metrics)
+            and all(e.can_stream() for e in extractors))
 
 
 class _LayoutChanged(Exception):

@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from mapsim.api import ImageItem, RunObserver
+from mapsim.api import ImageItem
+from mapsim.observers import RunObserver
 from mapsim.plots.capture import PlotCapture
 from mapsim.plots.draw import draw_for_run
 from mapsim.types import SimilarityMatrix

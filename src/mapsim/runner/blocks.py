@@ -30,7 +30,7 @@ import numpy as np
 import safetensors.numpy
 import torch
 
-from mapsim.api import RunObserver
+from mapsim.observers import RunObserver
 from mapsim.engine.step import DeadCount, DeadKey
 from mapsim.errors import ImageError, OutputError
 from mapsim.runner.writer import TableFiles, TablePart, atomic_write_text, check_target

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 import mapsim
-from mapsim.api import RunObserver
+from mapsim.observers import RunObserver
 from mapsim.engine.similarity import MapStack
 from mapsim.engine.step import DeadCount, DeadKey
 from mapsim.runner.blocks import ImageBlock, PartialRun

@@ -18,7 +18,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mapsim.api import ImageItem, RunObserver
+from mapsim.api import ImageItem
+from mapsim.observers import RunObserver
 from mapsim.devices import resolve_device
 from mapsim.engine.step import DeadCount, DeadKey, GroupMoments, ImageResult, LaunchedImage
 from mapsim.errors import ImageError, SpecError

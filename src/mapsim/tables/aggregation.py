@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from mapsim.engine.similarity import SimilarityMatrix
+from mapsim.types import SimilarityMatrix
 
 PARTNER_COLUMNS = [
     "metric", "model_a", "layer_a", "map_a", "model_b", "layer_b", "map_b", "value",
