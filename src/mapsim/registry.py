@@ -1,14 +1,19 @@
 """Plugin discovery and the registries.
 
 All plugins, the built-in ones included, are modules named by entry points in the ``mapsim``
-group. :func:`load_registry` imports them, calls their ``register_*`` hooks with a ``register``
-function that records the providing distribution, and returns a :class:`Registry`.
+group. :func:`load_registry` has pluggy load them
+(:meth:`~pluggy.PluginManager.load_setuptools_entrypoints`), takes each one's provenance from
+:meth:`~pluggy.PluginManager.list_plugin_distinfo` (distribution, version, entry-point name),
+calls their ``register_*`` hooks with a ``register`` function that records that provider, and
+returns a :class:`Registry`. Entry points are loaded at run time: the registry imports no
+plugin module.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata as md
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -127,32 +132,8 @@ def _make_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
-def _entry_points() -> list[md.EntryPoint]:
-    eps = md.entry_points(group=ENTRY_POINT_GROUP)
-    # One distribution can be visible twice (e.g. an editable install plus a stale copy);
-    # keep the first of identical (name, value) pairs.
-    seen: set[tuple[str, str]] = set()
-    unique = []
-    for ep in eps:
-        if (ep.name, ep.value) not in seen:
-            seen.add((ep.name, ep.value))
-            unique.append(ep)
-    return unique
-
-
-def build_registry(plugins: Iterable[tuple[object, Provider]]) -> Registry:
-    """Build a registry from plugin objects (modules or instances) and their providers."""
-    pm = _make_plugin_manager()
-    providers: dict[int, Provider] = {}
-    for plugin, provider in plugins:
-        try:
-            pm.register(plugin, name=f"{provider.distribution}:{provider.entry_point}")
-        except ValueError as exc:
-            raise PluginLoadError(f"plugin {provider} could not be registered: {exc}") from exc
-        except pluggy.PluginValidationError as exc:
-            raise PluginLoadError(f"plugin {provider} has an invalid hook: {exc}") from exc
-        providers[id(plugin)] = provider
-
+def _collect(pm: pluggy.PluginManager, providers: dict[int, Provider]) -> Registry:
+    """Call every registered plugin's ``register_*`` hooks; ``providers`` by ``id(plugin)``."""
     registry = Registry()
     for kind, (hook_name, _) in KINDS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
@@ -169,37 +150,112 @@ def build_registry(plugins: Iterable[tuple[object, Provider]]) -> Registry:
     return registry
 
 
-def discover() -> list[tuple[object, Provider]]:
-    """Import every module named in the ``mapsim`` entry-point group."""
-    found = []
-    for ep in _entry_points():
-        dist = ep.dist
-        provider = Provider(
-            distribution=dist.name if dist else "unknown",
-            version=dist.version if dist else "unknown",
-            entry_point=ep.name,
-        )
+def build_registry(plugins: Iterable[tuple[object, Provider]]) -> Registry:
+    """Build a registry from plugin objects (modules or instances) and their providers."""
+    pm = _make_plugin_manager()
+    providers: dict[int, Provider] = {}
+    for plugin, provider in plugins:
         try:
-            module = ep.load()
-        except Exception as exc:
-            raise PluginLoadError(
-                f"cannot load the mapsim plugin {ep.name!r} ({ep.value}) from "
-                f"{provider.distribution} {provider.version}: {type(exc).__name__}: {exc}. "
-                "Reinstall or uninstall that distribution."
-            ) from exc
-        found.append((module, provider))
-    if not any(p.distribution == "mapsim" for _, p in found):
+            pm.register(plugin, name=f"{provider.distribution}:{provider.entry_point}")
+        except ValueError as exc:
+            raise PluginLoadError(f"plugin {provider} could not be registered: {exc}") from exc
+        except pluggy.PluginValidationError as exc:
+            raise PluginLoadError(f"plugin {provider} has an invalid hook: {exc}") from exc
+        providers[id(plugin)] = provider
+    return _collect(pm, providers)
+
+
+def _group_entry_points() -> list[tuple[md.Distribution, md.EntryPoint]]:
+    """Every (distribution, entry point) of the ``mapsim`` group, in the order in which
+    :meth:`pluggy.PluginManager.load_setuptools_entrypoints` visits them. Only for
+    diagnostics: pluggy does the loading."""
+    return [
+        (dist, ep)
+        for dist in md.distributions()
+        for ep in dist.entry_points
+        if ep.group == ENTRY_POINT_GROUP
+    ]
+
+
+def _canonical(dist: md.Distribution) -> str:
+    """A distribution's name as pip compares names (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower()
+
+
+def _describe(dist: md.Distribution, ep: md.EntryPoint) -> str:
+    return f"{ep.name!r} ({ep.value}) from {dist.metadata['Name']} {dist.version}"
+
+
+def _load_error(pm: pluggy.PluginManager, exc: Exception) -> PluginLoadError:
+    """The error for an entry point that pluggy could not load or register.
+
+    pluggy stops at the first entry point that fails (in the import of its module, or in
+    registering it) and leaves it unregistered, so the failing one is the first of the group,
+    in pluggy's order, whose name is not registered.
+    """
+    failed = next(
+        ((dist, ep) for dist, ep in _group_entry_points()
+         if not pm.has_plugin(ep.name) and not pm.is_blocked(ep.name)),
+        None,
+    )
+    what = _describe(*failed) if failed else "(unknown entry point)"
+    return PluginLoadError(
+        f"cannot load the mapsim plugin {what}: {type(exc).__name__}: {exc}. "
+        "Reinstall or uninstall that distribution."
+    )
+
+
+def _refuse_clashing_entry_points(pm: pluggy.PluginManager) -> None:
+    """pluggy loads one entry point per name: a second distribution declaring a name already
+    loaded would be skipped without a word, so refuse it naming both. The same distribution
+    seen twice (an editable install plus a stale copy) is loaded once, quietly."""
+    loaded: dict[str, tuple[md.Distribution, md.EntryPoint]] = {}
+    for dist, ep in _group_entry_points():
+        first = loaded.setdefault(ep.name, (dist, ep))
+        if _canonical(first[0]) != _canonical(dist) and pm.has_plugin(ep.name):
+            raise DuplicatePluginError(
+                f"two distributions declare the mapsim plugin {_describe(*first)} and "
+                f"{_describe(dist, ep)}: entry-point names must be unique. Uninstall one of "
+                "the two distributions, or rename one of the entry points."
+            )
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> dict[int, Provider]:
+    """Load the ``mapsim`` entry points into ``pm`` through pluggy; providers by
+    ``id(plugin)``."""
+    try:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    except Exception as exc:
+        raise _load_error(pm, exc) from exc
+    _refuse_clashing_entry_points(pm)
+    providers = {
+        id(plugin): Provider(
+            distribution=dist.project_name,
+            version=dist.version,
+            entry_point=pm.get_name(plugin) or "unknown",
+        )
+        for plugin, dist in pm.list_plugin_distinfo()
+    }
+    if not any(p.distribution == "mapsim" for p in providers.values()):
         raise PluginLoadError(
             "mapsim's built-in plugins were not found through its entry points: mapsim is not "
             "installed as a distribution. Install it with `pip install -e .` from the source tree."
         )
-    return found
+    return providers
+
+
+def discover() -> list[tuple[object, Provider]]:
+    """Load every module named in the ``mapsim`` entry-point group, with its provider."""
+    pm = _make_plugin_manager()
+    providers = _load_entry_points(pm)
+    return [(plugin, providers[id(plugin)]) for plugin, _ in pm.list_plugin_distinfo()]
 
 
 @functools.lru_cache(maxsize=1)
 def load_registry() -> Registry:
     """The registry of all installed plugins (cached; see :func:`reload_registry`)."""
-    return build_registry(discover())
+    pm = _make_plugin_manager()
+    return _collect(pm, _load_entry_points(pm))
 
 
 def reload_registry() -> Registry:
