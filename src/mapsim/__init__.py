@@ -28,19 +28,33 @@ from mapsim.api import (
 )
 from mapsim.observers import RunObserver
 from mapsim.errors import (
+    DuplicatePluginError,
     ExtractionError,
     ImageError,
     LayerNotFoundError,
     MapsimError,
     ModelError,
+    OutputError,
+    PluginLoadError,
     ShapeMismatchError,
     SpecError,
+    UnknownNameError,
+    WeightsError,
     closest_matches,
 )
 from mapsim.hookspecs import hookimpl
 from mapsim.types import Block, LayerValue, Moments, SimilarityMatrix
+# for plugin authors: image files, labels and splits (numpy only), layer output errors
+from mapsim.io.images import expand_paths, read_image, read_label, to_channels
+from mapsim.io.images import normalise as normalise_image
+from mapsim.io.pairing import FileEntry, find_image_files, image_ids
+from mapsim.io.splits import split_indices
+from mapsim.models.layers import LayerOutputError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from mapsim.tables.aggregation import PIVOT_KEYS
     from mapsim.results import Results, open_results
     from mapsim.session import load_spec, run
 
@@ -52,6 +66,7 @@ _LAZY = {
     "load_spec": "mapsim.session",
     "open_results": "mapsim.results",
     "Results": "mapsim.results",
+    "PIVOT_KEYS": "mapsim.tables.aggregation",
 }
 
 
@@ -66,6 +81,47 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def best_partners(sim: SimilarityMatrix, best: bool = True) -> pd.DataFrame:
+    """The ``max.csv`` table of ``sim`` (``best=False``: ``min.csv``).
+
+    One row per map of model A and layer of model B: the map's best partner in that layer
+    (the highest value for a similarity, the lowest for a distance; ``best=False``: the worst)
+    and the value. Within one model and the same layer a map is never its own partner; a map
+    with no eligible partner (it is dead, or every map of the layer is) gets an empty partner
+    and value, and its ``dead_a`` flag says why. Columns: ``metric, model_a, layer_a, map_a,
+    model_b, layer_b, map_b, value, dead_a, dead_b``. The table helpers import pandas on first
+    use.
+    """
+    from mapsim.tables.aggregation import partners
+
+    return partners(sim, best=best)
+
+
+def passes_threshold(
+    values: pd.Series, threshold: float, higher_is_more_similar: bool
+) -> pd.Series:
+    """Which best values pass ``threshold``: ``>=`` for a similarity, ``<=`` for a distance
+    (``higher_is_more_similar=False``); a missing value (dead map) never passes."""
+    from mapsim.tables.aggregation import passes
+
+    return passes(values, threshold, higher_is_more_similar)
+
+
+def pivot_table(
+    best: pd.DataFrame, threshold: float, higher_is_more_similar: bool
+) -> pd.DataFrame:
+    """The ``pivot.csv`` table (the study's Table 3) of a :func:`best_partners` table.
+
+    One row per (metric, model a, layer a, model b, layer b) (:data:`PIVOT_KEYS`): n_maps,
+    n_dead, n_live, mean / median / std of the best values of the live maps (``best_*``), and
+    the count, % of n_maps, mean, median and std of those that pass ``threshold``
+    (``n_well``, ``pct_well``, ``well_*``; :func:`passes_threshold`).
+    """
+    from mapsim.tables.aggregation import pivot
+
+    return pivot(best, threshold, higher_is_more_similar)
+
+
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
@@ -73,18 +129,25 @@ def __dir__() -> list[str]:
 __all__ = [
     "Aggregator",
     "Architecture",
+    "best_partners",
     "Block",
     "closest_matches",
     "Dataset",
+    "DuplicatePluginError",
+    "expand_paths",
+    "FileEntry",
+    "find_image_files",
     "ExtractionError",
     "Extractor",
     "FusesForInference",
     "hookimpl",
+    "image_ids",
     "ImageError",
     "ImageItem",
     "ImagesMetric",
     "LayerMetric",
     "LayerNotFoundError",
+    "LayerOutputError",
     "LayerValue",
     "load_spec",
     "MapMetric",
@@ -94,14 +157,26 @@ __all__ = [
     "MetricPathError",
     "ModelError",
     "Moments",
+    "normalise_image",
+    "OutputError",
+    "passes_threshold",
+    "PIVOT_KEYS",
+    "pivot_table",
+    "PluginLoadError",
     "open_results",
     "Params",
+    "read_image",
+    "read_label",
     "Results",
     "run",
     "RunObserver",
     "ShapeMismatchError",
     "SimilarityMatrix",
     "SpecError",
+    "split_indices",
+    "to_channels",
     "Undefined",
+    "UnknownNameError",
+    "WeightsError",
     "__version__",
 ]

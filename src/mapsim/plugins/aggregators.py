@@ -5,11 +5,19 @@ from __future__ import annotations
 import pandas as pd
 from pydantic import Field
 
-from mapsim.tables import aggregation
-from mapsim.hookspecs import hookimpl
-from mapsim.errors import SpecError, closest_matches
-from mapsim.api import Aggregator, Metric, Params
-from mapsim.engine.similarity import SimilarityMatrix
+from mapsim import (
+    PIVOT_KEYS,
+    Aggregator,
+    Metric,
+    Params,
+    SimilarityMatrix,
+    SpecError,
+    best_partners,
+    closest_matches,
+    hookimpl,
+    passes_threshold,
+    pivot_table,
+)
 
 Tables = dict[str, pd.DataFrame]
 
@@ -21,7 +29,7 @@ class MaxAggregator(Aggregator):
     order = 10
 
     def aggregate(self, sim: SimilarityMatrix, tables: Tables) -> Tables:
-        return {"max": aggregation.partners(sim, best=True)}
+        return {"max": best_partners(sim, best=True)}
 
 
 class MinAggregator(Aggregator):
@@ -31,7 +39,7 @@ class MinAggregator(Aggregator):
     order = 20
 
     def aggregate(self, sim: SimilarityMatrix, tables: Tables) -> Tables:
-        return {"min": aggregation.partners(sim, best=False)}
+        return {"min": best_partners(sim, best=False)}
 
 
 class ThresholdParams(Params):
@@ -83,7 +91,7 @@ class ThresholdAggregator(Aggregator):
         threshold = self.params.per_metric.get(sim.metric, self.params.value)
         best = tables["max"].copy(deep=False)  # only adds columns
         best["threshold"] = threshold
-        best["well_correlated"] = aggregation.passes(
+        best["well_correlated"] = passes_threshold(
             best["value"], threshold, sim.higher_is_more_similar
         )
         return {"max": best}
@@ -95,12 +103,12 @@ class PivotAggregator(Aggregator):
     name = "pivot"
     order = 40
     requires = ("max", "threshold")
-    summarise = {"pivot": (*aggregation.PIVOT_KEYS, "threshold")}
+    summarise = {"pivot": (*PIVOT_KEYS, "threshold")}
 
     def aggregate(self, sim: SimilarityMatrix, tables: Tables) -> Tables:
         best = tables["max"]
         threshold = float(best["threshold"].iloc[0])
-        return {"pivot": aggregation.pivot(best, threshold, sim.higher_is_more_similar)}
+        return {"pivot": pivot_table(best, threshold, sim.higher_is_more_similar)}
 
 
 @hookimpl

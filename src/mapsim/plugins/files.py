@@ -8,58 +8,24 @@ themselves are read lazily, one at a time, while iterating.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
-from pathlib import Path, PurePath
-from typing import Literal, NamedTuple
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
 
-from mapsim.errors import ImageError, closest_matches
-from mapsim.hookspecs import hookimpl
-from mapsim.io.images import expand_paths, normalise, read_image, read_label, to_channels
-from mapsim.api import Dataset, ImageItem
-from mapsim.api import Params as BaseParams
-
-
-class FileEntry(NamedTuple):
-    """One image of a :class:`FilesDataset`: its id, its file and its label file (or None)."""
-
-    id: str
-    image: Path
-    label: Path | None
-
-
-def _relative_keys(paths: Sequence[Path]) -> list[PurePath]:
-    """Each path relative to the common parent of all of them, without its suffix."""
-    parent = Path(os.path.commonpath([str(p.parent) for p in paths]))
-    return [p.relative_to(parent).with_suffix("") for p in paths]
-
-
-def make_ids(paths: Sequence[Path]) -> list[str]:
-    """Unique ids for ``paths``: the file stems, or relative paths where stems repeat.
-
-    When two files share a stem, every id becomes the path relative to the files' common
-    parent, without suffix (``train/img1``); should that still repeat (``a.png`` and
-    ``a.tif``), the suffix is kept.
-    """
-    stems = [p.stem for p in paths]
-    if len(set(stems)) == len(stems):
-        return stems
-    relative = [key.as_posix() for key in _relative_keys(paths)]
-    if len(set(relative)) == len(relative):
-        return relative
-    parent = Path(os.path.commonpath([str(p.parent) for p in paths]))
-    return [p.relative_to(parent).as_posix() for p in paths]
-
-
-def _strip_suffix(name: str, suffix: str) -> str:
-    if suffix and name.endswith(suffix) and len(name) > len(suffix):
-        return name[: -len(suffix)]
-    return name
-
-
-def _describe(patterns: str | list[str]) -> str:
-    entries = [patterns] if isinstance(patterns, str) else list(patterns)
-    return ", ".join(repr(e) for e in entries)
+from mapsim import (
+    Dataset,
+    FileEntry,
+    ImageError,
+    ImageItem,
+    find_image_files,
+    hookimpl,
+    normalise_image,
+    read_image,
+    read_label,
+    to_channels,
+)
+from mapsim import Params as BaseParams
+from mapsim import image_ids as make_ids  # noqa: F401 (this module's name for it)
 
 
 class FilesDataset(Dataset):
@@ -95,69 +61,11 @@ class FilesDataset(Dataset):
         """
         super().__init__(params, base_dir)
         p = self.params
-        images = expand_paths(p.paths, self.base_dir, what="image")
-        labels: list[Path] = []
-        if p.labels is not None:
-            labels = expand_paths(p.labels, self.base_dir, what="label")
-            # A folder or pattern that matches images and labels alike: labels are not images.
-            label_set = {path.resolve() for path in labels}
-            images = [path for path in images if path.resolve() not in label_set]
-            if not images:
-                raise ImageError(
-                    f"every file matched by the image paths {_describe(p.paths)} is also a "
-                    f"label (matched by {_describe(p.labels)}). Give the images and the labels "
-                    "as different files, folders or patterns."
-                )
-        ids = make_ids(images)
-        if p.labels is None:
-            self.entries = [FileEntry(i, path, None) for i, path in zip(ids, images)]
-        else:
-            pairs = self._pair_labels(images, labels)
-            self.entries = [FileEntry(i, path, lab) for i, path, lab in zip(ids, images, pairs)]
+        #: every image with its id and its label file (None without labels), in natural order
+        self.entries: list[FileEntry] = find_image_files(
+            p.paths, p.labels, p.label_suffix, self.base_dir
+        )
         self._first: tuple[Path, tuple[int, ...]] | None = None  # for same_size
-
-    def _pair_labels(self, images: list[Path], labels: list[Path]) -> list[Path]:
-        """The label of each image, matched by stem (minus ``label_suffix``)."""
-        suffix = self.params.label_suffix
-        by_stem: dict[str, list[Path]] = {}
-        for label in labels:
-            by_stem.setdefault(_strip_suffix(label.stem, suffix), []).append(label)
-        label_keys = {
-            label: key.with_name(_strip_suffix(key.name, suffix))
-            for label, key in zip(labels, _relative_keys(labels))
-        }
-        image_keys = dict(zip(images, _relative_keys(images)))
-
-        paired = []
-        for image in images:
-            candidates = by_stem.get(image.stem, [])
-            if len(candidates) > 1:  # same stem in several folders: match the relative paths
-                candidates = [c for c in candidates if label_keys[c] == image_keys[image]] or (
-                    candidates
-                )
-            if len(candidates) == 1:
-                paired.append(candidates[0])
-                continue
-            if candidates:
-                raise ImageError(
-                    f"image {image} matches {len(candidates)} labels: "
-                    f"{', '.join(str(c) for c in candidates)}. Keep one label per image stem, "
-                    "or arrange images and labels in matching sub-folders."
-                )
-            wanted = f"{image.stem!r}" + (f" or {image.stem + suffix!r}" if suffix else "")
-            stems = sorted({lab.stem for lab in labels})
-            similar = closest_matches(image.stem + suffix, stems, 3)
-            hint = f" Similar label names: {', '.join(similar)}." if similar else ""
-            longer = [s for s in stems if s.startswith(image.stem) and s != image.stem]
-            if longer:
-                hint += f" To pair it with {longer[0]!r}, set label_suffix: "
-                hint += f"{longer[0][len(image.stem):]!r}."
-            raise ImageError(
-                f"image {image} has no label: no file with the stem {wanted} among the "
-                f"{len(labels)} label file(s) matched by {_describe(self.params.labels)} "
-                f"(relative to {self.base_dir.absolute()}).{hint}"
-            )
-        return paired
 
     def __len__(self) -> int:
         """Number of images."""
@@ -197,7 +105,7 @@ class FilesDataset(Dataset):
                     )
             yield ImageItem(
                 id=entry.id,
-                image=normalise(image, p.normalise),
+                image=normalise_image(image, p.normalise),
                 label=label,
                 source=str(entry.image),
             )

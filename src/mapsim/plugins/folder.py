@@ -16,12 +16,21 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from mapsim.errors import ImageError, closest_matches
-from mapsim.hookspecs import hookimpl
-from mapsim.io.images import expand_paths, normalise, read_image, to_channels
-from mapsim.api import Dataset, ImageItem
-from mapsim.api import Params as BaseParams
-from mapsim.plugins.files import FileEntry, FilesDataset
+from mapsim import (
+    Dataset,
+    FileEntry,
+    ImageError,
+    ImageItem,
+    closest_matches,
+    expand_paths,
+    find_image_files,
+    hookimpl,
+    normalise_image,
+    read_image,
+    split_indices,
+    to_channels,
+)
+from mapsim import Params as BaseParams
 
 
 def split_ids(
@@ -30,7 +39,7 @@ def split_ids(
     """The indices (sorted) of ``split`` ("all", "train" or "validation") of ``n`` images.
 
     ``fraction`` of the images (rounded) go to the training part, the rest to validation,
-    through the fixed-seed permutation of :func:`mapsim.training.data.split_indices` (the
+    through the fixed-seed permutation of :func:`mapsim.split_indices` (the
     split ``mapsim train`` makes with ``validation_fraction = 1 - fraction``), so a folder's
     ``split: validation`` holds exactly the images a training run validates on.
 
@@ -38,8 +47,6 @@ def split_ids(
     """
     if split == "all":
         return list(range(n))
-    from mapsim.training.data import split_indices
-
     train, validation = split_indices(n, 1.0 - fraction, seed)
     return train if split == "train" else validation
 
@@ -116,12 +123,11 @@ class FolderDataset(Dataset):
         super().__init__(params, base_dir)
         p = self.params
         self._check_every_image_has_a_label()
-        files = FilesDataset(
-            FilesDataset.Params(paths=p.images, labels=p.labels, label_suffix=p.label_suffix),
-            base_dir=self.base_dir,
+        #: every pair of the folder, in natural order (before the split), paired by stem
+        #: exactly as the ``files`` dataset pairs them
+        self.all_entries: list[FileEntry] = find_image_files(
+            p.images, p.labels, p.label_suffix, self.base_dir
         )
-        #: every pair of the folder, in natural order (before the split)
-        self.all_entries: list[FileEntry] = list(files.entries)
         keep = split_ids(len(self.all_entries), p.split, p.fraction, p.seed)
         #: the pairs of this split
         self.entries: list[FileEntry] = [self.all_entries[i] for i in keep]
@@ -134,7 +140,7 @@ class FolderDataset(Dataset):
         label_set = {path.resolve() for path in labels}
         images = [path for path in images if path.resolve() not in label_set]
         if not images:
-            return  # FilesDataset explains that every image is also a label
+            return  # find_image_files explains that every image is also a label
         suffix = p.label_suffix
         stems = {lab.stem[: -len(suffix)] if suffix and lab.stem.endswith(suffix) else lab.stem
                  for lab in labels}
@@ -182,7 +188,7 @@ class FolderDataset(Dataset):
                 "check that the files are paired correctly, or resize the label with "
                 "nearest-neighbour interpolation."
             )
-        return ImageItem(id=entry.id, image=normalise(image, p.normalise), label=label,
+        return ImageItem(id=entry.id, image=normalise_image(image, p.normalise), label=label,
                          source=str(entry.image))
 
     def __iter__(self) -> Iterator[ImageItem]:

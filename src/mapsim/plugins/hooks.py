@@ -25,9 +25,7 @@ import torch
 from torch import nn
 
 import mapsim
-from mapsim.errors import ExtractionError, LayerNotFoundError
-from mapsim.models.layers import LayerOutputError
-from mapsim.hookspecs import hookimpl
+from mapsim import ExtractionError, LayerNotFoundError, LayerOutputError, hookimpl
 
 
 class HooksExtractor(mapsim.Extractor):

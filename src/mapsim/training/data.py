@@ -15,6 +15,7 @@ import numpy as np
 
 from mapsim.errors import ImageError, SpecError
 from mapsim.io.images import normalise
+from mapsim.io.splits import split_indices  # noqa: F401 (moved to io; old imports keep working)
 from mapsim.api import Dataset
 
 
@@ -53,25 +54,6 @@ def load_samples(dataset: Dataset, normalisation: str, what: str = "data") -> li
     if not samples:
         raise ImageError(f"{what}: the data set has no images.")
     return samples
-
-
-def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Fixed-seed split of ``range(n)`` into (training, validation) indices, each sorted.
-
-    The validation part holds ``round(n * fraction)`` images, at least one; the training part
-    at least one. The permutation comes from ``numpy.random.RandomState(seed)``, whose stream
-    NumPy keeps stable across versions.
-
-    :raises SpecError: fewer than two images.
-    """
-    if n < 2:
-        raise SpecError(
-            f"split: {n} labelled image(s) cannot be split into training and validation images; "
-            "give at least two, or a separate 'validation' data set."
-        )
-    n_val = min(max(1, int(round(n * fraction))), n - 1)
-    order = np.random.RandomState(seed).permutation(n)
-    return sorted(int(i) for i in order[n_val:]), sorted(int(i) for i in order[:n_val])
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -37,7 +37,8 @@ from mapsim.registry import Registry, load_registry
 from mapsim.runner.writer import atomic_write_text
 from mapsim.runner.run import resolve_device
 from mapsim.training import checkpoint as ckpt
-from mapsim.training.data import Sample, TrainingBatches, epoch_seed, load_samples, split_indices
+from mapsim.io.splits import split_indices
+from mapsim.training.data import Sample, TrainingBatches, epoch_seed, load_samples
 from mapsim.training.predict import autocast, check_scores, predict_mask
 from mapsim.spec.train_spec import RESUMABLE_CHANGES
 

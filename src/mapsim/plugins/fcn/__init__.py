@@ -39,8 +39,8 @@ from pydantic import Field, field_validator, model_serializer
 from torch import Tensor, nn
 
 import mapsim
+from mapsim import hookimpl
 from mapsim.plugins.fcn.fftconv import fft_conv2d
-from mapsim.hookspecs import hookimpl
 
 ConvChoice = Literal["auto", "direct", "fft"]
 

@@ -30,7 +30,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from mapsim.errors import ShapeMismatchError
+from mapsim import ShapeMismatchError
 
 # id(weight) -> (weak reference to the weight, cache key, spectrum); entries go with the weight
 _SPECTRA: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}

@@ -15,10 +15,8 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from mapsim.hookspecs import hookimpl
-from mapsim.io.images import normalise
-from mapsim.api import Dataset, ImageItem
-from mapsim.api import Params as BaseParams
+from mapsim import Dataset, ImageItem, hookimpl, normalise_image
+from mapsim import Params as BaseParams
 from mapsim.plugins.vessels.geometry import (
     GeometryParams,
     Segment,
@@ -154,7 +152,7 @@ class SyntheticVessels(Dataset):
         s = self.sample(i)
         return ImageItem(
             id=s.id,
-            image=normalise(s.raw[np.newaxis], self.params.normalise),
+            image=normalise_image(s.raw[np.newaxis], self.params.normalise),
             label=s.label,
             source=f"synthetic-vessels(seed={self.params.seed}, index={self.params.start + i})",
         )
