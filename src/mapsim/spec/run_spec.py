@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -29,13 +28,13 @@ from pydantic import (
 
 from mapsim.errors import SpecError, UnknownNameError, closest_matches
 from mapsim.registry import Registry, load_registry
+from mapsim.spec.documents import SPEC_SUFFIXES, parse_document, read_document
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-SPEC_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 NAME_RULE = "must start with a letter or digit and use only letters, digits, '_', '.' and '-'"
@@ -328,37 +327,6 @@ def spec_model(registry: Registry | None = None) -> type[BaseModel]:
 def json_schema(registry: Registry | None = None) -> dict[str, Any]:
     """The JSON Schema of run specs."""
     return spec_model(registry).model_json_schema()
-
-
-def read_document(path: str | Path) -> dict[str, Any]:
-    """Read a YAML, TOML or JSON file into a mapping (format by suffix)."""
-    path = Path(path)
-    kind = SPEC_SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise SpecError(
-            f"{path}: unknown spec format {path.suffix!r}; use one of {', '.join(SPEC_SUFFIXES)}"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(f"cannot read the spec {path}: {exc.strerror or exc}") from exc
-    return parse_document(text, kind, str(path))
-
-
-def parse_document(text: str, kind: str, source: str = "<spec>") -> dict[str, Any]:
-    """Parse spec text of ``kind`` ('yaml', 'toml' or 'json')."""
-    try:
-        if kind == "yaml":
-            data = yaml.safe_load(text)
-        elif kind == "toml":
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise SpecError(f"{source}: not valid {kind.upper()}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SpecError(f"{source}: a spec must be a mapping of fields, got {type(data).__name__}")
-    return data
 
 
 def format_validation_error(error: ValidationError, source: str, data: Any = None) -> str:
