@@ -28,6 +28,7 @@ from mapsim.api import (
 )
 from mapsim.observers import RunObserver
 from mapsim.errors import (
+    LayerOutputError,
     DuplicatePluginError,
     ExtractionError,
     ImageError,
@@ -42,6 +43,7 @@ from mapsim.errors import (
     WeightsError,
     closest_matches,
 )
+from mapsim._version import __version__
 from mapsim.hookspecs import hookimpl
 from mapsim.types import Block, LayerValue, Moments, SimilarityMatrix
 # for plugin authors: image files, labels and splits (numpy only), layer output errors
@@ -49,7 +51,6 @@ from mapsim.io.images import expand_paths, read_image, read_label, to_channels
 from mapsim.io.images import normalise as normalise_image
 from mapsim.io.pairing import FileEntry, find_image_files, image_ids
 from mapsim.io.splits import split_indices
-from mapsim.models.layers import LayerOutputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -58,7 +59,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from mapsim.results import Results, open_results
     from mapsim.session import load_spec, run
 
-__version__ = "0.1.0"
 
 #: name -> module of the names imported on first use
 _LAZY = {

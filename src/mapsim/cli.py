@@ -130,13 +130,13 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mapsim`` command."""
-    import mapsim
+    from mapsim._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="mapsim",
         description="Extract, compare and summarise the activation maps of CNNs.",
     )
-    parser.add_argument("--version", action="version", version=f"mapsim {mapsim.__version__}")
+    parser.add_argument("--version", action="version", version=f"mapsim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run a spec and write its results directory")

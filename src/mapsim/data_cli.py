@@ -77,14 +77,15 @@ def synth(
     """
     from pydantic import ValidationError
 
-    from mapsim.plugins.vessels import SyntheticVessels
+    from mapsim.registry import load_registry
 
     fields = {"count": count, "size": list(size), "seed": seed, "start": start,
               **(params or {})}
+    vessels = load_registry().get("dataset", "synthetic-vessels").cls
     try:
-        dataset = SyntheticVessels(SyntheticVessels.Params(**fields))
+        dataset = vessels(vessels.Params(**fields))
     except ValidationError as exc:
-        known = sorted(SyntheticVessels.Params.model_fields)
+        known = sorted(vessels.Params.model_fields)
         raise SpecError(_format_errors(exc, known)) from None
     if bits not in (8, 16):
         raise SpecError(f"--bits must be 8 or 16, not {bits}.")

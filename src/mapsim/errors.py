@@ -92,3 +92,15 @@ class ExtractionError(MapsimError):
 
 class OutputError(MapsimError):
     """The results directory cannot be written."""
+
+
+class LayerOutputError(ExtractionError):
+    """A layer whose output cannot be captured as one tensor (e.g. it returns a tuple).
+
+    ``layer`` is the offending path; extractors raise this (rather than a bare
+    :class:`ExtractionError`) so that :func:`describe_layers` can list such layers anyway.
+    """
+
+    def __init__(self, layer: str, message: str) -> None:
+        self.layer = layer
+        super().__init__(message)

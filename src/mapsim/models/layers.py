@@ -20,20 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mapsim.errors import ExtractionError, LayerNotFoundError
+from mapsim.errors import LayerNotFoundError, LayerOutputError
 from mapsim.api import Extractor
-
-
-class LayerOutputError(ExtractionError):
-    """A layer whose output cannot be captured as one tensor (e.g. it returns a tuple).
-
-    ``layer`` is the offending path; extractors raise this (rather than a bare
-    :class:`ExtractionError`) so that :func:`describe_layers` can list such layers anyway.
-    """
-
-    def __init__(self, layer: str, message: str) -> None:
-        self.layer = layer
-        super().__init__(message)
 
 
 def layer_pattern(pattern: str) -> re.Pattern[str]:

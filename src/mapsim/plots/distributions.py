@@ -9,7 +9,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from mapsim.plots.capture import KEY_SEP
-from mapsim.plots.io import MetricView, Results
+from mapsim.io.results import MetricView, ResultsDir
 
 
 def best_values(rows: pd.DataFrame | None) -> np.ndarray:
@@ -20,7 +20,7 @@ def best_values(rows: pd.DataFrame | None) -> np.ndarray:
     return values[~np.isnan(values)]
 
 
-def histogram_figure(results: Results, view: MetricView, model_a: str, model_b: str,
+def histogram_figure(results: ResultsDir, view: MetricView, model_a: str, model_b: str,
                      threshold: float | None) -> Figure | None:
     """A grid of histograms, rows: layers of model_a, columns: layers of model_b."""
     pairs = results.by_pair("max")

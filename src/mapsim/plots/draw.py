@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 
 from mapsim.errors import OutputError
+from mapsim.io.results import ResultsDir
 from mapsim.plots import distributions, groups, heatmaps
 from mapsim.plots.capture import matrix_key
-from mapsim.plots.io import Results, atomic_write_bytes, save_figure, slug
+from mapsim.plots.io import atomic_write_bytes, save_figure, slug
 
 #: per-image heat maps are drawn for at most this many images (the means use every image)
 MAX_IMAGE_FIGURES = 24
@@ -49,12 +50,12 @@ def heatmap_data(sets: list[heatmaps.HeatmapSet]) -> list[dict[str, Any]]:
     return out
 
 
-def group_pairs(results: Results, metric: str) -> list[tuple[str, str, str, str]]:
+def group_pairs(results: ResultsDir, metric: str) -> list[tuple[str, str, str, str]]:
     """Layer pairs drawn as well-correlated groups: within a model, each layer with itself;
     between models, each layer of model a with the layer of b where most of its maps are well
     correlated (mean % over images; the first such layer on a tie)."""
     out = []
-    summary = results.summary
+    summary = results.summary if results.has("summary") else None
     for a, b in (tuple(p) for p in results.info.get("comparisons", [])):
         if a == b:
             out.extend((a, layer, a, layer) for layer in results.layers(a))
@@ -77,7 +78,7 @@ def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | Non
     With ``report``, also write ``root/report.html``. Returns the written files.
     """
     root = Path(root)
-    results = Results.open(root)
+    results = ResultsDir.open(root)
     folder = Path(plots_dir) if plots_dir is not None else root / "plots"
     written: list[Path] = []
     figures: list[dict[str, str]] = []  # for the report: file, kind, caption
@@ -110,7 +111,7 @@ def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | Non
                 save(distributions.matrix_figure(mats, key, image, view),
                      f"matrix-{view.label}-{a}-{b}-image-{image}", "matrix",
                      f"{view.label}: every map pair, {a} × {b}, image {image}")
-        if results.best is None or threshold is None:
+        if not results.has("max") or threshold is None:
             continue
         for image in results.saved_images("thumbnails"):
             thumbs = results.thumbnails(image)
@@ -160,7 +161,7 @@ def draw_for_run(root: str | Path, report: bool = False) -> list[Path]:
 def redraw(root: str | Path, report: bool = False) -> list[Path]:
     """Redraw ``root/plots`` (and ``report.html``) from the tables, replacing them atomically."""
     root = Path(root)
-    Results.open(root)  # a clear error for a folder that is not a results directory
+    ResultsDir.open(root)  # a clear error for a folder that is not a results directory
     try:
         staging = Path(tempfile.mkdtemp(prefix=".plots.partial-", dir=root))
     except OSError as exc:

@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from mapsim.plots.capture import thumb_key
-from mapsim.plots.io import MetricView
+from mapsim.io.results import MetricView
 
 MAX_GROUPS = 12
 MAX_PER_GROUP = 10
@@ -124,9 +124,9 @@ def group_members(results_dir: str, group: int, model: str, layer_path: str,
     ``layer_path`` is a module path; the run's label for it is looked up in run.json.
     """
     from mapsim.errors import MapsimError
-    from mapsim.plots.io import Results
+    from mapsim.io.results import ResultsDir
 
-    results = Results.open(results_dir)
+    results = ResultsDir.open(results_dir)
     models = results.info.get("models", {})
     if model not in models:
         raise MapsimError(f"{results_dir} has no model {model!r} (its models: "

@@ -15,7 +15,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from mapsim.plots.io import POOLED_IMAGE, MetricView, Results
+from mapsim.io.results import POOLED_IMAGE, MetricView, ResultsDir
 
 #: the per-layer-pair statistics drawn as heat maps: (pivot column, short name)
 STATISTICS = ("best_mean", "pct_well")
@@ -133,9 +133,9 @@ def _nanstd(cube: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- sets of panels
-def _threshold(results: Results, metric: str) -> float | None:
-    for frame in (results.summary, results.pivot, results.best):
-        if frame is None or "threshold" not in frame:
+def _threshold(results: ResultsDir, metric: str) -> float | None:
+    for frame in (results.summary, results.pivot, results.max):
+        if "threshold" not in frame:
             continue
         values = frame.loc[frame["metric"].astype(str) == metric, "threshold"].dropna().unique()
         if len(values):
@@ -179,29 +179,29 @@ def _cmap(view: MetricView, statistic: str) -> str:
     return "viridis" if view.higher_is_more_similar else "viridis_r"
 
 
-def heatmap_sets(results: Results) -> list[HeatmapSet]:
+def heatmap_sets(results: ResultsDir) -> list[HeatmapSet]:
     """Every heat-map set of a run: per metric and statistic, the mean set then one per image."""
     sets: list[HeatmapSet] = []
     comparisons = results.comparisons()
     images = results.images()
     pooled = results.table("pooled/pivot")
     views = results.metrics()
-    if results.layer_similarity is not None:  # a metric run.json does not describe: defaults
+    if results.has("layer_similarity"):  # a metric run.json does not describe: defaults
         for label in dict.fromkeys(results.layer_similarity["metric"].astype(str)):
             views.setdefault(label, results.metric(label))
     for label, view in views.items():
         threshold = _threshold(results, label)
-        if view.granularity == "map" and results.summary is not None:
+        if view.granularity == "map" and results.has("summary"):
             for statistic in STATISTICS:
                 sets.extend(_map_sets(results, view, statistic, threshold, comparisons,
                                       images, pooled))
         ls = results.layer_similarity
-        if ls is not None and (ls["metric"].astype(str) == label).any():
+        if results.has("layer_similarity") and (ls["metric"].astype(str) == label).any():
             sets.extend(_layer_sets(results, view, comparisons))
     return sets
 
 
-def _map_sets(results: Results, view: MetricView, statistic: str, threshold: float | None,
+def _map_sets(results: ResultsDir, view: MetricView, statistic: str, threshold: float | None,
               comparisons: list[tuple[str, str]], images: list[str],
               pooled: pd.DataFrame | None) -> list[HeatmapSet]:
     title, cbar = _labels(view, statistic, threshold)
@@ -241,7 +241,7 @@ def _map_sets(results: Results, view: MetricView, statistic: str, threshold: flo
     return out
 
 
-def _layer_sets(results: Results, view: MetricView,
+def _layer_sets(results: ResultsDir, view: MetricView,
                 comparisons: list[tuple[str, str]]) -> list[HeatmapSet]:
     title, cbar = _labels(view, "value", None)
     mean_panels: list[Panel] = []

@@ -20,9 +20,10 @@ import pandas as pd
 import seaborn  # noqa: F401 - registers the colour maps ("rocket") used by the heat maps
 from PIL import Image
 
+from mapsim.io.results import POOLED_IMAGE, ResultsDir
 from mapsim.plots.capture import thumb_key
 from mapsim.plots.heatmaps import HeatmapSet, annotations
-from mapsim.plots.io import POOLED_IMAGE, Results, atomic_write_bytes
+from mapsim.plots.io import atomic_write_bytes
 
 TOP_PAIRS = 8
 THUMB_CSS_PX = 72
@@ -68,7 +69,7 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 class _PairIndex:
     """Layer pairs clicked in the report, with their statistics and top pairs."""
 
-    def __init__(self, results: Results) -> None:
+    def __init__(self, results: ResultsDir) -> None:
         self.results = results
         self.keys: dict[tuple[str, ...], int] = {}
         self.pairs: list[dict[str, Any]] = []
@@ -171,7 +172,7 @@ def _heatmap_table(hs: HeatmapSet, pairs: _PairIndex) -> str:
     return f"<div class='panels'>{''.join(parts)}</div>{legend}"
 
 
-def _summary_html(results: Results) -> str:
+def _summary_html(results: ResultsDir) -> str:
     info = results.info
     spec = info.get("spec", {})
     rows = [("run", results.name), ("mapsim", info.get("mapsim_version", "?")),
@@ -198,9 +199,9 @@ def _summary_html(results: Results) -> str:
     return f"<table class='info'>{body}</table>"
 
 
-def _findings_html(results: Results) -> str:
+def _findings_html(results: ResultsDir) -> str:
     summary = results.summary
-    if summary is None:
+    if not results.has("summary"):
         return ""
     own = summary[(summary.model_a == summary.model_b) & (summary.layer_a == summary.layer_b)
                   & summary.statistic.isin(["best_mean", "pct_well"])]
@@ -220,7 +221,7 @@ def _findings_html(results: Results) -> str:
             + "".join(lines))
 
 
-def build_report(results: Results, sets: list[HeatmapSet], plots_dir: Path,
+def build_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
                  figures: list[dict[str, str]]) -> str:
     """The report's HTML text."""
     pairs = _PairIndex(results)
@@ -268,7 +269,7 @@ def build_report(results: Results, sets: list[HeatmapSet], plots_dir: Path,
         css=_CSS.replace("{thumb}", str(THUMB_CSS_PX)), js=_JS)
 
 
-def write_report(results: Results, sets: list[HeatmapSet], plots_dir: Path,
+def write_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
                  figures: list[dict[str, str]]) -> Path:
     """Write ``report.html`` into the results directory atomically; returns its path."""
     path = results.root / "report.html"

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-import mapsim
+from mapsim._version import __version__
 from mapsim.observers import RunObserver
 from mapsim.engine.similarity import MapStack
 from mapsim.engine.step import DeadCount, DeadKey
@@ -106,7 +106,7 @@ def run_info(setup: RunSetup, dead_counts: dict[DeadKey, DeadCount], n_images: i
         },
     }
     return {
-        "mapsim_version": mapsim.__version__,
+        "mapsim_version": __version__,
         "spec": spec.model_dump(mode="json"),
         "spec_sha256": spec.digest(),
         "n_images": n_images,

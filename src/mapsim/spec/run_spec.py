@@ -28,12 +28,12 @@ from pydantic import (
 
 from mapsim.errors import SpecError, UnknownNameError, closest_matches
 from mapsim.registry import Registry, load_registry
-from mapsim.spec.documents import SPEC_SUFFIXES, parse_document, read_document
+from mapsim.spec.documents import parse_document, read_document
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"

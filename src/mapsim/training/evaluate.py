@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-import mapsim
+from mapsim._version import __version__
 from mapsim.errors import MapsimError
 from mapsim.io.images import normalise as normalise_image
 from mapsim.api import Dataset
@@ -182,7 +182,7 @@ def evaluate(models: list[SegmentationModel], dataset: Dataset, out_dir: str | P
         writer.write_table("summary", summary)
         writer.write_table("models", model_table)
         writer.write_json("evaluation.json", {
-            "mapsim_version": mapsim.__version__,
+            "mapsim_version": __version__,
             "data": data_spec,
             "n_images": len(samples),
             "images": [s.id for s in samples],

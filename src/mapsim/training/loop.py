@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-import mapsim
+from mapsim._version import __version__
 from mapsim.errors import MapsimError, OutputError
 from mapsim.models.build import LoadedModel, build_model
 from mapsim.registry import Registry, load_registry
@@ -102,7 +102,7 @@ def _prepare_folder(folder: Path, resume: bool, overwrite: bool) -> bool:
 def _versions() -> dict[str, str]:
     import safetensors
 
-    return {"mapsim": mapsim.__version__, "python": platform.python_version(),
+    return {"mapsim": __version__, "python": platform.python_version(),
             "torch": torch.__version__, "numpy": np.__version__,
             "safetensors": safetensors.__version__, "platform": platform.platform()}
 

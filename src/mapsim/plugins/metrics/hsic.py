@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from mapsim.api import Undefined
+from mapsim import Undefined
 
 #: the documented reasons for undefined CKA values ({side}: layer_a or layer_b)
 ZERO_VARIANCE = "zero variance: every map of {side} is constant over the samples"
