@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from mapsim.plots.capture import KEY_SEP
 from mapsim.io.results import MetricView, ResultsDir
+from mapsim.plots.capture import KEY_SEP
 
 
 def best_values(rows: pd.DataFrame | None) -> np.ndarray:

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from mapsim.plots.capture import thumb_key
 from mapsim.io.results import MetricView
+from mapsim.plots.capture import thumb_key
 
 MAX_GROUPS = 12
 MAX_PER_GROUP = 10

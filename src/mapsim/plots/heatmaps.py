@@ -203,10 +203,13 @@ def heatmap_sets(results: ResultsDir) -> list[HeatmapSet]:
 
 def _map_sets(results: ResultsDir, view: MetricView, statistic: str, threshold: float | None,
               comparisons: list[tuple[str, str]], images: list[str],
-              pooled: pd.DataFrame | None) -> list[HeatmapSet]:
+              pooled: pd.DataFrame | None, n_images: int | None = None) -> list[HeatmapSet]:
+    """The sets of one map-level metric and statistic: the mean over images, one per image of
+    ``images`` and the pooled one (with ``pooled``); ``n_images``: the number of images the
+    mean is over, for its title (default: ``len(images)``)."""
     title, cbar = _labels(view, statistic, threshold)
     fmt = ".1f" if statistic == "pct_well" else ".2f"
-    n = len(images)
+    n = len(images) if n_images is None else n_images
     mean_panels, image_panels = [], {i: [] for i in images}
     pooled_panels = []
     for a, b in comparisons:
