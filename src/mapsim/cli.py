@@ -12,27 +12,23 @@ from mapsim.errors import MapsimError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mapsim.plots.observer import observers_for
-    from mapsim.runner.run import run
-    from mapsim.spec.run_spec import load_spec
+    from mapsim.runner.distributed import World
+    from mapsim.session import run
 
-    spec = load_spec(args.spec)
-    result = run(
-        spec,
-        base_dir=Path(args.spec).resolve().parent,
-        out_dir=args.out,
+    res = run(
+        Path(args.spec),
+        args.out,
         device=args.device,
         overwrite=args.overwrite,
         resume=args.resume,
         progress=not args.quiet,
-        observers=observers_for(spec.output),
     )
-    if not result.info:  # a process of a torchrun job other than rank 0: rank 0 reports
+    if not World.from_env().main:  # a torchrun process other than rank 0: rank 0 reports
         return 0
-    print(f"{result.n_images} image(s) on {result.info['device']}; results in {result.out_dir}")
-    print("files: " + ", ".join(sorted(p.relative_to(result.out_dir).as_posix()
-                                      for p in result.out_dir.rglob("*") if p.is_file())))
-    findings = findings_table(result.out_dir)
+    print(f"{res.n_images} image(s) on {res.info['device']}; results in {res.dir}")
+    print("files: " + ", ".join(sorted(p.relative_to(res.dir).as_posix()
+                                      for p in res.dir.rglob("*") if p.is_file())))
+    findings = findings_table(res.dir)
     if findings:
         print(findings)
     return 0
