@@ -241,6 +241,7 @@ def test_a_failed_run_leaves_earlier_results_untouched(tmp_path):
     out = tmp_path / "res"
     out.mkdir()
     (out / "max.csv").write_text("old results\n")
+    (out / "run.json").write_text('{"mapsim_version": "0.1.0", "spec_sha256": "0"}')
     spec = make_spec(tmp_path, layers={"a": ["blocks.9"], "b": ["blocks.0"]})
     from mapsim.errors import LayerNotFoundError
 

@@ -295,11 +295,13 @@ class PartialRun:
 
     ``resume``: keep the finished blocks of an earlier run of the same spec (the spec's sha256,
     the number of images and the block size must match); otherwise an earlier partial
-    directory is removed and the run starts afresh.
+    directory is removed and the run starts afresh. ``overwrite`` and ``protect``: see
+    :func:`~mapsim.runner.writer.check_target`.
     """
 
     def __init__(self, target: Path, spec_sha256: str, n_images: int, block_images: int,
-                 resume: bool = False, overwrite: bool = False) -> None:
+                 resume: bool = False, overwrite: bool = False,
+                 protect: Sequence[Path] = ()) -> None:
         self.target = Path(target).resolve()
         self.folder = self.target.with_name(f".{self.target.name}.partial")
         self.blocks = self.folder / "blocks"
@@ -318,7 +320,7 @@ class PartialRun:
                 f"nothing to resume: the run in {self.target} is complete. Pass --overwrite "
                 "(without --resume) to run it again."
             )
-        check_target(self.target, overwrite)
+        check_target(self.target, overwrite, protect)
         if resume and self.folder.exists():
             self._resume()
         else:

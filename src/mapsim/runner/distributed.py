@@ -31,6 +31,7 @@ import torch
 
 from mapsim.runner.blocks import BlockOutput, BlockState, pack, unpack
 from mapsim.errors import MapsimError
+from mapsim.runner.lifetime import die_with_parent
 from mapsim.runner.writer import TablePart
 
 FAILED = "mapsim/failed"
@@ -128,6 +129,7 @@ class World:
             return
         import torch.distributed as dist
 
+        die_with_parent()  # a rank ends with its launcher (torchrun), however that ends
         if not dist.is_available():
             raise MapsimError("this torch build has no torch.distributed; install one that "
                               "has it to run under torchrun")

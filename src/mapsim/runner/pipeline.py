@@ -21,6 +21,7 @@ from typing import Any
 
 from mapsim.devices import to_device  # noqa: F401 (re-exported for the tests)
 from mapsim.errors import OutputError
+from mapsim.runner.lifetime import die_with_parent
 
 _DONE = object()
 _STARTED = "started"
@@ -122,7 +123,8 @@ def _portable(exc: BaseException) -> BaseException:
         return OutputError(f"writing the results failed: {type(exc).__name__}: {exc}")
 
 
-def _worker(work: Callable[[Any], Any], jobs: Any, done: Any) -> None:
+def _worker(work: Callable[[Any], Any], jobs: Any, done: Any, parent: int) -> None:
+    die_with_parent(parent)
     while True:
         job = jobs.get()
         if job is None:
@@ -170,7 +172,7 @@ class ProcessSink:
         self._seq = 0
         self._error: BaseException | None = None
         self._procs = [
-            context.Process(target=_worker, args=(work, self._jobs, self._done),
+            context.Process(target=_worker, args=(work, self._jobs, self._done, os.getpid()),
                             name=f"mapsim-writer-{k}", daemon=True)
             for k in range(workers)
         ]

@@ -33,6 +33,7 @@ from mapsim.runner.blocks import (
     plan_blocks,
 )
 from mapsim.runner.distributed import STOP_WAIT_S, Inbox, RemoteBlocks, World
+from mapsim.runner.lock import RunLock, results_target
 from mapsim.runner.pipeline import prefetch
 from mapsim.runner.publish import RunResult, merge_and_publish
 from mapsim.runner.setup import RunSetup
@@ -224,7 +225,19 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
 
 def _run_blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: Path,
                 overwrite: bool, resume: bool, progress: bool, started: float) -> RunResult:
-    """A run's blocks on this rank; on rank 0 also the merge and the results directory."""
+    """A run's blocks on this rank; on rank 0 also the merge and the results directory,
+    holding the results' lock (one writer per results directory)."""
+    if not world.main:
+        return _blocks(spec, world, runner, dataset, target, overwrite, resume, progress,
+                       started)
+    target = results_target(target)
+    with RunLock(target):
+        return _blocks(spec, world, runner, dataset, target, overwrite, resume, progress,
+                       started)
+
+
+def _blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: Path,
+            overwrite: bool, resume: bool, progress: bool, started: float) -> RunResult:
     n_total = len(dataset)
     if n_total == 0:
         raise ImageError("the images entry gave no images")
@@ -232,7 +245,8 @@ def _run_blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: P
     partial = None
     if world.main:
         partial = PartialRun(target, spec.digest(), n_total, spec.engine.block_images,
-                             resume=resume, overwrite=overwrite)
+                             resume=resume, overwrite=overwrite,
+                             protect=[runner.setup.base_dir])
         done = set(partial.done)
         world.share("done", json.dumps(sorted(done)))
     else:

@@ -8,10 +8,12 @@ removes its staging folder and leaves any earlier results untouched.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,15 +23,54 @@ import pandas as pd
 from mapsim.errors import OutputError
 
 
-def check_target(target: Path, overwrite: bool) -> None:
-    """Refuse a non-empty existing directory (unless ``overwrite``) or a file in the way."""
+def check_target(target: Path, overwrite: bool, protect: Sequence[Path] = ()) -> None:
+    """Refuse a file in the way, a non-empty directory without ``overwrite``, and, with it,
+    a directory that is not mapsim results (no mapsim ``run.json``) or that holds a path of
+    ``protect`` (the run's own inputs, such as the spec's folder)."""
     if target.exists() and not target.is_dir():
         raise OutputError(f"the output path {target} exists and is not a directory.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
+    if not target.is_dir():
+        return
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return
+    if not overwrite:
         raise OutputError(
             f"the output directory {target} is not empty. Choose another with --out, or pass "
             "--overwrite to replace its results."
         )
+    for path in protect:
+        path = Path(path).resolve()
+        if path == target or target in path.parents:
+            raise OutputError(
+                f"--overwrite would delete {target}, which holds {path}, an input of this run. "
+                "Write the results to another folder with --out."
+            )
+    if not is_results_dir(target):
+        shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)"
+                                          if len(entries) > 5 else "")
+        raise OutputError(
+            f"--overwrite only replaces mapsim results, but {target} has no mapsim run.json "
+            f"or evaluation.json (it holds {shown}). Nothing was deleted; write the results to another folder "
+            "with --out."
+        )
+
+
+#: the record a mapsim results directory holds: of a run, of an evaluation
+RECORDS = ("run.json", "evaluation.json")
+
+
+def is_results_dir(folder: Path) -> bool:
+    """Whether ``folder`` holds mapsim results (a ``run.json`` or ``evaluation.json`` that
+    mapsim wrote)."""
+    for name in RECORDS:
+        try:
+            info = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and "mapsim_version" in info:
+            return True
+    return False
 
 
 class TableFiles:
@@ -189,9 +230,28 @@ def header_line(columns: tuple[str, ...] | list[str]) -> bytes:
 
 
 def append_bytes(path: Path, data: bytes) -> None:
-    """Append ``data`` to the file ``path``."""
-    with open(path, "ab") as handle:
-        handle.write(data)
+    """Append ``data`` to the file ``path``; a full disk is an :class:`OutputError` saying
+    how much was needed and where."""
+    try:
+        with open(path, "ab") as handle:
+            handle.write(data)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise disk_full(path, len(data)) from None
+        raise
+
+
+def disk_full(path: Path, needed: int) -> OutputError:
+    """The error of a write of ``needed`` bytes to ``path`` that found the disk full."""
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    return OutputError(
+        f"no space left on the device of {Path(path).parent} while writing {needed:,} bytes "
+        f"to {Path(path).name} ({free}). Free some space or write elsewhere with --out; the "
+        "finished blocks are kept for --resume."
+    )
 
 
 def atomic_write_text(path: Path, text: str) -> None:
