@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -201,6 +202,22 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
+    except OSError as exc:  # the file system refused (a full disk, permissions, ...)
+        print(f"mapsim: error: {describe_os_error(exc)}", file=sys.stderr)
+        _print_notes(exc)
+        return 2
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an operating-system error: what failed, on which file, what to do."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    text = f"{exc.strerror or exc}{where}"
+    if exc.errno == errno.ENOSPC:
+        text += ("; free some space (or write elsewhere with --out) and run again; an "
+                 "interrupted run keeps its finished blocks for --resume")
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        text += "; choose a folder you can write to with --out"
+    return text
 
 
 def _print_notes(exc: BaseException) -> None:
