@@ -235,3 +235,57 @@ def test_partners_equal_sized_and_ragged_layers_match_a_per_map_loop(sizes):
                     expected.append((j, row[j]))
         assert [None if pd.isna(v) else int(v) for v in table["map_b"]] == [e[0] for e in expected]
         np.testing.assert_array_equal(table["value"].to_numpy(), [e[1] for e in expected])
+
+
+def _boundary_sim(metric, row_best, higher):
+    """One map per row of A whose best partner in B is exactly ``row_best[i]`` (the other
+    partners are clearly worse), two models so there is no self-pair rule."""
+    n = len(row_best)
+    worse = 0.1 if higher else 9.0
+    values = np.full((n, 3), worse)
+    values[:, 1] = row_best
+    blocks_a = [Block("a", "L1", 0, n, (2, 2))]
+    blocks_b = [Block("b", "L1", 0, 3, (2, 2))]
+    return SimilarityMatrix(metric, "a", "b", values, blocks_a, blocks_b,
+                            np.zeros(n, bool), np.zeros(3, bool), higher)
+
+
+def _chain(sim, params):
+    tables = {}
+    for agg in (MaxAggregator(), ThresholdAggregator(params), PivotAggregator()):
+        tables.update(agg.aggregate(sim, tables))
+    return tables
+
+
+def test_a_best_value_exactly_at_the_similarity_threshold_is_well_correlated():
+    """The study keeps the maps whose maximum |r| >= 0.8: a value exactly at 0.8 counts
+    (``>=``, not ``>``), through the real max -> threshold -> pivot chain."""
+    just_below = np.nextafter(0.8, 0.0)
+    just_above = np.nextafter(0.8, 1.0)
+    sim = _boundary_sim("pearson", [0.8, 0.8, just_below, just_above, 0.5], higher=True)
+    tables = _chain(sim, ThresholdParams(value=0.8))
+    best = tables["max"]
+    assert best["value"].tolist()[:2] == [0.8, 0.8]  # exactly on the threshold
+    assert best["well_correlated"].tolist() == [True, True, False, True, False]
+    row = tables["pivot"].iloc[0]
+    assert row.threshold == 0.8
+    assert row.n_well == 3 and row.pct_well == pytest.approx(60.0)
+    assert row.well_mean == pytest.approx((0.8 + 0.8 + just_above) / 3)
+    assert row.well_median == 0.8
+
+
+def test_a_best_value_exactly_at_the_distance_threshold_is_well_correlated():
+    """For a distance (lower is more similar) a best distance exactly at the maximum counts
+    (``<=``, not ``<``), through max -> threshold (per_metric) -> pivot."""
+    just_below = np.nextafter(1.5, 0.0)
+    just_above = np.nextafter(1.5, 2.0)
+    sim = _boundary_sim("euclidean", [1.5, just_above, just_below, 1.5, 3.0], higher=False)
+    tables = _chain(sim, ThresholdParams(per_metric={"euclidean": 1.5}))
+    best = tables["max"]
+    assert best["value"].tolist()[0] == 1.5 and best["value"].tolist()[3] == 1.5
+    assert (best["threshold"] == 1.5).all()
+    assert best["well_correlated"].tolist() == [True, False, True, True, False]
+    row = tables["pivot"].iloc[0]
+    assert row.threshold == 1.5
+    assert row.n_well == 3 and row.pct_well == pytest.approx(60.0)
+    assert row.well_median == 1.5
