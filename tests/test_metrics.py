@@ -10,10 +10,12 @@ plugins use. Kornblith et al.'s (2019) published demo values are pinned.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from scipy.spatial.distance import cdist
 from scipy.stats import zscore
 
@@ -381,3 +383,28 @@ def test_moments_without_layers_are_unchanged(rng):
     plain, extra = compute_moments(z), compute_moments(z, layers=[(0, 2), (2, 5)])
     assert plain.layer_norms is None
     assert torch.equal(plain.comoment, extra.comoment) and torch.equal(plain.mean, extra.mean)
+
+
+@pytest.mark.parametrize("given", [{"pool": "avg"}, {"size": 8}, {"batch_size": 32},
+                                   {"subsample": 1024}, {"seed": 0}, {"bandwidth": 0.5}])
+def test_a_cka_parameter_of_another_variant_is_refused_even_at_its_default(given):
+    """A parameter that does not apply to linear CKA with pixels as samples is a mistake
+    whatever its value (spelled at the default it used to pass silently)."""
+    with pytest.raises(ValidationError, match=f"'{next(iter(given))}' only applies to"):
+        CKAParams(**given)
+
+
+def test_a_spec_with_cka_at_its_defaults_still_builds_its_metric():
+    from mapsim.registry import load_registry
+    from mapsim.runner.setup import RunSetup
+    from mapsim.spec.run_spec import validate_spec
+
+    spec = validate_spec({
+        "models": {"m": {"architecture": {"name": "fcn", "depth": 1, "width": 3}}},
+        "layers": {"m": "blocks.*"}, "images": "x.png",
+        "metrics": [{"name": "cka"}, {"name": "cka", "label": "cka-img", "samples": "images",
+                                      "size": 4}],
+    })
+    metrics = RunSetup(spec, Path("."), device="cpu", registry=load_registry()).metrics
+    assert [type(m).__name__ for m in metrics] == ["CKA", "CKAImages"]
+    assert metrics[1].params.size == 4

@@ -50,7 +50,7 @@ class RunSetup:
         self.step.models = dict(self.models)
 
     def _metric(self, choice: Any) -> Metric:
-        params = choice.model_dump(exclude={"name", "label"})
+        params = choice.model_dump(exclude={"name", "label"}, exclude_unset=True)
         metric = self.registry.create("metric", choice.name, params)
         metric.label = choice.label or choice.name
         if (self.spec.engine.dead_maps == "original" and metric.dead_fill is None

@@ -105,8 +105,8 @@ class CKAParams(Params):
     @model_validator(mode="after")
     def _consistent(self) -> CKAParams:
         for name, (applies, where) in _APPLIES.items():
-            default = type(self).model_fields[name].default
-            if getattr(self, name) != default and not applies(self):
+            # given at all (even at its default value) but meaningless here: a mistake
+            if name in self.model_fields_set and not applies(self):
                 raise ValueError(f"'{name}' only applies to {where}")
         if self.samples == "images" and self.debiased is False:
             raise ValueError(
