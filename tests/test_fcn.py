@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pydantic
 import pytest
 import torch
@@ -141,3 +142,61 @@ def test_folding_batch_norms_keeps_every_captured_output() -> None:
 def test_folding_needs_eval_mode() -> None:
     with pytest.raises(ValueError, match="eval mode"):
         FCN(depth=1).train().fuse_for_inference([])
+
+
+def _conv_float64(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Size-preserving 2-D cross-correlation (what nn.Conv2d computes), float64 numpy.
+    x: (C, H, W), weight: (O, C, k, k), bias: (O,)."""
+    pad = weight.shape[-1] // 2
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, weight.shape[-2:], axis=(1, 2))
+    return np.einsum("chwij,ocij->ohw", windows, weight) + bias[:, None, None]
+
+
+def test_folding_matches_a_float64_reference_with_variances_near_eps() -> None:
+    """Folded weights w * gamma / sqrt(var + eps) and bias (b - mean) * gamma / sqrt(var + eps)
+    + beta, against numpy float64, with running variances of the order of eps (1e-5): there
+    eps inside or outside the square root differs by percents, and per-channel scale errors
+    are visible here (Pearson tables would not show them)."""
+    eps = 1e-5
+    generator = torch.Generator().manual_seed(7)
+    model = FCN(depth=2, width=5, kernel_size=3, in_channels=2, conv="direct")
+    reference = []  # float64 copies of every parameter before folding
+    for block in model.blocks:
+        n = block.bn.num_features
+        assert block.bn.eps == eps
+        block.conv.weight.data.copy_(torch.randn(block.conv.weight.shape, generator=generator))
+        block.conv.bias.data.copy_(torch.randn(n, generator=generator))
+        block.bn.running_var.copy_(10 ** (torch.rand(n, generator=generator) * 2 - 6))  # 1e-6..1e-4
+        block.bn.running_mean.copy_(torch.randn(n, generator=generator))
+        block.bn.weight.data.copy_(torch.randn(n, generator=generator))
+        block.bn.bias.data.copy_(torch.randn(n, generator=generator))
+        reference.append({name: t.detach().double().numpy().copy() for name, t in {
+            "w": block.conv.weight, "b": block.conv.bias, "mean": block.bn.running_mean,
+            "var": block.bn.running_var, "gamma": block.bn.weight, "beta": block.bn.bias,
+        }.items()})
+    head_w = model.head.weight.detach().double().numpy().copy()
+    head_b = model.head.bias.detach().double().numpy().copy()
+    model.eval()
+    assert model.fuse_for_inference([]) == ["blocks.0", "blocks.1"]
+
+    for block, p in zip(model.blocks, reference):
+        scale = p["gamma"] / np.sqrt(p["var"] + eps)
+        want_w = p["w"] * scale[:, None, None, None]
+        want_b = (p["b"] - p["mean"]) * scale + p["beta"]
+        # float32 storage of a float64 result: within one rounding (2**-24 relative)
+        np.testing.assert_allclose(block.conv.weight.detach().double().numpy(), want_w, rtol=1e-7, atol=0)
+        np.testing.assert_allclose(block.conv.bias.detach().double().numpy(), want_b, rtol=1e-7, atol=0)
+
+    x = torch.randn(1, 2, 9, 11, generator=generator)
+    with torch.no_grad():
+        got = model(x)[0].double().numpy()
+    # float64 reference of the unfolded network: conv -> batch norm (eval) -> ReLU, then head
+    h = x[0].double().numpy()
+    for p in reference:
+        h = _conv_float64(h, p["w"], p["b"])
+        h = (h - p["mean"][:, None, None]) / np.sqrt(p["var"][:, None, None] + eps)
+        h = np.maximum(h * p["gamma"][:, None, None] + p["beta"][:, None, None], 0.0)
+    want = np.einsum("chw,oc->ohw", h, head_w[:, :, 0, 0]) + head_b[:, None, None]
+    # float32 forward pass: errors of a few ulps of the largest magnitudes involved
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
