@@ -148,3 +148,31 @@ def test_cli_evaluate_data_must_be_a_dataset(workdir, capsys, monkeypatch):
     assert "neither a dataset file nor inline YAML" in capsys.readouterr().err
     assert main(["evaluate", MODEL, "--data", "{name: nope}"]) == 2
     assert "unknown dataset 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("data, kind, n", [
+    ("{name: folder, images: d/images, labels: d/labels}", "FolderDataset", 4),
+    ("{name: files, paths: d/images, labels: d/labels}", "FilesDataset", 4),
+    ("{name: synthetic-vessels, count: 3, size: [24, 24], seed: 9}", "SyntheticVessels", 3),
+    ("{models: {}, images: {name: folder, images: d/images, labels: d/labels}}",
+     "FolderDataset", 4),  # a run spec's images entry
+    ("{model: {}, data: {name: folder, images: d/images, labels: d/labels}}",
+     "FolderDataset", 4),  # a training spec's data entry
+])
+def test_inline_datasets_of_every_form_are_read_as_datasets(workdir, monkeypatch, data, kind,
+                                                            n):
+    """A dataset's own field called `images` (folder) is not a run spec's `images`."""
+    from mapsim.training.commands import _dataset_from
+
+    monkeypatch.chdir(workdir)
+    dataset, described, _ = _dataset_from(data)
+    assert type(dataset).__name__ == kind and len(dataset) == n
+    if kind != "SyntheticVessels":
+        assert all(item.label is not None for item in dataset)
+
+
+def test_every_registered_dataset_has_an_inline_form_here():
+    names = set(load_registry().names("dataset"))
+    assert names <= {"folder", "files", "synthetic-vessels"}, (
+        f"add the inline --data form of {sorted(names - {'folder', 'files', 'synthetic-vessels'})}"
+        " to test_inline_datasets_of_every_form_are_read_as_datasets")

@@ -56,10 +56,13 @@ def _dataset_from(arg: str) -> tuple[Any, dict[str, Any], Path]:
             "'{name: folder, images: data/images, labels: data/labels}' or "
             "'{name: synthetic-vessels, count: 5, seed: 1000}', or a .yaml file holding one."
         )
-    for key in ("images", "data"):  # a run spec's images, a training spec's data
-        if key in data and isinstance(data[key], (dict, str)):
-            data = data[key]
-            break
+    # a run spec's images, a training spec's data; a dataset's own fields (the folder
+    # dataset's `images`, say) are left alone: a dataset names itself and no model
+    if "models" in data or "model" in data or "name" not in data:
+        for key in ("images", "data"):
+            if key in data and isinstance(data[key], (dict, str)):
+                data = data[key]
+                break
     registry = load_registry()
     Images = _choice_type("dataset", registry, string_field="paths")
     try:
