@@ -83,13 +83,13 @@ class World:
         except (KeyError, ValueError) as exc:
             raise MapsimError(
                 "WORLD_SIZE is set but RANK or LOCAL_RANK is missing or not a number; start "
-                "several processes with torchrun (see README: Running on several GPUs)"
+                "several processes with torchrun (see docs/scaling-and-resume.md)"
             ) from exc
         if size < 1 or not 0 <= rank < size or local < 0:
             raise MapsimError(
                 f"torchrun's environment is inconsistent (RANK {rank}, WORLD_SIZE {size}, "
                 f"LOCAL_RANK {local}): a rank must be 0 to WORLD_SIZE - 1; start the run with "
-                "torchrun (see README: Running on several GPUs)"
+                "torchrun (see docs/scaling-and-resume.md)"
             )
         return cls(rank, size, local, launched=True)
 
