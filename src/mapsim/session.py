@@ -147,6 +147,6 @@ def _observers(output: Any, plots: bool | None) -> list[RunObserver]:
     wanted = bool(output.plots or output.report) if plots is None else plots
     if not wanted:
         return []
-    from mapsim.plots.observer import PlotObserver
+    from mapsim.plots.observer import observers_for
 
-    return [PlotObserver(report=bool(output.report), n_images=output.plot_images)]
+    return observers_for(output, plots=True)
