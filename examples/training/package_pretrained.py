@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-NAMES = ("cnn1", "cnn6", "cnn10")
+NAMES = ("cnn1", "cnn6", "cnn6-s2", "cnn10", "cnn10-s2")
 
 
 def main(work: Path, dest: Path) -> None:
@@ -39,8 +39,8 @@ def main(work: Path, dest: Path) -> None:
         rows = summary[summary.model == name].set_index("metric")
         card["held_out"] = {
             "data": evaluation["data"],
-            "command": "mapsim evaluate cnn1=... cnn6=... cnn10=... --data "
-                       "examples/training/heldout.yaml --no-panels",
+            "command": "mapsim evaluate cnn1=... cnn6=... cnn6-s2=... cnn10=... cnn10-s2=... "
+                       "--data examples/training/heldout.yaml --no-panels",
             "output": command,
             "n_images": int(rows["n_images"].iloc[0]),
             "mean": rows["mean"].to_dict(),

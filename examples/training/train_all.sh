@@ -1,17 +1,27 @@
 #!/bin/bash
-# How the bundled networks were made (run from the repository root, on one GPU):
-# the three trainings run side by side, then the held-out evaluation, then the packaging of
-# weights + cards into src/mapsim/pretrained/ (or the folder given as $1).
+# How the bundled networks were made (run from the repository root, on one GPU): the
+# trainings run side by side (NETWORKS, default all five: CNN1, CNN6 and CNN10 and a second
+# seed of CNN6 and CNN10), then the held-out evaluation of all five, then the packaging of
+# weights + cards into src/mapsim/pretrained/ (or the folder given as $1). Each network has
+# its own recorded seed (see its spec), so no two start from the same weights.
+# STAGE=train does only the trainings, STAGE=package only the evaluation and packaging.
 set -euo pipefail
 work=${WORK:-runs/pretrained}
 dest=${1:-src/mapsim/pretrained}
+networks=${NETWORKS:-cnn1 cnn6 cnn6-s2 cnn10 cnn10-s2}
+stage=${STAGE:-all}
 mkdir -p "$work"
-for n in 1 6 10; do
-  mapsim train examples/training/cnn$n.yaml --out "$work/cnn$n" --overwrite \
-    > "$work/cnn$n.log" 2>&1 &
-done
-wait
-mapsim evaluate cnn1="$work/cnn1/best.safetensors" cnn6="$work/cnn6/best.safetensors" \
-  cnn10="$work/cnn10/best.safetensors" --data examples/training/heldout.yaml \
-  --out "$work/heldout" --overwrite --no-panels --quiet | tee "$work/heldout.log"
-python examples/training/package_pretrained.py "$work" "$dest"
+if [ "$stage" != package ]; then
+  for n in $networks; do
+    mapsim train "examples/training/$n.yaml" --out "$work/$n" --overwrite \
+      > "$work/$n.log" 2>&1 &
+  done
+  wait
+fi
+if [ "$stage" != train ]; then
+  models=""
+  for n in cnn1 cnn6 cnn6-s2 cnn10 cnn10-s2; do models="$models $n=$work/$n/best.safetensors"; done
+  mapsim evaluate $models --data examples/training/heldout.yaml \
+    --out "$work/heldout" --overwrite --no-panels --quiet | tee "$work/heldout.log"
+  python examples/training/package_pretrained.py "$work" "$dest"
+fi
