@@ -10,50 +10,21 @@ interrupted run leaves no half-written file.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mapsim.errors import OutputError, SpecError
+from mapsim.io.atomic import atomic_path, atomic_write_json
 
 
 def atomic_write_png(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` as a PNG through a temporary file in the same folder and a rename."""
+    """Write ``array`` as a PNG atomically (:func:`mapsim.io.atomic.atomic_path`)."""
     from skimage import io
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        io.imsave(tmp, array, check_contrast=False)
-        _publish(Path(tmp), path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Give ``tmp`` the permissions of a normally created file, then rename it to ``path``."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON through a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(data, indent=2) + "\n")
-        _publish(Path(tmp), path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".png") as tmp:  # the suffix tells skimage the format
+        io.imsave(str(tmp), array, check_contrast=False)
 
 
 def to_uint(raw: np.ndarray, bits: int, full_scale: float) -> np.ndarray:

@@ -28,19 +28,8 @@ def slug(text: str) -> str:
     return safe
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; pictures are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# pictures are written like every other file (mapsim.io.atomic: one permission policy)
+from mapsim.io.atomic import atomic_write_bytes  # noqa: E402
 
 
 def figure_png(fig: Any) -> bytes:

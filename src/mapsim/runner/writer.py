@@ -21,6 +21,8 @@ from typing import Any
 import pandas as pd
 
 from mapsim.errors import OutputError
+# one atomic writer for the whole package; still importable from here for older imports
+from mapsim.io.atomic import atomic_write_text  # noqa: F401
 
 
 def check_target(target: Path, overwrite: bool, protect: Sequence[Path] = ()) -> None:
@@ -252,17 +254,3 @@ def disk_full(path: Path, needed: int) -> OutputError:
         f"to {Path(path).name} ({free}). Free some space or write elsewhere with --out; the "
         "finished blocks are kept for --resume."
     )
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

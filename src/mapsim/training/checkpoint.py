@@ -11,15 +11,14 @@ A run's output folder holds
   score and optimiser settings as JSON (inside the safetensors metadata, which is what resume
   reads, so the pair can never disagree; ``last.json`` is a readable copy).
 
-Every file is written to a temporary name and renamed, so a kill leaves either the old or the
-new file, never half of one. Nothing is ever unpickled.
+Every file is written to a temporary name and renamed (:mod:`mapsim.io.atomic`), so a kill
+leaves either the old or the new file, never half of one; files get the mode of a normally
+created file (0o666 less the umask), like every file mapsim writes. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from mapsim.errors import MapsimError
-from mapsim.runner.writer import atomic_write_text
+from mapsim.io.atomic import atomic_path, atomic_write_json
 
 BEST = "best"
 LAST = "last"
@@ -46,23 +45,15 @@ class CheckpointError(MapsimError):
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
                         document: dict[str, Any] | None = None) -> None:
     """Save ``tensors`` (and ``document`` as JSON metadata) to ``path`` via a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {META_KEY: json.dumps(document, default=str)} if document is not None else None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
     """Write ``document`` as indented JSON, atomically."""
-    atomic_write_text(Path(path), json.dumps(document, indent=2, default=str) + "\n")
+    atomic_write_json(path, document, default=str)
 
 
 def read_document(path: Path) -> dict[str, Any] | None:
