@@ -7,7 +7,9 @@ import errno
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 from mapsim.errors import MapsimError
 
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mapsim`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except MapsimError as exc:
@@ -218,6 +221,18 @@ def describe_os_error(exc: OSError) -> str:
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         text += "; choose a folder you can write to with --out"
     return text
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """mapsim's own warnings as one line each; others as Python prints them."""
+    from mapsim.errors import MapsimWarning
+
+    if issubclass(category, MapsimWarning):
+        print(f"mapsim: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="",
+              file=sys.stderr)
 
 
 def _print_notes(exc: BaseException) -> None:

@@ -104,3 +104,8 @@ class LayerOutputError(ExtractionError):
     def __init__(self, layer: str, message: str) -> None:
         self.layer = layer
         super().__init__(message)
+
+
+class MapsimWarning(UserWarning):
+    """Something a run did that its reader should know (e.g. two compared models that
+    started from the same weights); the command line prints it as ``mapsim: warning: ...``."""

@@ -12,6 +12,7 @@ from mapsim.api import Extractor, FusesForInference
 from mapsim.errors import SpecError
 from mapsim.models.build import LoadedModel, build_from_spec
 from mapsim.models.layers import resolve_layers
+from mapsim.models.start import Start, layer_fingerprints, start_of
 from mapsim.registry import Registry
 
 
@@ -26,6 +27,10 @@ class PreparedModel:
     parameters: int = 0
     #: modules whose batch norm was folded into their convolution
     fused: list[str] = field(default_factory=list)
+    #: module path -> fingerprint of its weights as loaded (before any folding)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    #: where the weights started, when that is known (see :mod:`mapsim.models.start`)
+    start: Start | None = None
 
 
 def layer_labels(spec_layers: Any, available: list[str], model: str) -> dict[str, str]:
@@ -62,6 +67,7 @@ def prepare_model(name: str, spec: Any, registry: Registry, base_dir: Path,
     available = extractor.layer_names(loaded.module)
     layers = layer_labels(spec.layers[name], available, name)
     parameters = sum(p.numel() for p in loaded.module.parameters())
+    fingerprints = layer_fingerprints(loaded.module, list(layers.values()))
     fused: list[str] = []
     if isinstance(loaded.module, FusesForInference) and spec.engine.fuse_batchnorm:
         fused = loaded.module.fuse_for_inference(list(layers.values()))
@@ -69,4 +75,5 @@ def prepare_model(name: str, spec: Any, registry: Registry, base_dir: Path,
         # cuDNN's tensor-core convolutions run on channels-last tensors without transposes
         # (same float32 values; maps are copied out of the hooks anyway)
         loaded.module.to(memory_format=torch.channels_last)
-    return PreparedModel(loaded, extractor, layers, parameters, fused)
+    return PreparedModel(loaded, extractor, layers, parameters, fused, fingerprints,
+                         start_of(mspec, base_dir))

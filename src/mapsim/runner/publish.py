@@ -117,6 +117,7 @@ def run_info(setup: RunSetup, dead_counts: dict[DeadKey, DeadCount], n_images: i
                    "batchnorm_folded": m.fused}
             for name, m in setup.models.items()
         },
+        "shared_start": [finding.record() for finding in setup.shared_start],
         "metrics": [m.describe() | {"label": m.label} for m in setup.metrics],
         "aggregators": [
             {"name": a.name, "params": a.params.model_dump(mode="json"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,9 @@ import torch
 from mapsim.api import Aggregator, Metric
 from mapsim.devices import resolve_device
 from mapsim.engine.step import ImageStep
-from mapsim.errors import SpecError
+from mapsim.errors import MapsimWarning, SpecError
 from mapsim.models.prepare import PreparedModel, prepare_model
+from mapsim.models.start import SharedStart, initial_fingerprints, shared_starts
 from mapsim.registry import Registry, load_registry
 
 
@@ -37,6 +39,8 @@ class RunSetup:
         for aggregator in self.aggregators:
             aggregator.prepare(self.metrics)
         self.models: dict[str, PreparedModel] = {}
+        #: comparisons whose models share starting weights (after :meth:`prepare_models`)
+        self.shared_start: list[SharedStart] = []
         self.timings: dict[str, float] = defaultdict(float)
         self.step = ImageStep({}, self.metrics, self.comparisons, spec.engine, self.device,
                               self.timings)
@@ -48,6 +52,29 @@ class RunSetup:
             self.models[name] = prepare_model(name, self.spec, self.registry, self.base_dir,
                                               self.device)
         self.step.models = dict(self.models)
+        self.shared_start = self._shared_starts()
+        for finding in self.shared_start:
+            warnings.warn(finding.message(), MapsimWarning, stacklevel=2)
+
+    def _shared_starts(self) -> list[SharedStart]:
+        """Comparisons of two models with layers that started from (or are) the same
+        weights; the starts are rebuilt only for models compared with another model."""
+        others = {m for a, b in self.comparisons if a != b for m in (a, b)}
+        rebuilt: dict[str, dict[str, str]] = {}
+        at_start: dict[str, dict[str, str] | None] = {}
+        for name in others:
+            model = self.models[name]
+            if model.start is None:
+                at_start[name] = None
+                continue
+            paths = list(model.layers.values())
+            known = rebuilt.get(model.start.key)
+            if known is None or not set(paths) <= set(known):
+                known = initial_fingerprints(model.start, self.registry, paths)
+                rebuilt[model.start.key] = known
+            at_start[name] = known
+        return shared_starts(self.comparisons, {n: m.layers for n, m in self.models.items()},
+                             {n: m.fingerprints for n, m in self.models.items()}, at_start)
 
     def _metric(self, choice: Any) -> Metric:
         params = choice.model_dump(exclude={"name", "label"}, exclude_unset=True)
