@@ -97,3 +97,30 @@ def test_clicking_a_cell_shows_that_layer_pairs_statistics(report, browser, tmp_
     assert browser.find_element(By.ID, "detail-title").text == "pearson: a blocks.0 → a blocks.0"
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def test_heat_map_cells_are_equal_squares_with_legible_text(report, browser, tmp_path):
+    """Measured in the browser as a person sees the page: every shown heat-map cell is a
+    square of at least 44 CSS pixels, and no heat-map text is smaller than 12 px."""
+    from selenium.webdriver.common.by import By
+
+    page = tmp_path / "report.html"
+    shutil.copy(report / "report.html", page)
+    browser.get(page.as_uri())
+    boxes = browser.execute_script(
+        "return [...document.querySelectorAll('td.cell')].filter(c => c.offsetParent)"
+        ".map(c => {const r = c.getBoundingClientRect();"
+        " return [r.width, r.height, parseFloat(getComputedStyle(c).fontSize)];});")
+    assert boxes, "no heat-map cell is shown"
+    widths, heights, fonts = (sorted({round(b[i], 1) for b in boxes}) for i in range(3))
+    assert widths[0] >= 44 and widths[-1] - widths[0] <= 1, widths
+    assert heights[0] >= 44 and abs(heights[0] - widths[0]) <= 1, (widths, heights)
+    assert fonts[0] >= 12, fonts
+    labels = browser.execute_script(
+        "return [...document.querySelectorAll('table.hm th')].filter(c => c.offsetParent"
+        " && c.textContent.trim()).map(c => parseFloat(getComputedStyle(c).fontSize));")
+    assert labels and min(labels) >= 12, labels
+    shot = tmp_path / "report.png"
+    assert browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000  # a page was rendered, not a blank window
+    assert not browser.find_elements(By.CSS_SELECTOR, "img[src^='http']")

@@ -132,7 +132,7 @@ def run(spec: SpecLike, out: str | os.PathLike[str] | None = None, *,
         overwrite=overwrite,
         resume=resume,
         progress=progress,
-        observers=_observers(loaded.output, plots),
+        observers=_observers(loaded.output, plots, progress),
     )
     if not result.info and not (Path(result.out_dir) / "run.json").is_file():
         # a torchrun process other than rank 0 that does not see rank 0's files (no shared
@@ -141,7 +141,7 @@ def run(spec: SpecLike, out: str | os.PathLike[str] | None = None, *,
     return open_results(result.out_dir)
 
 
-def _observers(output: Any, plots: bool | None) -> list[RunObserver]:
+def _observers(output: Any, plots: bool | None, progress: bool = False) -> list[RunObserver]:
     """A :class:`~mapsim.plots.observer.PlotObserver` when pictures are wanted (matplotlib is
     imported only then)."""
     wanted = bool(output.plots or output.report) if plots is None else plots
@@ -149,4 +149,4 @@ def _observers(output: Any, plots: bool | None) -> list[RunObserver]:
         return []
     from mapsim.plots.observer import observers_for
 
-    return observers_for(output, plots=True)
+    return observers_for(output, plots=True, progress=progress)

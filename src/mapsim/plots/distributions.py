@@ -44,7 +44,8 @@ def histogram_figure(results: ResultsDir, view: MetricView, model_a: str, model_
         for j, lb in enumerate(cols):
             ax = axes[i][j]
             values = data[(la, lb)]
-            ax.hist(values, bins=bins, color="#4c72b0")
+            # one filled step artist per panel (ax.hist draws a patch per bin: much slower)
+            ax.stairs(np.histogram(values, bins=bins)[0], bins, fill=True, color="#4c72b0")
             if threshold is not None:
                 ax.axvline(threshold, color="#c44e52", linewidth=1)
             ax.tick_params(labelsize=6)

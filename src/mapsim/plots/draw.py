@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,64 +73,30 @@ def group_pairs(results: ResultsDir, metric: str) -> list[tuple[str, str, str, s
     return out
 
 
-def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | None = None
-             ) -> list[Path]:
+def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | None = None,
+             progress: bool = False) -> list[Path]:
     """Draw the pictures of the results in ``root`` into ``plots_dir`` (default root/plots).
 
-    With ``report``, also write ``root/report.html``. Returns the written files.
+    With ``report``, also write ``root/report.html``; with ``progress``, show a progress bar
+    on stderr. Returns the written files.
     """
     root = Path(root)
     results = ResultsDir.open(root)
     folder = Path(plots_dir) if plots_dir is not None else root / "plots"
     written: list[Path] = []
     figures: list[dict[str, str]] = []  # for the report: file, kind, caption
+    sets = heatmaps.heatmap_sets(results)
+    jobs = _jobs(results, sets)
+    from tqdm.auto import tqdm
 
-    def save(fig: Any, stem: str, kind: str, caption: str) -> None:
+    bar = tqdm(jobs, desc="pictures", unit="fig", disable=not progress, leave=False)
+    for make, stem, kind, caption in bar:
+        fig = make()
         if fig is None:
-            return
+            continue
         path = save_figure(fig, folder / f"{slug(stem)}.png")
         written.append(path)
         figures.append({"file": path.name, "kind": kind, "caption": caption})
-
-    sets = heatmaps.heatmap_sets(results)
-    drawn_images = set(results.images()[:MAX_IMAGE_FIGURES])
-    for hs in sets:
-        if hs.image is None or hs.image in drawn_images or hs.image == "pooled":
-            save(heatmaps.draw_set(hs), hs.key, "heatmap", hs.title.replace("\n", " — "))
-    metrics = results.metrics()
-    for view in metrics.values():
-        if view.granularity != "map":
-            continue
-        threshold = heatmaps._threshold(results, view.label)
-        for a, b in results.comparisons():
-            save(distributions.histogram_figure(results, view, a, b, threshold),
-                 f"hist-{view.label}-{a}-{b}", "histogram",
-                 f"{view.label}: best-partner values, {a} → {b}")
-        for image in results.saved_images("matrices"):
-            mats = results.matrices(image)
-            for a, b in results.comparisons():
-                key = matrix_key(view.label, a, b)
-                save(distributions.matrix_figure(mats, key, image, view),
-                     f"matrix-{view.label}-{a}-{b}-image-{image}", "matrix",
-                     f"{view.label}: every map pair, {a} × {b}, image {image}")
-        if not results.has("max") or threshold is None:
-            continue
-        for image in results.saved_images("thumbnails"):
-            thumbs = results.thumbnails(image)
-            for a, la, b, lb in group_pairs(results, view.label):
-                rows = [results.by_pair("max").get((view.label, a, la, b, lb))]
-                if (a, la) != (b, lb):
-                    rows.append(results.by_pair("max").get((view.label, b, lb, a, la)))
-                rows = [r for r in rows if r is not None]
-                if not rows:
-                    continue
-                found = groups.well_groups(pd.concat(rows), image, view.label, a, la, b, lb)
-                pair = f"{a} {la} with itself" if (a, la) == (b, lb) else f"{a} {la} and {b} {lb}"
-                stem = (f"groups-{view.label}-{a}-{la}" if (a, la) == (b, lb)
-                        else f"groups-{view.label}-{a}-{la}-{b}-{lb}")
-                save(groups.groups_figure(found, thumbs, view, threshold, image, pair),
-                     f"{stem}-image-{image}", "groups",
-                     f"{view.label}: well-correlated groups, {pair}, image {image}")
     data = {"heatmaps": heatmap_data(sets), "figures": figures}
     atomic_write_bytes(folder / "data.json",
                        (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
@@ -140,7 +108,69 @@ def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | Non
     return written
 
 
-def draw_for_run(root: str | Path, report: bool = False) -> list[Path]:
+Job = tuple[Callable[[], Any], str, str, str]  # figure maker, file stem, kind, caption
+
+
+def _jobs(results: ResultsDir, sets: list[heatmaps.HeatmapSet]) -> list[Job]:
+    """Every picture of a run, not drawn yet: heat maps, histograms, matrices, groups."""
+    jobs: list[Job] = []
+    arrays: dict[tuple[str, str], Any] = {}  # (kind, image) -> loaded once for all pictures
+
+    def load(kind: str, image: str) -> Any:
+        if (kind, image) not in arrays:
+            arrays[(kind, image)] = getattr(results, kind)(image)
+        return arrays[(kind, image)]
+
+    drawn_images = set(results.images()[:MAX_IMAGE_FIGURES])
+    for hs in sets:
+        if hs.image is None or hs.image in drawn_images or hs.image == "pooled":
+            jobs.append((partial(heatmaps.draw_set, hs), hs.key, "heatmap",
+                         hs.title.replace("\n", " — ")))
+    for view in results.metrics().values():
+        if view.granularity != "map":
+            continue
+        threshold = heatmaps._threshold(results, view.label)
+        for a, b in results.comparisons():
+            jobs.append((partial(distributions.histogram_figure, results, view, a, b, threshold),
+                         f"hist-{view.label}-{a}-{b}", "histogram",
+                         f"{view.label}: best-partner values, {a} → {b}"))
+        for image in results.saved_images("matrices"):
+            for a, b in results.comparisons():
+                jobs.append((partial(_matrix, load, image, view, a, b),
+                             f"matrix-{view.label}-{a}-{b}-image-{image}", "matrix",
+                             f"{view.label}: every map pair, {a} × {b}, image {image}"))
+        if not results.has("max") or threshold is None:
+            continue
+        for image in results.saved_images("thumbnails"):
+            for a, la, b, lb in group_pairs(results, view.label):
+                pair = f"{a} {la} with itself" if (a, la) == (b, lb) else f"{a} {la} and {b} {lb}"
+                stem = (f"groups-{view.label}-{a}-{la}" if (a, la) == (b, lb)
+                        else f"groups-{view.label}-{a}-{la}-{b}-{lb}")
+                jobs.append((partial(_groups, results, load, image, view, threshold, (a, la, b, lb),
+                                     pair), f"{stem}-image-{image}", "groups",
+                             f"{view.label}: well-correlated groups, {pair}, image {image}"))
+    return jobs
+
+
+def _matrix(load: Callable[[str, str], Any], image: str, view: Any, a: str, b: str) -> Any:
+    return distributions.matrix_figure(load("matrices", image), matrix_key(view.label, a, b),
+                                       image, view)
+
+
+def _groups(results: ResultsDir, load: Callable[[str, str], Any], image: str, view: Any, threshold: float,
+            layers: tuple[str, str, str, str], pair: str) -> Any:
+    a, la, b, lb = layers
+    rows = [results.by_pair("max").get((view.label, a, la, b, lb))]
+    if (a, la) != (b, lb):
+        rows.append(results.by_pair("max").get((view.label, b, lb, a, la)))
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        return None
+    found = groups.well_groups(pd.concat(rows), image, view.label, a, la, b, lb)
+    return groups.groups_figure(found, load("thumbnails", image), view, threshold, image, pair)
+
+
+def draw_for_run(root: str | Path, report: bool = False, progress: bool = False) -> list[Path]:
     """Draw a run's pictures into its staging folder; a drawing failure never costs the tables.
 
     On an error the partial ``plots/`` and ``report.html`` are removed and a warning says how
@@ -148,7 +178,7 @@ def draw_for_run(root: str | Path, report: bool = False) -> list[Path]:
     """
     root = Path(root)
     try:
-        return draw_all(root, report=report)
+        return draw_all(root, report=report, progress=progress)
     except Exception as exc:  # noqa: BLE001 - the tables are worth more than the pictures
         shutil.rmtree(root / "plots", ignore_errors=True)
         (root / "report.html").unlink(missing_ok=True)
@@ -158,7 +188,7 @@ def draw_for_run(root: str | Path, report: bool = False) -> list[Path]:
         return []
 
 
-def redraw(root: str | Path, report: bool = False) -> list[Path]:
+def redraw(root: str | Path, report: bool = False, progress: bool = False) -> list[Path]:
     """Redraw ``root/plots`` (and ``report.html``) from the tables, replacing them atomically."""
     root = Path(root)
     ResultsDir.open(root)  # a clear error for a folder that is not a results directory
@@ -167,7 +197,7 @@ def redraw(root: str | Path, report: bool = False) -> list[Path]:
     except OSError as exc:
         raise OutputError(f"cannot write into {root}: {exc}") from exc
     try:
-        written = draw_all(root, report=report, plots_dir=staging)
+        written = draw_all(root, report=report, plots_dir=staging, progress=progress)
         target = root / "plots"
         old = None
         if target.exists():

@@ -77,42 +77,79 @@ def well_groups(best: pd.DataFrame, image: str, metric: str, model_a: str, layer
     return sorted(groups.values(), key=lambda g: (-len(g), g[0].side, g[0].map_id))
 
 
+TILE_IN = 1.1  # a thumbnail's side in the figure, inches
+TEXT_PT = 8
+
+
+def _tile(maps: np.ndarray, box: tuple[int, int]) -> np.ndarray:
+    """One map stretched to [0, 1] (its own colour scale), centred in a NaN box."""
+    arr = np.asarray(maps, dtype=np.float32)
+    finite = np.isfinite(arr)
+    low, high = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0, 0)
+    scaled = (np.where(finite, arr, low) - low) / (high - low) if high > low else arr * 0 + 0.5
+    out = np.full(box, np.nan, dtype=np.float32)
+    top, left = (box[0] - arr.shape[0]) // 2, (box[1] - arr.shape[1]) // 2
+    out[top:top + arr.shape[0], left:left + arr.shape[1]] = scaled
+    return out
+
+
 def groups_figure(groups: list[list[Member]], thumbs: dict[str, np.ndarray], view: MetricView,
                   threshold: float, image: str, title_pair: str) -> Figure | None:
-    """Rows of thumbnails, one row per group."""
+    """Rows of thumbnails, one row per group.
+
+    The thumbnails are pasted into one mosaic drawn by a single image artist (one axes, not
+    one per map: much faster to lay out and render), with the texts in its pixel coordinates.
+    """
     groups = [g for g in groups if all(thumb_key(m.model, m.layer) in thumbs for m in g)]
     if not groups:
         return None
     shown = groups[:MAX_GROUPS]
     width = min(MAX_PER_GROUP, max(len(g) for g in shown))
     two_models = len({m.model for g in shown for m in g}) > 1
-    # at least 5.5 inches wide, so the two-line title is never clipped
-    fig = Figure(figsize=(max(5.5, 1.25 * width + 0.6), 1.55 * len(shown) + 0.9), dpi=100,
-                 layout="constrained")
-    axes = fig.subplots(len(shown), width, squeeze=False)
+    layers = {thumb_key(m.model, m.layer) for g in shown for m in g}
+    box = (max(thumbs[k].shape[-2] for k in layers), max(thumbs[k].shape[-1] for k in layers))
+    px_per_in = max(box) / TILE_IN
+    line = round(1.35 * TEXT_PT / 72 * px_per_in)  # one text line, in mosaic pixels
+    gap = round(0.12 * px_per_in)
+    slot_h, slot_w = box[0] + 2 * line + gap, box[1] + gap
+    mosaic = np.full((slot_h * len(shown), slot_w * width), np.nan, dtype=np.float32)
+    texts: list[tuple[float, float, str, str]] = []  # x, y, text, vertical alignment
     for r, group in enumerate(shown):
-        for c in range(width):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c >= len(group):
-                ax.axis("off")
-                continue
-            m = group[c]
+        top = r * slot_h + line
+        for c, m in enumerate(group[:width]):
+            left = c * slot_w
             maps = thumbs[thumb_key(m.model, m.layer)]
-            ax.imshow(maps[m.map_id], cmap="gray", interpolation="nearest")
+            mosaic[top:top + box[0], left:left + box[1]] = _tile(maps[m.map_id], box)
             name = f"{m.model} {m.layer}" if two_models else m.layer
-            ax.set_title(f"{name} #{m.map_id}", fontsize=7)
-            if c == 0:
-                ax.set_ylabel(f"group {r + 1}", fontsize=7)
+            centre = left + box[1] / 2
+            texts.append((centre, top - 2, f"{name} #{m.map_id}", "bottom"))
             if m.value is not None:
-                ax.set_xlabel(f"→ #{m.partner}: {m.value:.2f}", fontsize=7)
+                texts.append((centre, top + box[0] + 2, f"→ #{m.partner}: {m.value:.2f}", "top"))
         if len(group) > width:
-            axes[r][-1].set_xlabel(f"+{len(group) - width} more", fontsize=7)
+            texts.append(((width - 0.5) * slot_w, top + box[0] + line + 2,
+                          f"+{len(group) - width} more", "top"))
     hidden = len(groups) - len(shown)
     more = f" ({hidden} more groups not shown)" if hidden else ""
-    fig.suptitle(f"{view.label}: maps whose best partner passes {view.passes_word(threshold)}, "
-                 f"grouped with their partners\n{title_pair}, image {image}{more}", fontsize=8)
+    title = (f"{view.label}: maps whose best partner passes {view.passes_word(threshold)}, "
+             f"grouped with their partners\n{title_pair}, image {image}{more}")
+    left_in, head_in = 0.75, 2 * 1.4 * TEXT_PT / 72 + 0.2
+    mosaic_w, mosaic_h = mosaic.shape[1] / px_per_in, mosaic.shape[0] / px_per_in
+    fig_w = max(5.5, left_in + mosaic_w + 0.2)  # wide enough for the two-line title
+    fig_h = head_in + mosaic_h + 0.1
+    fig = Figure(figsize=(fig_w, fig_h), dpi=100)
+    ax = fig.add_axes((left_in / fig_w, 0.1 / fig_h, mosaic_w / fig_w, mosaic_h / fig_h))
+    import matplotlib
+
+    cmap = matplotlib.colormaps["gray"].with_extremes(bad="white")
+    ax.imshow(np.ma.masked_invalid(mosaic), cmap=cmap, vmin=0, vmax=1,
+              interpolation="nearest", aspect="equal")
+    ax.axis("off")
+    for x, y, text, va in texts:
+        ax.text(x, y, text, ha="center", va=va, fontsize=TEXT_PT)
+    for r in range(len(shown)):
+        ax.text(-gap, r * slot_h + line + box[0] / 2, f"group {r + 1}", ha="right",
+                va="center", fontsize=TEXT_PT)
+    fig.suptitle(title, fontsize=TEXT_PT + 1, y=1 - 0.08 / fig_h, va="top")
     return fig
 
 

@@ -9,10 +9,11 @@ a picture and the report always show the same numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
+import seaborn  # noqa: F401 - registers the colour maps ("rocket") used by the heat maps
 from matplotlib.figure import Figure
 
 from mapsim.io.results import POOLED_IMAGE, MetricView, ResultsDir
@@ -281,6 +282,18 @@ def _layer_sets(results: ResultsDir, view: MetricView,
 
 
 # ---------------------------------------------------------------------- drawing
+#: the side of one heat-map cell, in inches (60 px at the figures' 100 dpi): room for
+#: "0.82" over "±0.05" at :data:`FONT_PT`
+CELL_IN = 0.6
+#: the side of a cell when a panel has more than :data:`ANNOTATE_MAX` rows or columns
+SMALL_CELL_IN = 0.3
+#: the size of every text in a heat-map figure (cell values, layer names, titles), points
+FONT_PT = 9
+DPI = 100
+_CHAR_IN = 0.6 * FONT_PT / 72  # a generous average character width
+_LINE_IN = 1.3 * FONT_PT / 72
+
+
 def annotations(panel: Panel, fmt: str) -> np.ndarray:
     """Cell texts: ``mean`` or ``mean\\n±std``; ``n/a`` where undefined."""
     mean = panel.mean.to_numpy()
@@ -297,37 +310,139 @@ def annotations(panel: Panel, fmt: str) -> np.ndarray:
     return text
 
 
+def _text_in(texts: list[str]) -> float:
+    return max((len(t) for t in texts), default=1) * _CHAR_IN
+
+
+@dataclass
+class _Grid:
+    """Where each panel goes: a grid of blocks, rows by model_a and columns by model_b, so
+    every panel of a row has that model's layers as rows and every cell is the same square."""
+
+    row_models: list[str]
+    col_models: list[str]
+    cell: float
+    ytick: float  # width of the row labels left of a panel, inches
+    xtick: float  # height of the (rotated) column labels below a panel, inches
+    col_w: list[float] = field(default_factory=list)  # each block column's width
+    row_h: list[float] = field(default_factory=list)  # each block row's height
+
+    @classmethod
+    def of(cls, panels: list[Panel], cell: float) -> _Grid:
+        rows = list(dict.fromkeys(p.model_a for p in panels))
+        cols = list(dict.fromkeys(p.model_b for p in panels))
+        labels_a = [str(x) for p in panels for x in p.mean.index]
+        labels_b = [str(x) for p in panels for x in p.mean.columns]
+        grid = cls(rows, cols, cell, _text_in(labels_a) + 0.1,
+                   0.75 * _text_in(labels_b) + 0.15)  # labels at 45 degrees
+        for m in cols:
+            here = [p for p in panels if p.model_b == m]
+            width = max(p.mean.shape[1] for p in here) * cell
+            titles = max(1.1 * _text_in([p.title, f"{p.title}: std"])  # bold
+                         for p in here)
+            titles = max(titles, _text_in([f"{m} layer (partner)"]))
+            grid.col_w.append(grid.ytick + 2 * _LINE_IN + max(width, titles) + 0.25)
+        for m in rows:
+            height = max(p.mean.shape[0] for p in panels if p.model_a == m) * cell
+            grid.row_h.append(_LINE_IN + 0.1 + height + grid.xtick + _LINE_IN + 0.2)
+        return grid
+
+    def rect(self, panel: Panel, top: float) -> tuple[float, float, float, float]:
+        """(left, bottom, width, height) of a panel in inches from the figure's bottom-left,
+        for a grid whose top edge is ``top`` inches up."""
+        i, j = self.row_models.index(panel.model_a), self.col_models.index(panel.model_b)
+        n_rows, n_cols = panel.mean.shape
+        width, height = n_cols * self.cell, n_rows * self.cell
+        slot = self.col_w[j] - self.ytick - 2 * _LINE_IN - 0.25
+        left = sum(self.col_w[:j]) + self.ytick + 2 * _LINE_IN + (slot - width) / 2
+        bottom = top - sum(self.row_h[:i]) - _LINE_IN - 0.1 - height
+        return left, bottom, width, height
+
+
+def _draw_panel(fig: Figure, rect: tuple[float, float, float, float], size: tuple[float, float],
+                data: pd.DataFrame, texts: np.ndarray | None, cmap: Any, vmin: float,
+                vmax: float, title: str, panel: Panel) -> Any:
+    w, h = size
+    left, bottom, width, height = rect
+    ax = fig.add_axes((left / w, bottom / h, width / w, height / h))
+    values = data.to_numpy(dtype=float)
+    mesh = ax.pcolormesh(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax,
+                         edgecolors="white", linewidth=0.5)
+    ax.set_xlim(0, values.shape[1])
+    ax.set_ylim(values.shape[0], 0)
+    ax.set_yticks(np.arange(values.shape[0]) + 0.5, [str(x) for x in data.index],
+                  fontsize=FONT_PT)
+    ax.set_xticks(np.arange(values.shape[1]) + 0.5, [str(x) for x in data.columns],
+                  fontsize=FONT_PT, rotation=45, ha="right", rotation_mode="anchor")
+    ax.tick_params(length=2, pad=2)
+    ax.set_title(title, fontsize=FONT_PT, fontweight="bold", pad=4)
+    label = f"{panel.model_a} layer (maps)"
+    if _text_in([label]) > height:  # a short panel: a shorter label that fits beside it
+        label = f"{panel.model_a}\nmaps"
+    ax.set_ylabel(label, fontsize=FONT_PT, labelpad=2, linespacing=1.0)
+    ax.set_xlabel(f"{panel.model_b} layer (partner)", fontsize=FONT_PT, labelpad=2)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if texts is not None:
+        span = (vmax - vmin) or 1.0
+        for (r, c), text in np.ndenumerate(texts):
+            value = values[r, c]
+            dark = True
+            if np.isfinite(value):
+                red, green, blue, _ = cmap(min(max((value - vmin) / span, 0.0), 1.0))
+                dark = 0.299 * red + 0.587 * green + 0.114 * blue >= 0.55
+            ax.text(c + 0.5, r + 0.5, text, ha="center", va="center", fontsize=FONT_PT,
+                    linespacing=1.0, color="black" if dark else "white")
+    return mesh
+
+
 def draw_set(hs: HeatmapSet) -> Figure:
-    """The figure of one heat-map set: panels side by side, one colour bar."""
+    """The figure of one heat-map set: one panel per comparison direction, placed in a grid
+    (rows: the model whose maps are compared, columns: the partner model), every cell the same
+    square, one colour scale. With more than :data:`ANNOTATE_MAX` layers a side the cells are
+    smaller and unlabelled, and the std over images gets its own grid of panels below."""
+    import matplotlib
+
     big = any(max(p.mean.shape) > ANNOTATE_MAX for p in hs.panels)
     with_std = big and any(p.std is not None for p in hs.panels)
-    n_rows = 2 if with_std else 1
-    widths = [max(p.mean.shape[1], 2) for p in hs.panels]
-    height_cells = max(p.mean.shape[0] for p in hs.panels)
-    cell = 0.3 if big else 0.75
-    fig = Figure(figsize=(max(5.0, cell * sum(widths) + 1.6 * len(widths) + 1.5),
-                          n_rows * (cell * height_cells + 1.6) + 1.0), dpi=100,
-                 layout="constrained")
-    grid = fig.add_gridspec(n_rows, len(widths) + 1, width_ratios=[*widths, 0.35])
-    for r in range(n_rows):
-        cax = fig.add_subplot(grid[r, -1])
-        for c, panel in enumerate(hs.panels):
-            ax = fig.add_subplot(grid[r, c])
-            data = panel.mean if r == 0 else panel.std
-            kwargs = dict(vmin=hs.vmin, vmax=hs.vmax, cmap=hs.cmap) if r == 0 else dict(
-                vmin=0, cmap="Greys")
-            annot = annotations(panel, hs.fmt) if not big else False
-            sns.heatmap(data, ax=ax, cbar=c == 0, cbar_ax=cax if c == 0 else None,
-                        annot=annot, fmt="", annot_kws={"fontsize": 8}, square=False,
-                        linewidths=0.5, linecolor="white",
-                        cbar_kws={"label": hs.cbar_label if r == 0 else f"std of {hs.cbar_label}"},
-                        **kwargs)
-            ax.set_facecolor("#d9d9d9")  # undefined cells
-            ax.set_title(panel.title if r == 0 else f"{panel.title}: std", fontsize=9)
-            ax.set_ylabel(f"{panel.model_a} layer (maps)", fontsize=8)
-            ax.set_xlabel(f"{panel.model_b} layer (partner)", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
-            ax.set_xticklabels(ax.get_xticklabels(), rotation=45, ha="right")
-    fig.suptitle(hs.title, fontsize=9)
+    grid = _Grid.of(hs.panels, SMALL_CELL_IN if big else CELL_IN)
+    title_lines = hs.title.count("\n") + 1
+    head = title_lines * _LINE_IN + 0.25
+    bar = 0.2 + 0.15 + 2 * _LINE_IN + 0.3  # colour bar, its ticks and label
+    block_h = sum(grid.row_h)
+    width = max(sum(grid.col_w) + bar + 0.2, _text_in(hs.title.split("\n")) * 0.9 + 0.4)
+    height = head + block_h * (2 if with_std else 1) + 0.1
+    width, height = np.ceil(width * DPI) / DPI, np.ceil(height * DPI) / DPI  # whole pixels
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    size = (width, height)
+    main_cmap = matplotlib.colormaps[hs.cmap].with_extremes(bad="#d9d9d9")
+    grey = matplotlib.colormaps["Greys"].with_extremes(bad="#d9d9d9")
+    rows = [("mean", main_cmap, hs.vmin, hs.vmax, hs.cbar_label)]
+    if with_std:
+        top_std = max((float(np.nanmax(p.std.to_numpy())) for p in hs.panels
+                       if p.std is not None and np.isfinite(p.std.to_numpy()).any()),
+                      default=1.0)
+        rows.append(("std", grey, 0.0, top_std or 1.0, f"std of {hs.cbar_label}"))
+    caxes = []
+    for k, (_, _, _, _, _) in enumerate(rows):  # colour bars first: fig.axes[0] is the main one
+        top = height - head - k * block_h
+        cax_bottom = top - block_h + grid.xtick + _LINE_IN + 0.2
+        caxes.append(fig.add_axes(((sum(grid.col_w) + 0.1) / width, cax_bottom / height,
+                                   0.2 / width, (top - 0.1 - cax_bottom) / height)))
+    for k, (what, cmap, vmin, vmax, label) in enumerate(rows):
+        top = height - head - k * block_h
+        mesh = None
+        for panel in hs.panels:
+            data = panel.mean if what == "mean" else panel.std
+            if data is None:
+                continue
+            texts = None if big else annotations(panel, hs.fmt)
+            title = panel.title if what == "mean" else f"{panel.title}: std"
+            mesh = _draw_panel(fig, grid.rect(panel, top), size, data, texts, cmap, vmin, vmax,
+                               title, panel)
+        if mesh is not None:
+            bar_ = fig.colorbar(mesh, cax=caxes[k])
+            bar_.set_label(label, fontsize=FONT_PT)
+            bar_.ax.tick_params(labelsize=FONT_PT)
+    fig.suptitle(hs.title, fontsize=FONT_PT + 1, y=1 - 0.1 / height, va="top")
     return fig

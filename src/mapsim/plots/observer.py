@@ -6,6 +6,8 @@ report; the runner itself never imports this package.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +19,7 @@ from mapsim.api import ImageItem
 from mapsim.observers import RunObserver
 from mapsim.plots.capture import PlotCapture
 from mapsim.plots.draw import draw_for_run
+from mapsim.plots.io import atomic_write_bytes
 from mapsim.types import SimilarityMatrix
 
 
@@ -29,8 +32,9 @@ class PlotObserver(RunObserver):
     key: ClassVar[str] = "plots"
     needs_maps: ClassVar[bool] = True
 
-    def __init__(self, report: bool = False, n_images: int = 1) -> None:
+    def __init__(self, report: bool = False, n_images: int = 1, progress: bool = False) -> None:
         self.report = report
+        self.progress = progress
         self.capture = PlotCapture(n_images)
         #: the pictures drawn by :meth:`finished`
         self.drawn: list[Path] = []
@@ -53,13 +57,31 @@ class PlotObserver(RunObserver):
         self.capture.write(staging)
 
     def finished(self, out_dir: Path) -> None:
-        self.drawn = draw_for_run(out_dir, report=self.report)
+        """Draw the pictures, then record how long that took in run.json
+        (``timings_s.draw``, seconds; ``timings_s.total`` stays the analysis alone)."""
+        start = time.perf_counter()
+        self.drawn = draw_for_run(out_dir, report=self.report, progress=self.progress)
+        record_draw_time(Path(out_dir), time.perf_counter() - start)
 
 
-def observers_for(output: Any, plots: bool | None = None) -> list[RunObserver]:
+def record_draw_time(out_dir: Path, seconds: float) -> None:
+    """Add ``timings_s.draw`` to ``out_dir/run.json``, atomically (nothing else changes)."""
+    path = out_dir / "run.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no readable run.json: nothing to record into
+        return
+    info.setdefault("timings_s", {})["draw"] = round(seconds, 4)
+    atomic_write_bytes(path, (json.dumps(info, indent=2, default=str) + "\n").encode("utf-8"))
+
+
+def observers_for(output: Any, plots: bool | None = None,
+                  progress: bool = False) -> list[RunObserver]:
     """The observers a spec's ``output`` asks for: a :class:`PlotObserver` when it wants
-    plots or a report (``plots``: True or False overrides the spec)."""
+    plots or a report (``plots``: True or False overrides the spec; ``progress``: a
+    progress bar while drawing)."""
     wanted = (output.plots or output.report) if plots is None else plots
     if not wanted:
         return []
-    return [PlotObserver(report=bool(output.report), n_images=output.plot_images)]
+    return [PlotObserver(report=bool(output.report), n_images=output.plot_images,
+                         progress=progress)]

@@ -27,6 +27,15 @@ from mapsim.plots.io import atomic_write_bytes
 
 TOP_PAIRS = 8
 THUMB_CSS_PX = 72
+#: a heat-map cell of the report is a square of this many CSS pixels, its text this size
+CELL_CSS_PX = 52
+CELL_FONT_CSS_PX = 13
+#: the pictures under "More pictures" are embedded at most this wide and tall (pixels), as
+#: JPEG: sized for the page, not copies of the full-resolution PNGs in plots/
+PAGE_IMAGE_PX = (720, 1440)
+PAGE_IMAGE_QUALITY = 75
+#: at most this many of them per kind (histogram, matrix, groups); the rest are named
+MAX_PAGE_IMAGES = 24
 
 
 def _colour(cmap: Any, value: float, vmin: float, vmax: float) -> tuple[str, str]:
@@ -39,11 +48,17 @@ def _colour(cmap: Any, value: float, vmin: float, vmax: float) -> tuple[str, str
     return matplotlib.colors.to_hex((r, g, b)), text
 
 
-def _png_data_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+def _page_image(path: Path) -> str:
+    """A PNG of plots/ as a JPEG data URI no larger than :data:`PAGE_IMAGE_PX`."""
+    with Image.open(path) as picture:
+        picture = picture.convert("RGB")
+        picture.thumbnail(PAGE_IMAGE_PX, Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        picture.save(buffer, "JPEG", quality=PAGE_IMAGE_QUALITY, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _thumb_png(arr: np.ndarray) -> str:
+def _thumb_uri(arr: np.ndarray) -> str:
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim == 3:
         arr = arr.mean(axis=0)
@@ -54,8 +69,10 @@ def _thumb_png(arr: np.ndarray) -> str:
     else:
         scaled = (np.where(finite, arr, low) - low) / (high - low)
     buffer = io.BytesIO()
-    Image.fromarray((scaled * 255).round().astype(np.uint8), mode="L").save(buffer, "PNG")
-    return _png_data_uri(buffer.getvalue())
+    # JPEG: a thumbnail of a noisy map is a third of its PNG's size, and looks the same
+    Image.fromarray((scaled * 255).round().astype(np.uint8), mode="L").save(
+        buffer, "JPEG", quality=PAGE_IMAGE_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -134,17 +151,21 @@ class _PairIndex:
             return None
         key = f"{model}|{layer}|{map_id}"
         if key not in self.thumbs:
-            self.thumbs[key] = _thumb_png(arrays[map_id])
+            self.thumbs[key] = _thumb_uri(arrays[map_id])
         return key
 
 
 def _heatmap_table(hs: HeatmapSet, pairs: _PairIndex) -> str:
     cmap = matplotlib.colormaps[hs.cmap]
-    parts = []
+    # one row of panels per compared model (as in the PNGs): every cell the same square
+    rows_of: dict[str, list[str]] = {p.model_a: [] for p in hs.panels}
     for panel in hs.panels:
         text = annotations(panel, hs.fmt)
         cols = [str(c) for c in panel.mean.columns]
         head = "".join(f"<th class='col'>{html.escape(c)}</th>" for c in cols)
+        # a fixed table layout: no label or text can widen a column, so cells stay squares
+        widths = f"<col style='width:{CELL_CSS_PX}px'>" * len(cols)
+        corner = 12 + CELL_FONT_CSS_PX * max(len(str(r)) for r in panel.mean.index) * 2 // 3
         body = []
         for i, row in enumerate(panel.mean.index):
             cells = []
@@ -159,17 +180,21 @@ def _heatmap_table(hs: HeatmapSet, pairs: _PairIndex) -> str:
                     f"data-layers='{html.escape(f'{panel.model_a}:{row} / {panel.model_b}:{col}')}'"
                     f" title='{html.escape(str(row))} / {html.escape(col)}'>{label}</td>")
             body.append(f"<tr><th class='row'>{html.escape(str(row))}</th>{''.join(cells)}</tr>")
-        parts.append(
+        rows_of[panel.model_a].append(
             f"<div class='panel'><div class='ptitle'>{html.escape(panel.title)}</div>"
-            f"<table class='hm'><caption>rows: {html.escape(panel.model_a)} layer (maps); "
-            f"columns: {html.escape(panel.model_b)} layer (partner)</caption>"
-            f"<tr><th></th>{head}</tr>{''.join(body)}</table></div>")
+            f"<table class='hm' style='width:{corner + len(cols) * CELL_CSS_PX}px'>"
+            f"<colgroup><col style='width:{corner}px'>"
+            f"{widths}</colgroup>"
+            f"<tr><th></th>{head}</tr>{''.join(body)}</table>"
+            f"<div class='pcap'>rows: {html.escape(panel.model_a)} layer (maps); "
+            f"columns: {html.escape(panel.model_b)} layer (partner)</div></div>")
     low, high = (format(v, hs.fmt) for v in (hs.vmin, hs.vmax))
     stops = ", ".join(matplotlib.colors.to_hex(cmap(x)) for x in np.linspace(0, 1, 11))
     legend = (f"<div class='legend'><span>{low}</span><span class='bar' "
               f"style='background:linear-gradient(to right, {stops})'></span><span>{high}</span>"
               f" <span class='lbl'>{html.escape(hs.cbar_label)}</span></div>")
-    return f"<div class='panels'>{''.join(parts)}</div>{legend}"
+    rows = "".join(f"<div class='prow'>{''.join(parts)}</div>" for parts in rows_of.values())
+    return f"<div class='panels'>{rows}</div>{legend}"
 
 
 def _summary_html(results: ResultsDir) -> str:
@@ -250,15 +275,19 @@ def build_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
         chosen = [f for f in figures if f["kind"] == kind]
         if not chosen:
             continue
+        shown, rest = chosen[:MAX_PAGE_IMAGES], chosen[MAX_PAGE_IMAGES:]
         imgs = "".join(
             f"<figure><img alt='{html.escape(f['caption'])}' src='"
-            f"{_png_data_uri((plots_dir / f['file']).read_bytes())}'><figcaption>"
+            f"{_page_image(plots_dir / f['file'])}'><figcaption>"
             f"{html.escape(f['caption'])} (plots/{html.escape(f['file'])})</figcaption></figure>"
-            for f in chosen)
+            for f in shown)
+        if rest:
+            imgs += ("<p>Not embedded (see plots/): "
+                     + ", ".join(html.escape(f["file"]) for f in rest) + "</p>")
         figure_html.append(f"<details><summary>{title} ({len(chosen)})</summary>{imgs}</details>")
     data = {"pairs": pairs.pairs, "thumbs": pairs.thumbs}
     if pairs.thumb_image is not None and "__input__" in pairs.thumb_arrays:
-        data["input"] = _thumb_png(pairs.thumb_arrays["__input__"])
+        data["input"] = _thumb_uri(pairs.thumb_arrays["__input__"])
     payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
     return _TEMPLATE.format(
         title=html.escape(f"mapsim report: {results.name}"),
@@ -266,7 +295,8 @@ def build_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
         heatmaps="".join(sections) or "<p>No heat maps: the run wrote no pivot or layer "
         "similarity tables.</p>",
         figures="".join(figure_html), data=payload,
-        css=_CSS.replace("{thumb}", str(THUMB_CSS_PX)), js=_JS)
+        css=_CSS.replace("{thumb}", str(THUMB_CSS_PX)).replace("{cell}", str(CELL_CSS_PX))
+        .replace("{cell_font}", str(CELL_FONT_CSS_PX)), js=_JS)
 
 
 def write_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
@@ -283,12 +313,17 @@ h1{font-size:1.4em}h2{border-bottom:1px solid #ccc;margin-top:1.5em}h3{margin-bo
 h4{font-weight:normal;font-size:.9em;margin:.4em 0}
 table.info{border-collapse:collapse;font-size:.85em}
 table.info th,table.info td{border:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top}
-.panels{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}
+.panels{display:flex;flex-direction:column;gap:1em}
+.prow{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}
 .ptitle{font-weight:bold;font-size:.9em;margin-bottom:.2em}
-table.hm{border-collapse:collapse;font-size:.75em}
-table.hm caption{caption-side:bottom;font-size:.9em;color:#555;padding-top:.3em}
+table.hm{border-collapse:collapse;font-size:{cell_font}px;table-layout:fixed}
+.panel{display:inline-block}
+.pcap{width:0;min-width:100%;font-size:12px;color:#555;padding-top:.3em}
 table.hm th{font-weight:normal;padding:2px 4px}
-td.cell{width:4.2em;height:2.6em;text-align:center;cursor:pointer;border:1px solid #fff}
+table.hm th.col{writing-mode:vertical-rl;transform:rotate(180deg);text-align:left;
+white-space:nowrap;padding:4px 0}
+td.cell{width:{cell}px;height:{cell}px;min-width:{cell}px;padding:0;text-align:center;
+cursor:pointer;border:1px solid #fff;line-height:1.15}
 td.cell:hover,td.cell.chosen{outline:3px solid #e4572e;outline-offset:-3px}
 .legend{display:flex;align-items:center;gap:.4em;font-size:.8em;margin:.5em 0}
 .legend .bar{display:inline-block;width:200px;height:12px}
