@@ -28,34 +28,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     if not World.from_env().main:  # a torchrun process other than rank 0: rank 0 reports
         return 0
-    print(f"{res.n_images} image(s) on {res.info['device']}; results in {res.dir}")
-    print("files: " + ", ".join(sorted(p.relative_to(res.dir).as_posix()
-                                      for p in res.dir.rglob("*") if p.is_file())))
+    from mapsim.run_summary import files_list, findings_table, timings_line
+
+    timings = timings_line(res.info)
+    print(f"{res.n_images} image(s) on {res.info['device']}"
+          + (f" ({timings})" if timings else "") + f"; results in {res.dir}:")
+    print(files_list(res.dir))
     findings = findings_table(res.dir)
     if findings:
         print(findings)
     return 0
-
-
-def findings_table(out_dir: Path) -> str:
-    """Per model, metric and layer (compared with itself): mean best value and % well correlated."""
-    import pandas as pd
-
-    path = out_dir / "summary.csv"
-    if not path.exists():
-        return ""
-    summary = pd.read_csv(path)
-    own = summary[(summary.model_a == summary.model_b) & (summary.layer_a == summary.layer_b)]
-    wide = own.pivot_table(index=["metric", "model_a", "layer_a"], columns="statistic",
-                           values="mean", sort=False)
-    if wide.empty or not {"best_mean", "pct_well"} <= set(wide.columns):
-        return ""
-    lines = ["", "Within each layer (mean over images):",
-             f"  {'metric':<10} {'model':<12} {'layer':<16} {'mean best':>9} {'% well':>7}"]
-    for (metric, model, layer), row in wide.iterrows():
-        lines.append(f"  {metric:<10} {model:<12} {layer:<16} {row.best_mean:>9.3f} "
-                     f"{row.pct_well:>7.1f}")
-    return "\n".join(lines)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
