@@ -16,12 +16,13 @@ import torch
 from mapsim._version import __version__
 from mapsim.observers import RunObserver
 from mapsim.engine.similarity import MapStack
-from mapsim.engine.step import DeadCount, DeadKey
+from mapsim.engine.step import ACROSS_IMAGES, POOLED_IMAGE, DeadCount, DeadKey
 from mapsim.runner.blocks import ImageBlock, PartialRun
 from mapsim.runner.distributed import World
 from mapsim.runner.setup import RunSetup
 from mapsim.runner.sinks import WriterOutput, summary_accumulators, table_sink
 from mapsim.runner.writer import ResultsWriter
+from mapsim.tables.intervals import SEED, bootstrap_intervals, with_intervals
 
 
 @dataclass
@@ -65,6 +66,9 @@ def merge_and_publish(setup: RunSetup, world: World, partial: PartialRun,
             frame = merged.summaries.get(table, accumulator).table()
             if table in from_aggregators or not frame.empty:
                 name = "summary" if table == "pivot" else f"{table}_summary"
+                if spec.statistics.confidence is not None:
+                    frame = _with_intervals(frame, partial.rows.folder / f"{table}.csv",
+                                            accumulator.keys, spec.statistics)
                 writer.write_table(name, frame)
         setup.timings["merge"] = time.perf_counter() - start
         info = run_info(setup, merged.dead_counts, merged.n_images, time.perf_counter() - started)
@@ -85,6 +89,22 @@ def merge_and_publish(setup: RunSetup, world: World, partial: PartialRun,
     partial.remove()
     world.share("finished", str(out))
     return RunResult(out, merged.n_images, tables, info)
+
+
+def _with_intervals(summary: pd.DataFrame, rows: Path, keys: list[str],
+                    statistics: Any) -> pd.DataFrame:
+    """The summary with bootstrap intervals from the per-image rows of its table (the rows
+    computed across all images, or pooled, are not images and are left out)."""
+    if rows.is_file():
+        per_image = pd.read_csv(rows, dtype={k: str for k in ("image", *keys)
+                                             if k not in ("threshold",)},
+                                keep_default_na=False, na_values=[""])
+        per_image = per_image[~per_image["image"].isin([ACROSS_IMAGES, POOLED_IMAGE])]
+    else:
+        per_image = pd.DataFrame(columns=["image", *keys])
+    intervals = bootstrap_intervals(per_image, keys, statistics.confidence,
+                                    statistics.resamples)
+    return with_intervals(summary, intervals, keys)
 
 
 def run_info(setup: RunSetup, dead_counts: dict[DeadKey, DeadCount], n_images: int,
@@ -132,6 +152,13 @@ def run_info(setup: RunSetup, dead_counts: dict[DeadKey, DeadCount], n_images: i
             "products": "float32 chunks over pixels, TF32 disabled",
             "accumulation": "float64",
             "merge_across_images": "float64, Chan et al. update",
+        },
+        "intervals": None if spec.statistics.confidence is None else {
+            "level": spec.statistics.confidence,
+            "method": "bootstrap over images (scipy.stats.bootstrap): BCa where defined, "
+                      "else percentile; the value itself when all images agree",
+            "resamples": spec.statistics.resamples, "seed": SEED,
+            "columns": ["ci_low", "ci_high", "ci_method"],
         },
         "pooled": {
             "enabled": spec.engine.pooled,

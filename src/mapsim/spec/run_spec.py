@@ -151,6 +151,18 @@ class EngineSpec(StrictModel):
     )
 
 
+class StatisticsSpec(StrictModel):
+    """How sure the across-image summaries are."""
+
+    confidence: float | None = Field(
+        0.95, gt=0, lt=1,
+        description="Level of the bootstrap confidence intervals over images in summary.csv "
+        "and layer_similarity_summary.csv (ci_low, ci_high); null: no intervals.",
+    )
+    resamples: int = Field(9999, ge=100, le=1_000_000,
+                           description="Bootstrap resamples per interval.")
+
+
 class OutputSpec(StrictModel):
     """Where and what to write."""
 
@@ -257,6 +269,7 @@ def _spec_models(registry: Registry) -> type[BaseModel]:
             default_factory=lambda: ["max", "threshold", "pivot"], validate_default=True
         )
         engine: EngineSpec = Field(default_factory=EngineSpec)
+        statistics: StatisticsSpec = Field(default_factory=StatisticsSpec)
         output: OutputSpec = Field(default_factory=OutputSpec)
         device: str = Field("auto", pattern=DEVICE_PATTERN)
 
