@@ -29,6 +29,7 @@ import torch
 from mapsim.api import ImageItem, Metric
 from mapsim.devices import to_device
 from mapsim.engine.moments import compute_moments
+from mapsim.engine.precision import differs_from_exact, forward_precision, probe
 from mapsim.engine.similarity import (
     MapStack,
     comparison_groups,
@@ -160,13 +161,15 @@ class ImageStep:
         self.builders: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ inputs
-    def extract(self, item: ImageItem) -> Maps:
-        """Capture the chosen layers of every model for one image: {model: {label: (C,H,W)}}."""
+    def extract(self, item: ImageItem, precision: str | None = None) -> Maps:
+        """Capture the chosen layers of every model for one image: {model: {label: (C,H,W)}},
+        float32, the forward pass run under ``precision`` (default: the spec's policy)."""
         image = self.input(item)
         out = {}
         for name, model in self.models.items():
-            captured = model.extractor.extract(model.loaded.module, list(model.layers.values()),
-                                               image)
+            with forward_precision(precision or self.engine.precision, self.device):
+                captured = model.extractor.extract(model.loaded.module,
+                                                   list(model.layers.values()), image)
             maps = {}
             for label, path in model.layers.items():
                 tensor = captured[path]
@@ -177,7 +180,7 @@ class ImageStep:
                         "(1, channels, height, width). Choose convolutional layers "
                         "(see `mapsim layers`)."
                     )
-                maps[label] = tensor[0]
+                maps[label] = tensor[0].float()  # autocast outputs are half precision
             out[name] = maps
         return out
 
@@ -204,6 +207,15 @@ class ImageStep:
                 "add 'labels' to the images entry or remove engine.roi"
             )
         return torch.from_numpy(roi_mask(item.label, roi.dilate, source=item.source))
+
+    def probe_precision(self, item: ImageItem) -> dict[str, Any]:
+        """What the precision policy costs on ``item``: per model and layer, the largest
+        |delta r| against an ``exact`` forward pass (see :mod:`mapsim.engine.precision`)."""
+        policy = self.engine.precision
+        if not differs_from_exact(policy, self.device):
+            return {"skipped": f"{policy} on {self.device.type} computes as exact does"}
+        values = probe(self.extract(item), self.extract(item, precision="exact"))
+        return {"image": item.id, "max_abs_delta_r": values}
 
     # ------------------------------------------------------------------ the plain path
     def compute(self, item: ImageItem, keep_maps: bool = False) -> ImageResult:
@@ -266,8 +278,9 @@ class ImageStep:
 
         def run_model(name: str, on_output: Any) -> bool:
             model = self.models[name]
-            return model.extractor.stream(model.loaded.module, list(model.layers.values()),
-                                          image, on_output)
+            with forward_precision(self.engine.precision, self.device):
+                return model.extractor.stream(model.loaded.module,
+                                              list(model.layers.values()), image, on_output)
 
         groups = []
         for index, models in enumerate(self.groups):

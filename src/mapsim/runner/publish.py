@@ -148,15 +148,18 @@ def run_info(setup: RunSetup, dead_counts: dict[DeadKey, DeadCount], n_images: i
         "plugins_registered": providers,
         "device": str(setup.device),
         "precision": {
-            "activations": "float32",
+            "forward": spec.engine.precision,
+            "forward_probe": setup.precision_probe,
+            "activations": "float32 (autocast outputs converted)",
             "products": "float32 chunks over pixels, TF32 disabled",
             "accumulation": "float64",
             "merge_across_images": "float64, Chan et al. update",
         },
         "intervals": None if spec.statistics.confidence is None else {
             "level": spec.statistics.confidence,
-            "method": "bootstrap over images (scipy.stats.bootstrap): BCa where defined, "
-                      "else percentile; the value itself when all images agree",
+            "method": "bootstrap over images (scipy.stats.bootstrap): BCa from 10 images on "
+                      "where defined, else percentile; the value itself when all images "
+                      "agree",
             "resamples": spec.statistics.resamples, "seed": SEED,
             "columns": ["ci_low", "ci_high", "ci_method"],
         },

@@ -273,6 +273,8 @@ def _blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: Path,
         try:
             start = time.perf_counter()
             runner.setup.prepare_models()
+            if world.main and spec.engine.precision_probe:
+                runner.setup.probe_precision(dataset)
             runner.timings["setup"] = time.perf_counter() - started
             ids: set[str] = set()
             label = spec.name if not world.distributed else f"{spec.name} [{world.rank}]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -39,6 +40,8 @@ class RunSetup:
         for aggregator in self.aggregators:
             aggregator.prepare(self.metrics)
         self.models: dict[str, PreparedModel] = {}
+        #: what the forward pass's precision costs (:meth:`probe_precision`)
+        self.precision_probe: dict[str, Any] = {"skipped": "engine.precision_probe is off"}
         #: comparisons whose models share starting weights (after :meth:`prepare_models`)
         self.shared_start: list[SharedStart] = []
         self.timings: dict[str, float] = defaultdict(float)
@@ -55,6 +58,14 @@ class RunSetup:
         self.shared_start = self._shared_starts()
         for finding in self.shared_start:
             warnings.warn(finding.message(), MapsimWarning, stacklevel=2)
+
+    def probe_precision(self, dataset: Any) -> None:
+        """Measure what the precision policy costs on the dataset's first image."""
+        start = time.perf_counter()
+        first = next(iter(dataset.slice(0, 1)), None)
+        if first is not None:
+            self.precision_probe = self.step.probe_precision(first)
+        self.timings["precision_probe"] = time.perf_counter() - start
 
     def _shared_starts(self) -> list[SharedStart]:
         """Comparisons of two models with layers that started from (or are) the same

@@ -142,6 +142,17 @@ class EngineSpec(StrictModel):
         "out and that --resume skips once done. Results do not depend on it, except for "
         "rounding in the summaries and pooled tables.",
     )
+    precision: Literal["exact", "tf32", "fp16", "bf16"] = Field(
+        "tf32",
+        description="The forward pass: exact (float32, TF32 off), tf32 (PyTorch's default for "
+        "convolutions on CUDA; the same as exact on a CPU), fp16 or bf16 (autocast). The "
+        "similarity step is equally exact in every mode.",
+    )
+    precision_probe: bool = Field(
+        True,
+        description="Measure on the first image what the precision costs: the largest |delta "
+        "r| per layer against an exact forward pass (recorded in run.json).",
+    )
     fuse_batchnorm: bool = Field(
         True,
         description="Fold batch norms into the convolutions before them for the run (models "

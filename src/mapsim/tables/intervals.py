@@ -2,10 +2,12 @@
 
 Every row of ``summary.csv`` (and ``layer_similarity_summary.csv``) is the mean over images
 of one statistic for one layer pair. Its interval comes from resampling the images with
-replacement (``scipy.stats.bootstrap``): BCa (bias-corrected and accelerated) where it is
-defined, the percentile interval where BCa is not (its jackknife can be degenerate with very
-few distinct values), the value itself when every image gives the same value, and no
-interval (empty cells, the reason in ``ci_method``) with fewer than two images.
+replacement (``scipy.stats.bootstrap``): BCa (bias-corrected and accelerated) from
+:data:`BCA_MIN_IMAGES` images on, where it is defined; the percentile interval below that
+(with a handful of images the bootstrap means take few distinct values, many equal to the
+observed mean, and BCa's bias correction then jumps with the last bit of a value) or where BCa
+is undefined; the value itself when every image gives the same value; and no interval (empty
+cells, the reason in ``ci_method``) with fewer than two images.
 
 The intervals are computed once, when the results are published, from the per-image rows the
 run has written (``pivot.csv``, ``layer_similarity.csv``), in image order, with a fixed seed:
@@ -26,6 +28,8 @@ from scipy import stats
 SEED = 0
 #: resamples per interval
 RESAMPLES = 9999
+#: fewer images than this get the percentile interval (see the module docstring)
+BCA_MIN_IMAGES = 10
 
 
 def bootstrap_intervals(per_image: pd.DataFrame, keys: Sequence[str], level: float,
@@ -65,13 +69,18 @@ def bootstrap_intervals(per_image: pd.DataFrame, keys: Sequence[str], level: flo
 def _vectorised(data: np.ndarray, level: float, resamples: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """BCa intervals of the mean of each row of ``data`` (rows x images), with the percentile
-    interval for the rows where BCa is undefined."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # degenerate BCa rows are handled below
-        bca = stats.bootstrap((data,), np.mean, n_resamples=resamples, axis=-1,
-                              vectorized=True, confidence_level=level, method="BCa", rng=rng)
-    low = np.asarray(bca.confidence_interval.low, dtype=float).reshape(-1)
-    high = np.asarray(bca.confidence_interval.high, dtype=float).reshape(-1)
+    interval for few images and for the rows where BCa is undefined."""
+    if data.shape[1] >= BCA_MIN_IMAGES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # degenerate BCa rows are handled below
+            bca = stats.bootstrap((data,), np.mean, n_resamples=resamples, axis=-1,
+                                  vectorized=True, confidence_level=level, method="BCa",
+                                  rng=rng)
+        low = np.asarray(bca.confidence_interval.low, dtype=float).reshape(-1)
+        high = np.asarray(bca.confidence_interval.high, dtype=float).reshape(-1)
+    else:
+        low = np.full(len(data), np.nan)
+        high = np.full(len(data), np.nan)
     method = ["BCa"] * len(data)
     bad = ~(np.isfinite(low) & np.isfinite(high))
     if bad.any():

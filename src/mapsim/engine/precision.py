@@ -1,0 +1,92 @@
+"""The forward pass's precision: a policy the user chooses, and a probe of what it costs.
+
+``engine.precision`` picks how the networks run (the similarity step is the same in every
+mode: centred float32 chunks, TF32 off, accumulated in float64):
+
+* ``exact``: float32, TF32 off for the convolutions (float32 matrix products never use TF32
+  in PyTorch's default settings, which mapsim keeps);
+* ``tf32`` (default): convolutions in TF32 on GPUs that have it (Ampere and later), which is
+  PyTorch's own default. On a CPU it is the same as ``exact``;
+* ``fp16`` / ``bf16``: autocast to half precision / bfloat16 (on CUDA; bf16 also on the CPU).
+
+Maps always reach the engine as float32. The probe runs the first image once more with the
+``exact`` forward pass and records, per captured layer, the largest |delta r| between the two
+passes over the Pearson correlations of the layer's maps with each other: what the policy
+costs in the numbers a run reports, measured on the run's own data and networks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from mapsim.engine.moments import compute_moments
+
+PRECISIONS = ("exact", "tf32", "fp16", "bf16")
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def forward_precision(policy: str, device: torch.device) -> Iterator[None]:
+    """Run the networks' forward passes inside this for ``policy`` on ``device``.
+
+    Only the convolutions' TF32 switch is set (``exact``: off, ``tf32``: on); float32 matrix
+    products keep PyTorch's default (no TF32), and the similarity step sets its own.
+    """
+    saved = _conv_tf32()
+    _set_conv_tf32(policy == "tf32")
+    try:
+        if policy in _AUTOCAST:
+            with torch.autocast(device.type, dtype=_AUTOCAST[policy]):
+                yield
+        else:
+            yield
+    finally:
+        _set_conv_tf32(saved)
+
+
+def _conv_tf32() -> bool:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        return conv.fp32_precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def _set_conv_tf32(on: bool) -> None:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        conv.fp32_precision = "tf32" if on else "ieee"
+    else:  # pragma: no cover - older torch
+        torch.backends.cudnn.allow_tf32 = on
+
+
+def differs_from_exact(policy: str, device: torch.device) -> bool:
+    """Whether ``policy`` can give other numbers than ``exact`` on ``device``."""
+    return policy in _AUTOCAST or (policy == "tf32" and device.type == "cuda")
+
+
+def correlations(maps: torch.Tensor) -> torch.Tensor:
+    """Pearson r (float64) between the maps (C, H, W) of one layer, NaN for dead maps, by
+    the engine's own moments."""
+    moments = compute_moments(maps.reshape(maps.shape[0], -1).float())
+    g = moments.comoment
+    d = torch.sqrt(torch.diagonal(g))
+    denom = torch.outer(d, d)
+    return torch.where(denom > 0, g / torch.where(denom > 0, denom, 1.0), torch.nan)
+
+
+def probe(policy_maps: Mapping[str, Mapping[str, torch.Tensor]],
+          exact_maps: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, Any]:
+    """``{model: {layer: largest |delta r|}}`` between two passes' maps of one image (pairs
+    with a dead map in either pass are left out)."""
+    out: dict[str, Any] = {}
+    for model, layers in exact_maps.items():
+        out[model] = {}
+        for layer, exact in layers.items():
+            delta = (correlations(policy_maps[model][layer]) - correlations(exact)).abs()
+            finite = delta[torch.isfinite(delta)]
+            out[model][layer] = float(finite.max()) if finite.numel() else 0.0
+    return out
