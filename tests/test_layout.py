@@ -50,7 +50,7 @@ STAGES: dict[str, int] = {
     "runner": 6, "run": 6,
     # consumers of results and models
     "plots": 7, "training": 7, "pruning": 7, "results": 7, "session": 7, "cli": 7,
-    "data_cli": 7, "__main__": 7,
+    "data_cli": 7, "__main__": 7, "run_summary": 7,
     "testing": 7,  # the metric contract suite drives the engine
 }
 #: the public facade (mapsim/__init__.py) and the plugins sit above every stage
