@@ -1,38 +1,22 @@
 """mapsim: extract, compare and summarise the activation maps of convolutional networks.
 
 The public API. Notebooks and scripts use :func:`load_spec`, :func:`run`, :func:`open_results`
-and :class:`Results`; plugin authors subclass the base classes below and import nothing else
-from mapsim. The run-level names are imported on first use, so ``import mapsim`` stays cheap
-(a plugin module imports it while the registry is being built).
+and :class:`Results`; plugin authors subclass the base classes (:class:`MapMetric`, ...) and
+import nothing else from mapsim. Every name but the errors and the version is imported on first
+use, so ``import mapsim`` loads neither torch nor pandas.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mapsim.api import (
-    Aggregator,
-    Architecture,
-    Dataset,
-    Extractor,
-    FusesForInference,
-    ImageItem,
-    ImagesMetric,
-    LayerMetric,
-    MapMetric,
-    Metric,
-    MetricInfo,
-    MetricPathError,
-    Params,
-    Undefined,
-)
-from mapsim.observers import RunObserver
+from mapsim._version import __version__
 from mapsim.errors import (
-    LayerOutputError,
     DuplicatePluginError,
     ExtractionError,
     ImageError,
     LayerNotFoundError,
+    LayerOutputError,
     MapsimError,
     ModelError,
     OutputError,
@@ -43,40 +27,70 @@ from mapsim.errors import (
     WeightsError,
     closest_matches,
 )
-from mapsim._version import __version__
-from mapsim.hookspecs import hookimpl
-from mapsim.types import Block, LayerValue, Moments, SimilarityMatrix
-# for plugin authors: image files, labels and splits (numpy only), layer output errors
-from mapsim.io.images import expand_paths, read_image, read_label, to_channels
-from mapsim.io.images import normalise as normalise_image
-from mapsim.io.pairing import FileEntry, find_image_files, image_ids
-from mapsim.io.splits import split_indices
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from mapsim.tables.aggregation import PIVOT_KEYS
+    from mapsim.api import (
+        Aggregator,
+        Architecture,
+        Dataset,
+        Extractor,
+        FusesForInference,
+        ImageItem,
+        ImagesMetric,
+        LayerMetric,
+        MapMetric,
+        Metric,
+        MetricInfo,
+        MetricPathError,
+        Params,
+        Undefined,
+    )
+    from mapsim.hookspecs import hookimpl
+    from mapsim.io.images import expand_paths, read_image, read_label, to_channels
+    from mapsim.io.images import normalise as normalise_image
+    from mapsim.io.pairing import FileEntry, find_image_files, image_ids
+    from mapsim.io.splits import split_indices
+    from mapsim.observers import RunObserver
     from mapsim.results import Results, open_results
     from mapsim.session import load_spec, run
+    from mapsim.tables.aggregation import PIVOT_KEYS
+    from mapsim.types import Block, LayerValue, Moments, SimilarityMatrix
 
-
-#: name -> module of the names imported on first use
+#: public name -> (module, attribute): imported on first use, so that ``import mapsim`` (and
+#: ``mapsim --version``) loads neither torch nor pandas until a name that needs them is used
 _LAZY = {
-    "run": "mapsim.session",
-    "load_spec": "mapsim.session",
-    "open_results": "mapsim.results",
-    "Results": "mapsim.results",
-    "PIVOT_KEYS": "mapsim.tables.aggregation",
+    **{name: ("mapsim.api", name) for name in (
+        "Aggregator", "Architecture", "Dataset", "Extractor", "FusesForInference", "ImageItem",
+        "ImagesMetric", "LayerMetric", "MapMetric", "Metric", "MetricInfo", "MetricPathError",
+        "Params", "Undefined")},
+    **{name: ("mapsim.types", name) for name in (
+        "Block", "LayerValue", "Moments", "SimilarityMatrix")},
+    "hookimpl": ("mapsim.hookspecs", "hookimpl"),
+    "RunObserver": ("mapsim.observers", "RunObserver"),
+    # for plugin authors: image files, labels and splits (numpy only)
+    **{name: ("mapsim.io.images", name) for name in (
+        "expand_paths", "read_image", "read_label", "to_channels")},
+    "normalise_image": ("mapsim.io.images", "normalise"),
+    **{name: ("mapsim.io.pairing", name) for name in (
+        "FileEntry", "find_image_files", "image_ids")},
+    "split_indices": ("mapsim.io.splits", "split_indices"),
+    "run": ("mapsim.session", "run"),
+    "load_spec": ("mapsim.session", "load_spec"),
+    "open_results": ("mapsim.results", "open_results"),
+    "Results": ("mapsim.results", "Results"),
+    "PIVOT_KEYS": ("mapsim.tables.aggregation", "PIVOT_KEYS"),
 }
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    where = _LAZY.get(name)
+    if where is None:
         raise AttributeError(f"module 'mapsim' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(where[0]), where[1])
     globals()[name] = value
     return value
 

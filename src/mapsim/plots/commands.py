@@ -6,11 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from mapsim.errors import MapsimError
-from mapsim.plots.io import save_figure, slug
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -53,8 +49,12 @@ def _ids(text: str | None) -> list[int] | None:
 
 def cmd_show_maps(args: argparse.Namespace) -> int:
     """Draw one layer's maps for one image."""
-    from mapsim.registry import load_registry
+    import numpy as np
+    import torch
+
+    from mapsim.plots.io import save_figure, slug
     from mapsim.plots.maps import choose_maps, maps_figure
+    from mapsim.registry import load_registry
 
     name, loaded, extractor = _build(args)
     dataset = load_registry().create(
@@ -95,6 +95,7 @@ def cmd_show_maps(args: argparse.Namespace) -> int:
 
 def cmd_show_kernels(args: argparse.Namespace) -> int:
     """Draw the kernels of one convolutional layer."""
+    from mapsim.plots.io import save_figure, slug
     from mapsim.plots.kernels import find_conv, kernels_figure
 
     name, loaded, _ = _build(args)
