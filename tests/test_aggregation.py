@@ -289,3 +289,38 @@ def test_a_best_value_exactly_at_the_distance_threshold_is_well_correlated():
     assert row.threshold == 1.5
     assert row.n_well == 3 and row.pct_well == pytest.approx(60.0)
     assert row.well_median == 1.5
+
+
+def _threshold_for(info, per_metric=None):
+    """The threshold the `threshold` aggregator resolves for a metric with ``info``."""
+    import mapsim
+    from mapsim.registry import load_registry
+
+    class Custom(mapsim.MapMetric):
+        name = "custom"
+
+        def from_maps(self, x, y):
+            return x.double() @ y.double().T
+
+    metric = Custom()
+    metric.info = info
+    aggregator = load_registry().create("aggregator", "threshold",
+                                        {"per_metric": per_metric or {}})
+    aggregator.prepare([metric])
+    return aggregator._thresholds["custom"]
+
+
+def test_a_new_metric_gets_the_threshold_that_fits_its_scale():
+    import mapsim
+    from mapsim.errors import SpecError
+
+    assert _threshold_for(mapsim.MetricInfo(value_range=(0.0, 1.0))) == 0.8
+    assert _threshold_for(mapsim.MetricInfo(value_range=(-1.0, 1.0))) == 0.8
+    assert _threshold_for(mapsim.MetricInfo(value_range=(0.0, 5.0),
+                                            default_threshold=3.0)) == 3.0
+    assert _threshold_for(mapsim.MetricInfo(value_range=(0.0, 5.0)), {"custom": 2.5}) == 2.5
+    with pytest.raises(SpecError, match=r"takes values in \[0, inf\].*per_metric"):
+        _threshold_for(mapsim.MetricInfo(value_range=(0.0, float("inf"))))
+    with pytest.raises(SpecError, match="is a distance"):
+        _threshold_for(mapsim.MetricInfo(higher_is_more_similar=False,
+                                         value_range=(0.0, float("inf"))))

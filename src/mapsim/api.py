@@ -165,6 +165,8 @@ class MetricInfo:
     higher_is_more_similar: False for distances (the best partner is then the minimum).
     value_range: inclusive bounds of the values (``float("inf")`` where unbounded).
     invariances: names such as ``"scale"``, ``"shift"``, ``"sign"``, ``"orthogonal"``.
+    default_threshold: when a best value counts as well correlated, for this metric, unless
+    the spec's ``threshold`` aggregator says otherwise (see :attr:`default_threshold`).
     """
 
     granularity: Literal["map", "layer"] = "map"
@@ -172,6 +174,9 @@ class MetricInfo:
     symmetric: bool = True
     value_range: tuple[float, float] = (0.0, 1.0)
     invariances: tuple[str, ...] = field(default_factory=tuple)
+    #: the ``threshold`` aggregator's default for this metric (None: the aggregator's
+    #: ``value`` where the values lie in [-1, 1], else the spec must give one in ``per_metric``)
+    default_threshold: float | None = None
 
 
 @dataclass(frozen=True)

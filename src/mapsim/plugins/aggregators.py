@@ -60,13 +60,19 @@ class ThresholdAggregator(Aggregator):
     order = 30
     requires = ("max",)
 
+    def __init__(self, params: ThresholdParams | None = None) -> None:
+        super().__init__(params)
+        #: metric label -> its threshold, resolved by :meth:`prepare`
+        self._thresholds: dict[str, float] = {}
+
     def prepare(self, metrics: list[Metric]) -> None:
         """Refuse a distance metric without a threshold of its own in ``per_metric``, and a
         ``per_metric`` label that names no metric of the run (a typo would be ignored).
 
-        ``value`` (default 0.8) is a similarity threshold; a distance
-        (``higher_is_more_similar = False``) has no meaningful default, so it needs an entry
-        ``per_metric: {label: maximum distance}``.
+        Each map metric's threshold: its ``per_metric`` entry; else the ``default_threshold``
+        its :class:`mapsim.MetricInfo` declares; else ``value`` (default 0.8, the study's
+        threshold for |r|) when it is a similarity with values in [-1, 1]. A distance, or a
+        similarity on another scale, without either is refused: 0.8 would mean nothing there.
         """
         labels = [m.label for m in metrics]
         for label in self.params.per_metric:
@@ -77,18 +83,41 @@ class ThresholdAggregator(Aggregator):
                     f"threshold.per_metric: {label!r} is not a metric label of this run "
                     f"({', '.join(labels)}).{near}"
                 )
+        self._thresholds = {}
         for metric in metrics:
-            if (metric.info.granularity == "map" and not metric.info.higher_is_more_similar
-                    and metric.label not in self.params.per_metric):
-                raise SpecError(
-                    f"threshold: metric {metric.label!r} is a distance (lower is more similar), "
-                    f"so the similarity threshold value {self.params.value:g} does not apply to "
-                    f"it; give it its own maximum distance, e.g. {{name: threshold, "
-                    f"per_metric: {{{metric.label}: 1.5}}}}"
-                )
+            if metric.info.granularity != "map":
+                continue
+            self._thresholds[metric.label] = self._threshold_of(metric)
+
+    def _threshold_of(self, metric: Metric) -> float:
+        """``per_metric`` first, then the metric's declared ``default_threshold``, then
+        ``value`` for a similarity whose values lie in [-1, 1]; anything else is refused."""
+        info = metric.info
+        if metric.label in self.params.per_metric:
+            return self.params.per_metric[metric.label]
+        if info.default_threshold is not None:
+            return info.default_threshold
+        if not info.higher_is_more_similar:
+            raise SpecError(
+                f"threshold: metric {metric.label!r} is a distance (lower is more similar), "
+                f"so the similarity threshold value {self.params.value:g} does not apply to "
+                f"it; give it its own maximum distance, e.g. {{name: threshold, "
+                f"per_metric: {{{metric.label}: 1.5}}}}"
+            )
+        low, high = info.value_range
+        if low < -1 or high > 1:
+            raise SpecError(
+                f"threshold: metric {metric.label!r} takes values in [{low:g}, {high:g}], so "
+                f"the threshold value {self.params.value:g} (meant for correlations in [-1, "
+                f"1]) says nothing about it; give it its own, e.g. {{name: threshold, "
+                f"per_metric: {{{metric.label}: ...}}}}, or declare a default_threshold in "
+                "its MetricInfo"
+            )
+        return self.params.value
 
     def aggregate(self, sim: SimilarityMatrix, tables: Tables) -> Tables:
-        threshold = self.params.per_metric.get(sim.metric, self.params.value)
+        threshold = self._thresholds.get(sim.metric, self.params.per_metric.get(
+            sim.metric, self.params.value))
         best = tables["max"].copy(deep=False)  # only adds columns
         best["threshold"] = threshold
         best["well_correlated"] = passes_threshold(
