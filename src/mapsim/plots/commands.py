@@ -23,18 +23,62 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> tuple[str, Any, Any]:
-    """(name, loaded model, extractor) from MODEL_SPEC, like `mapsim layers`."""
+    """(name, loaded model, extractor) from MODEL_SPEC, like `mapsim layers`; ``args.layer``
+    may be one of a run spec's own layer labels (it is replaced by its module path)."""
     from mapsim.models.build import build_from_spec
     from mapsim.registry import load_registry
     from mapsim.spec.run_spec import read_model_spec
 
     registry = load_registry()
     name, mspec, base = read_model_spec(args.model_spec, args.model, registry=registry)
+    labels = _spec_document(args.model_spec).get("layers", {}).get(name)
+    if isinstance(labels, dict) and args.layer in labels:
+        args.layer_label, args.layer = args.layer, labels[args.layer]
     loaded = build_from_spec(name, mspec, registry, base)
     extractor = registry.create("extractor", mspec.extractor.name,
                                 mspec.extractor.model_dump(exclude={"name"}))
     loaded.module.eval()
     return name, loaded, extractor
+
+
+def _spec_document(arg: str) -> dict[str, Any]:
+    """MODEL_SPEC's document when it is a run spec file (else an empty mapping)."""
+    from mapsim.spec.documents import SPEC_SUFFIXES, read_document
+
+    path = Path(arg)
+    if path.suffix.lower() in SPEC_SUFFIXES and path.is_file():
+        data = read_document(path)
+        return data if "models" in data else {}
+    return {}
+
+
+def _image(args: argparse.Namespace) -> Any:
+    """The image to show: IMAGE (a file), or image ``--image N`` of the run spec's images
+    (default the first when MODEL_SPEC is a run spec and no IMAGE is given)."""
+    from mapsim.registry import load_registry
+    from mapsim.spec.run_spec import load_spec
+
+    registry = load_registry()
+    if args.image is not None and args.image_index is not None:
+        raise MapsimError("give either an IMAGE file or --image N, not both")
+    if args.image is not None:
+        dataset = registry.create(
+            "dataset", "files", {"paths": args.image, "color": args.color,
+                                 "normalise": args.normalise}, base_dir=Path.cwd())
+        return next(iter(dataset))
+    if not _spec_document(args.model_spec):
+        raise MapsimError("name an IMAGE file, or give a run spec as MODEL_SPEC to show one "
+                          "of its images (--image N, default 0)")
+    spec_path = Path(args.model_spec)
+    spec = load_spec(spec_path, registry)
+    dataset = registry.create("dataset", spec.images.name,
+                              spec.images.model_dump(exclude={"name"}, exclude_unset=True),
+                              base_dir=spec_path.resolve().parent)
+    index = args.image_index or 0
+    if not 0 <= index < len(dataset):
+        raise MapsimError(f"--image {index}: the spec's images are numbered 0 to "
+                          f"{len(dataset) - 1}")
+    return next(iter(dataset.slice(index, index + 1)))
 
 
 def _ids(text: str | None) -> list[int] | None:
@@ -54,15 +98,11 @@ def cmd_show_maps(args: argparse.Namespace) -> int:
 
     from mapsim.plots.io import save_figure, slug
     from mapsim.plots.maps import choose_maps, maps_figure
-    from mapsim.registry import load_registry
 
     name, loaded, extractor = _build(args)
-    dataset = load_registry().create(
-        "dataset", "files", {"paths": args.image, "color": args.color,
-                             "normalise": args.normalise}, base_dir=Path.cwd())
-    item = next(iter(dataset))
+    item = _image(args)
     if loaded.in_channels is not None and item.image.shape[0] != loaded.in_channels:
-        raise MapsimError(f"image {args.image} has {item.image.shape[0]} channel(s) but model "
+        raise MapsimError(f"image {item.id} has {item.image.shape[0]} channel(s) but model "
                           f"{name!r} expects {loaded.in_channels}; use --color rgb or luminance")
     with torch.no_grad():
         out = extractor.extract(loaded.module, [args.layer],
@@ -132,8 +172,12 @@ def add_parsers(sub: Any) -> None:
         q.add_argument("model_spec", metavar="MODEL_SPEC",
                        help="a run spec, a model spec file, or inline YAML (as `mapsim layers`)")
         if kind == "maps":
-            q.add_argument("image", metavar="IMAGE", help="an image file")
-        q.add_argument("--layer", required=True, help="module path (see `mapsim layers`)")
+            q.add_argument("image", metavar="IMAGE", nargs="?",
+                           help="an image file (or, with a run spec, --image N)")
+            q.add_argument("--image", dest="image_index", type=int, metavar="N",
+                           help="image N of the run spec's images (default 0 when no IMAGE)")
+        q.add_argument("--layer", required=True,
+                       help="module path (see `mapsim layers`), or a run spec's layer label")
         q.add_argument("--model", help="which model of a run spec (default: the first)")
         q.add_argument("--out", help="PNG file to write (default: a name in this folder)")
         if kind == "maps":
