@@ -41,7 +41,7 @@ MAX_LINES = 550
 STAGES: dict[str, int] = {
     # the foundation: plugin base classes, errors, hooks, discovery, devices, value types
     "api": 0, "errors": 0, "hookspecs": 0, "registry": 0, "devices": 0, "types": 0,
-    "observers": 0, "_version": 0,
+    "observers": 0, "_version": 0, "prune_api": 0,
     "spec": 1,
     "models": 2,
     "io": 3,

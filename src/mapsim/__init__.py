@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mapsim.io.pairing import FileEntry, find_image_files, image_ids
     from mapsim.io.splits import split_indices
     from mapsim.observers import RunObserver
+    from mapsim.prune_api import PruneChoice, PruneCriterion, PruneLayer
     from mapsim.results import Results, open_results
     from mapsim.session import load_spec, run
     from mapsim.tables.aggregation import PIVOT_KEYS
@@ -68,6 +69,7 @@ _LAZY = {
     **{name: ("mapsim.types", name) for name in (
         "Block", "LayerValue", "Moments", "SimilarityMatrix")},
     "hookimpl": ("mapsim.hookspecs", "hookimpl"),
+    **{name: ("mapsim.prune_api", name) for name in ("PruneChoice", "PruneCriterion", "PruneLayer")},
     "RunObserver": ("mapsim.observers", "RunObserver"),
     # for plugin authors: image files, labels and splits (numpy only)
     **{name: ("mapsim.io.images", name) for name in (
@@ -177,6 +179,9 @@ __all__ = [
     "PIVOT_KEYS",
     "pivot_table",
     "PluginLoadError",
+    "PruneChoice",
+    "PruneCriterion",
+    "PruneLayer",
     "open_results",
     "Params",
     "read_image",

@@ -56,3 +56,11 @@ def register_datasets(register: Register) -> None:
 
     :param register: call ``register(DatasetClass)`` for each :class:`mapsim.Dataset`.
     """
+
+
+@hookspec
+def register_prune_criteria(register: Register) -> None:
+    """Register pruning criteria usable as ``criteria: [{name: ...}]`` in a prune spec.
+
+    :param register: call ``register(CriterionClass)`` for each :class:`mapsim.PruneCriterion`.
+    """

@@ -23,6 +23,7 @@ import pluggy
 from mapsim import hookspecs
 from mapsim.errors import DuplicatePluginError, PluginLoadError, UnknownNameError
 from mapsim.api import Aggregator, Architecture, Dataset, Extractor, Metric, Plugin
+from mapsim.prune_api import PruneCriterion
 
 ENTRY_POINT_GROUP = "mapsim"
 
@@ -33,6 +34,7 @@ KINDS: dict[str, tuple[str, type]] = {
     "architecture": ("register_architectures", Architecture),
     "extractor": ("register_extractors", Extractor),
     "dataset": ("register_datasets", Dataset),
+    "prune_criterion": ("register_prune_criteria", PruneCriterion),
 }
 
 
