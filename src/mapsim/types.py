@@ -149,6 +149,9 @@ class SimilarityMatrix:
     dead_a: np.ndarray
     dead_b: np.ndarray
     higher_is_more_similar: bool = True
+    #: how the maps were aligned onto one grid (``engine.align``), e.g. ``smaller/area 16x16``;
+    #: None when they were compared at their own size
+    aligned: str | None = None
 
     @property
     def same_model(self) -> bool:
@@ -159,7 +162,7 @@ class SimilarityMatrix:
         """The B -> A view (valid for symmetric metrics)."""
         return SimilarityMatrix(
             self.metric, self.model_b, self.model_a, self.values.T, self.blocks_b,
-            self.blocks_a, self.dead_b, self.dead_a, self.higher_is_more_similar,
+            self.blocks_a, self.dead_b, self.dead_a, self.higher_is_more_similar, self.aligned,
         )
 
 

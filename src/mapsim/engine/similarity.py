@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from mapsim.errors import MapsimError, ShapeMismatchError
+from mapsim.engine.align import mode_for, resample, target_size
 from mapsim.engine.moments import Moments
 from mapsim.types import Block, LayerValue, SimilarityMatrix
 from mapsim.api import Metric, Undefined
@@ -76,16 +78,16 @@ def stack_maps(
     activations: Mapping[str, Mapping[str, torch.Tensor]],
     models: Sequence[str],
     mask: torch.Tensor | None = None,
+    align: Any = None,
 ) -> MapStack:
     """Stack the maps of ``models`` into one (C_total, P) matrix.
 
-    ``activations[model][layer]`` is a (C, H, W) tensor. All layers must share H x W;
-    ``mask`` (H, W bool) keeps only the pixels inside it.
+    ``activations[model][layer]`` is a (C, H, W) tensor. All layers must share H x W unless
+    ``align`` (the spec's ``engine.align``) says how to resample them onto one grid
+    (:mod:`mapsim.engine.align`); ``mask`` (H, W bool, on that grid) keeps only the pixels
+    inside it.
     """
-    blocks: list[Block] = []
-    parts: list[torch.Tensor] = []
-    first: Block | None = None
-    row = 0
+    items = []
     for model in models:
         for layer, maps in activations[model].items():
             if maps.dim() != 3:
@@ -94,24 +96,39 @@ def stack_maps(
                     f"{tuple(maps.shape)}; mapsim compares maps of shape (channels, height, width)."
                     " Choose convolutional layers (see `mapsim layers`)."
                 )
-            shape = (int(maps.shape[1]), int(maps.shape[2]))
-            block = Block(model, layer, row, row + int(maps.shape[0]), shape)
-            if first is not None and shape != first.shape:
-                raise ShapeMismatchError(
-                    f"maps compared with each other must share a spatial size: layer "
-                    f"{first.layer!r} of model {first.model!r} is {_hw(first.shape)} but layer "
-                    f"{layer!r} of model {model!r} is {_hw(shape)}. Compare layers of equal "
-                    "resolution, or feed inputs that give equal sizes."
-                )
-            first = first or block
-            blocks.append(block)
-            parts.append(maps.reshape(maps.shape[0], -1))
-            row = block.stop
+            items.append((model, layer, maps))
+    shapes = [(int(m.shape[1]), int(m.shape[2])) for _, _, m in items]
+    size = None if align is None else target_size(align, shapes)
+    blocks: list[Block] = []
+    parts: list[torch.Tensor] = []
+    first: Block | None = None
+    row = 0
+    for (model, layer, maps), shape in zip(items, shapes):
+        if size is not None:
+            maps = resample(maps, size, mode_for(align, shape, size))
+            shape = size
+        block = Block(model, layer, row, row + int(maps.shape[0]), shape)
+        if first is not None and shape != first.shape:
+            raise ShapeMismatchError(
+                f"maps compared with each other must share a spatial size: layer "
+                f"{first.layer!r} of model {first.model!r} is {_hw(first.shape)} but layer "
+                f"{layer!r} of model {model!r} is {_hw(shape)}. Compare layers of equal "
+                "resolution, feed inputs that give equal sizes, or set engine.align "
+                "(smaller, larger or size: [H, W]) to resample the maps onto one grid."
+            )
+        first = first or block
+        blocks.append(block)
+        parts.append(maps.reshape(maps.shape[0], -1))
+        row = block.stop
     z = torch.cat(parts, dim=0)
     if mask is not None:
         if tuple(mask.shape) != first.shape:
+            hint = (" engine.roi needs the maps on the image's grid: with engine.align use "
+                    "size: [H, W] of the image, or larger when the largest layer has the "
+                    "image's size." if align is not None else "")
             raise ShapeMismatchError(
-                f"the ROI mask is {_hw(tuple(mask.shape))} but the maps are {_hw(first.shape)}."
+                f"the ROI mask is {_hw(tuple(mask.shape))} but the maps are "
+                f"{_hw(first.shape)}.{hint}"
             )
         z = z[:, mask.reshape(-1).to(z.device)]
     return MapStack(z, blocks)

@@ -28,6 +28,7 @@ import torch
 
 from mapsim.api import ImageItem, Metric
 from mapsim.devices import to_device
+from mapsim.engine.align import align_label
 from mapsim.engine.moments import compute_moments
 from mapsim.engine.precision import differs_from_exact, forward_precision, probe
 from mapsim.engine.similarity import (
@@ -131,10 +132,14 @@ class LaunchedImage:
     ended: Any = None
 
 
-def layer_frame(image_id: str, values: list[LayerValue]) -> pd.DataFrame:
-    """Rows of ``layer_similarity.csv`` for one image (or ``all-images``, ``pooled``)."""
+def layer_frame(image_id: str, values: list[LayerValue], aligned: str | None = None
+                ) -> pd.DataFrame:
+    """Rows of ``layer_similarity.csv`` for one image (or ``all-images``, ``pooled``), with
+    an ``aligned`` column when the maps were aligned (``engine.align``)."""
     frame = pd.DataFrame([v.__dict__ for v in values])
     frame.insert(0, "image", image_id)
+    if aligned is not None:
+        frame.insert(1, "aligned", aligned)
     return frame
 
 
@@ -159,6 +164,7 @@ class ImageStep:
         self.timings = timings
         self.layouts: dict[tuple, Layout] = {}  # (group, image shape) -> layout, fast path
         self.builders: dict[int, Any] = {}
+        self.aligned_sizes: dict[tuple[str, ...], set[tuple[int, int]]] = {}  # engine.align
 
     # ------------------------------------------------------------------ inputs
     def extract(self, item: ImageItem, precision: str | None = None) -> Maps:
@@ -238,7 +244,8 @@ class ImageStep:
         result = ImageResult(item.id, maps=maps if keep_maps else None)
         for index, models in enumerate(self.groups):
             start = time.perf_counter()
-            stack = stack_maps(maps, models, None if mask is None else mask.to(self.device))
+            stack = stack_maps(maps, models, None if mask is None else mask.to(self.device),
+                               align=self.engine.align)
             moments = compute_moments(
                 stack.z, chunk_pixels=self.engine.chunk_pixels,
                 layers=[(b.start, b.stop) for b in stack.blocks] if norms else None)
@@ -256,6 +263,10 @@ class ImageStep:
     def streamable(self) -> bool:
         """Whether images can take the fast path (every metric reads plain moments and every
         extractor streams; see :mod:`mapsim.engine.streaming`)."""
+        # With engine.align the maps are resampled before they are stacked, which the hooks'
+        # moment builder does not do: such runs take the plain path (same values).
+        if getattr(self.engine, "align", None) is not None:
+            return False
         return can_stream([m.extractor for m in self.models.values()], self.metrics)
 
     def launch(self, item: ImageItem) -> LaunchedImage | None:
@@ -360,6 +371,7 @@ class ImageStep:
             result.frames.append(("dead_maps", self._count_dead(image_id, group, result)))
         prepared = group.prepared or PreparedValues()
         stack, moments = group.stack, group.moments
+        aligned = self.aligned(stack)
         chosen = self.metrics if metrics is None else metrics
         for i, metric in enumerate(self.metrics):
             if metric.accumulates or metric not in chosen:
@@ -369,7 +381,8 @@ class ImageStep:
                     continue
                 if metric.info.granularity == "layer":
                     values = layer_similarity(metric, stack, moments, a, b)
-                    result.frames.append(("layer_similarity", layer_frame(image_id, values)))
+                    result.frames.append(("layer_similarity",
+                                          layer_frame(image_id, values, aligned)))
                     continue
                 directions = [(a, b)]
                 if a != b and not metric.info.symmetric:
@@ -381,10 +394,23 @@ class ImageStep:
                         dead_std=self.engine.dead_std, dead=prepared.dead.get(i),
                         values=None if ahead is None else ahead.values,
                         undefined=None if ahead is None else ahead.undefined)
+                    sim.aligned = aligned
                     result.matrices.append(sim)
                 if a != b and metric.info.symmetric:  # inter-network: keep both directions
                     result.matrices.append(result.matrices[-1].transposed())
         self.timings["similarity"] += time.perf_counter() - start
+
+    def aligned(self, stack: MapStack) -> str | None:
+        """The ``aligned`` column of a group's rows (None without ``engine.align``); the
+        sizes seen are kept for run.json."""
+        align = getattr(self.engine, "align", None)
+        if align is None:
+            return None
+        size = stack.blocks[0].shape
+        label = align_label(align, size)
+        self.aligned_sizes.setdefault(tuple(dict.fromkeys(b.model for b in stack.blocks)),
+                                      set()).add(tuple(size))
+        return label
 
     def _count_dead(self, image_id: str, group: GroupMoments,
                     result: ImageResult) -> pd.DataFrame:
@@ -397,7 +423,11 @@ class ImageStep:
                 result.dead_counts.setdefault(key, DeadCount()).add(DeadCount(n_dead, 1))
                 rows.append({"image": image_id, "metric": metric.label, "model": block.model,
                              "layer": block.layer, "n_maps": block.n_maps, "n_dead": n_dead})
-        return pd.DataFrame(rows)
+        frame = pd.DataFrame(rows)
+        aligned = self.aligned(group.stack)
+        if aligned is not None and not frame.empty:
+            frame.insert(1, "aligned", aligned)
+        return frame
 
     def pooled(self, pooled: Mapping[int, Moments], layouts: Mapping[int, MapStack]
                ) -> ImageResult:

@@ -15,6 +15,7 @@ import torch
 
 from mapsim._version import __version__
 from mapsim.observers import RunObserver
+from mapsim.engine.align import describe as describe_align
 from mapsim.engine.similarity import MapStack
 from mapsim.engine.step import ACROSS_IMAGES, POOLED_IMAGE, DeadCount, DeadKey
 from mapsim.runner.blocks import ImageBlock, PartialRun
@@ -169,6 +170,13 @@ def run_info(setup: RunSetup, dead_counts: dict[DeadKey, DeadCount], n_images: i
             "left_out": [m.label for m in setup.metrics if not m.uses_moments],
             "note": "pooled tables are computed from moments merged over all images; metrics "
                     "without a moments path are left out",
+        },
+        "align": None if spec.engine.align is None else {
+            **describe_align(spec.engine.align),
+            "sizes": [{"models": list(models), "sizes": [list(x) for x in sorted(sizes)]}
+                      for models, sizes in setup.step.aligned_sizes.items()],
+            "note": "sizes: the grids the maps were compared on (this process's images); "
+                    "every table row names its own in the 'aligned' column",
         },
         "dead_maps": {
             "policy": spec.engine.dead_maps,

@@ -73,10 +73,14 @@ def aggregate_tables(aggregators: Sequence[Aggregator], sim: SimilarityMatrix,
     return tables
 
 
-def with_image(frame: pd.DataFrame, image_id: str) -> pd.DataFrame:
-    """``frame`` with a first column ``image`` (a categorical: one string, stored once)."""
+def with_image(frame: pd.DataFrame, image_id: str, aligned: str | None = None
+               ) -> pd.DataFrame:
+    """``frame`` with a first column ``image`` (a categorical: one string, stored once) and,
+    when the maps were aligned (``engine.align``), a second column ``aligned``."""
     frame = frame.copy(deep=False)  # only adds a column
     frame.insert(0, "image", aggregation.constant_column(image_id, len(frame)))
+    if aligned is not None:
+        frame.insert(1, "aligned", aggregation.constant_column(aligned, len(frame)))
     return frame
 
 
@@ -99,7 +103,7 @@ class TableWork:
         else:
             start = time.perf_counter()
             tables = aggregate_tables(self.aggregators, job.sim, self.pairs)
-            frames = [(job.prefix + name, with_image(frame, job.image_id))
+            frames = [(job.prefix + name, with_image(frame, job.image_id, job.sim.aligned))
                       for name, frame in tables.items()]
             seconds = time.perf_counter() - start
         frames = [(name, frame) for name, frame in frames if not frame.empty]

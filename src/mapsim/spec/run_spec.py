@@ -120,6 +120,36 @@ class RoiSpec(StrictModel):
     dilate: int = Field(0, ge=0, description="Dilate the mask by this many pixels (disk).")
 
 
+def _align_shorthand(value: Any) -> Any:
+    """``align: smaller`` / ``larger`` stand for ``{to: ...}``; ``align: [H, W]`` for
+    ``{size: [H, W]}``."""
+    if isinstance(value, str):
+        return {"to": value}
+    if isinstance(value, (list, tuple)):
+        return {"size": list(value)}
+    return value
+
+
+class AlignSpec(StrictModel):
+    """How maps of different spatial sizes are brought onto one grid for comparison."""
+
+    to: Literal["smaller", "larger"] | None = Field(
+        None, description="smaller: area average to the smallest height and width of the "
+        "compared maps; larger: bilinear (or nearest) to the largest.")
+    size: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = Field(
+        None, description="A given grid [height, width] instead of 'to'.")
+    mode: Literal["area", "bilinear", "nearest"] | None = Field(
+        None, description="The resampling (default: area for smaller, bilinear for larger; "
+        "for size, area where a map shrinks in both directions, else bilinear).")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> AlignSpec:
+        if (self.to is None) == (self.size is None):
+            raise ValueError("engine.align needs exactly one of 'to' (smaller or larger) and "
+                             "'size' ([height, width]), e.g. align: smaller")
+        return self
+
+
 class EngineSpec(StrictModel):
     """How similarities are computed."""
 
@@ -133,6 +163,10 @@ class EngineSpec(StrictModel):
         None, gt=0, description="Pixels multiplied at a time (default: automatic)."
     )
     roi: RoiSpec | None = None
+    align: Annotated[AlignSpec | None, BeforeValidator(_align_shorthand)] = Field(
+        None, description="Resample maps of different spatial sizes onto one grid: smaller, "
+        "larger, [H, W] or {to|size, mode}. Default: maps must share a size.",
+    )
     pooled: bool = Field(
         False, description="Also compute the tables from moments pooled over all images."
     )
