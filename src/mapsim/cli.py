@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot_parsers(sub)  # plot, show maps, show kernels
     add_data_parser(sub)  # data synth
     add_training_parsers(sub)  # train, evaluate, models
+    from mapsim.pruning.commands import add_parser as add_prune_parser
+
+    add_prune_parser(sub)  # prune
     return parser
 
 
