@@ -224,3 +224,61 @@ def test_unusable_output_paths_are_messages(tmp_path, out):
     assert done.returncode == 2
     assert ("folder of their own" in text) if out == "/" else ("not a directory" in text)
     assert spec.is_file()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``."""
+    found, frontier = [], [pid]
+    while frontier:
+        children = _children(frontier.pop())
+        found += children
+        frontier += children
+    return found
+
+
+def test_a_run_killed_while_it_starts_leaves_nothing_behind(tmp_path):
+    spec = _spec(tmp_path, count=40, size=96)
+    run = subprocess.Popen([sys.executable, "-m", "mapsim", "run", str(spec), "--quiet"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # still importing or building its models
+    below = _descendants(run.pid)
+    run.kill()
+    run.wait(timeout=60)
+    run.communicate()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in below):
+        time.sleep(0.1)
+    assert not [p for p in below if _alive(p)]
+    assert not (tmp_path / "out").exists()
+    again = _mapsim("run", str(spec), "--quiet")
+    assert again.returncode == 0, again.stderr  # no stale lock, a fresh start
+    assert (tmp_path / "out" / "max.csv").is_file()
+
+
+def test_killing_torchrun_ends_its_ranks_and_their_workers(tmp_path):
+    torch_distributed = pytest.importorskip("torch.distributed")
+    if not torch_distributed.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    spec = _spec(tmp_path, count=200, size=128)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
+    env |= {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", "-m", "mapsim", "run", str(spec), "--quiet"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_block = tmp_path / ".out.partial" / "blocks" / "000000"
+    deadline = time.monotonic() + 180
+    below: list[int] = []
+    while time.monotonic() < deadline and launcher.poll() is None and not first_block.exists():
+        time.sleep(0.1)
+    below = _descendants(launcher.pid)
+    assert launcher.poll() is None and len(below) >= 2, "torchrun never got its ranks going"
+    launcher.kill()  # SIGKILL: the launcher cannot pass anything on
+    launcher.wait(timeout=60)
+    launcher.communicate()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in below):
+        time.sleep(0.2)
+    assert not [p for p in below if _alive(p)], "ranks or their workers outlived torchrun"
