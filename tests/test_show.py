@@ -42,3 +42,11 @@ def test_the_spec_images_are_numbered_and_checked(tmp_path, capsys):
     model = "{architecture: {name: fcn, depth: 1, width: 2}}"
     assert main(["show", "maps", model, "--layer", "blocks.0"]) == 2
     assert "name an IMAGE file" in capsys.readouterr().err
+
+
+def test_layers_lists_the_spec_labels(tmp_path, capsys):
+    spec = _spec(tmp_path)
+    assert main(["layers", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "labels in the spec (usable wherever a layer is named): first = blocks.0, " \
+           "last = blocks.2" in out

@@ -95,6 +95,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     from mapsim.models.layers import describe_layers, format_layers
     from mapsim.models.build import build_from_spec
     from mapsim.registry import load_registry
+    from mapsim.spec.documents import run_spec_document
     from mapsim.spec.run_spec import read_model_spec
 
     registry = load_registry()
@@ -107,6 +108,10 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     infos = describe_layers(loaded.module, extractor, (channels, height, width))
     print(f"model {name!r}, input 1 x {channels} x {height} x {width}")
     print(format_layers(infos))
+    labels = run_spec_document(args.model_spec).get("layers", {}).get(name)
+    if isinstance(labels, dict) and labels:
+        print("labels in the spec (usable wherever a layer is named): "
+              + ", ".join(f"{label} = {path}" for label, path in labels.items()))
     return 0
 
 

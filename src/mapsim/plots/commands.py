@@ -43,13 +43,9 @@ def _build(args: argparse.Namespace) -> tuple[str, Any, Any]:
 
 def _spec_document(arg: str) -> dict[str, Any]:
     """MODEL_SPEC's document when it is a run spec file (else an empty mapping)."""
-    from mapsim.spec.documents import SPEC_SUFFIXES, read_document
+    from mapsim.spec.documents import run_spec_document
 
-    path = Path(arg)
-    if path.suffix.lower() in SPEC_SUFFIXES and path.is_file():
-        data = read_document(path)
-        return data if "models" in data else {}
-    return {}
+    return run_spec_document(arg)
 
 
 def _image(args: argparse.Namespace) -> Any:

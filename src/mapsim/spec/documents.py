@@ -196,3 +196,14 @@ class _JsonPairs:
                                 f"object{where}; JSON would keep only the last. Remove one.")
             out[key] = value
         return out
+
+
+def run_spec_document(arg: str) -> dict[str, Any]:
+    """The document of ``arg`` when it names a run spec file (one with ``models``), else an
+    empty mapping: commands that take a MODEL_SPEC use it to read the spec's layer labels
+    and images."""
+    path = Path(arg)
+    if path.suffix.lower() in SPEC_SUFFIXES and path.is_file():
+        data = read_document(path)
+        return data if "models" in data else {}
+    return {}
