@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mapsim.io.images import normalise as normalise_image
     from mapsim.io.pairing import FileEntry, find_image_files, image_ids
     from mapsim.io.splits import split_indices
+    from mapsim.models.selectors import LayerPath, describe_output, parse_layer, select_output
     from mapsim.observers import RunObserver
     from mapsim.prune_api import PruneChoice, PruneCriterion, PruneLayer
     from mapsim.results import Results, open_results
@@ -78,6 +79,9 @@ _LAZY = {
     **{name: ("mapsim.io.pairing", name) for name in (
         "FileEntry", "find_image_files", "image_ids")},
     "split_indices": ("mapsim.io.splits", "split_indices"),
+    # for extractor authors: layer paths with output selectors (block[0], head['logits'], m#2)
+    **{name: ("mapsim.models.selectors", name) for name in (
+        "LayerPath", "describe_output", "parse_layer", "select_output")},
     "run": ("mapsim.session", "run"),
     "load_spec": ("mapsim.session", "load_spec"),
     "open_results": ("mapsim.results", "open_results"),
@@ -148,6 +152,7 @@ __all__ = [
     "best_partners",
     "Block",
     "closest_matches",
+    "describe_output",
     "Dataset",
     "DuplicatePluginError",
     "expand_paths",
@@ -164,6 +169,7 @@ __all__ = [
     "LayerMetric",
     "LayerNotFoundError",
     "LayerOutputError",
+    "LayerPath",
     "LayerValue",
     "load_spec",
     "MapMetric",
@@ -175,6 +181,7 @@ __all__ = [
     "Moments",
     "normalise_image",
     "OutputError",
+    "parse_layer",
     "passes_threshold",
     "PIVOT_KEYS",
     "pivot_table",
@@ -189,6 +196,7 @@ __all__ = [
     "Results",
     "run",
     "RunObserver",
+    "select_output",
     "ShapeMismatchError",
     "SimilarityMatrix",
     "SpecError",

@@ -10,6 +10,10 @@ matched against the whole path, with the dot as the separator (like ``/`` in fil
   ``**.conv`` every module called ``conv``;
 - ``?`` matches one character other than a dot; ``[...]`` one character of a set
   (``blocks.[0246]``).
+
+A path may end in a call number and output selectors (:mod:`mapsim.models.selectors`):
+``encoder.1#2``, ``head['logits']``, ``blocks.*[0]`` (the pattern part is matched as above and
+the suffix kept for every match).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from mapsim.errors import LayerNotFoundError, LayerOutputError
+from mapsim.models.selectors import parse_layer, split_path
 from mapsim.api import Extractor
 
 
@@ -69,9 +74,15 @@ def resolve_layers(available: list[str], patterns: str | list[str], model_name: 
     if isinstance(patterns, str):
         patterns = [patterns]
     selected: set[str] = set()
+    with_selectors: list[str] = []  # paths with '#N' or selectors, kept after their module
     for pattern in patterns:
         if pattern in available:
             selected.add(pattern)
+            continue
+        base, suffix = split_path(pattern)
+        if suffix:
+            parse_layer(pattern)  # a clear error for a bad suffix
+            with_selectors += [p + suffix for p in resolve_layers(available, base, model_name)]
             continue
         regex = layer_pattern(pattern)
         matches = [path for path in available if regex.fullmatch(path)]
@@ -86,7 +97,11 @@ def resolve_layers(available: list[str], patterns: str | list[str], model_name: 
                 ),
             )
         selected.update(matches)
-    return [path for path in available if path in selected]
+    order = {path: i for i, path in enumerate(available)}
+    out = [(order[path], 0, path) for path in available if path in selected]
+    out += [(order[split_path(p)[0]], 1 + i, p) for i, p in enumerate(dict.fromkeys(
+        with_selectors))]
+    return [path for *_, path in sorted(out)]
 
 
 @dataclass

@@ -12,6 +12,7 @@ from mapsim.api import Extractor, FusesForInference
 from mapsim.errors import SpecError
 from mapsim.models.build import LoadedModel, build_from_spec
 from mapsim.models.layers import resolve_layers
+from mapsim.models.selectors import module_path, split_path
 from mapsim.models.start import Start, layer_fingerprints, start_of
 from mapsim.registry import Registry
 
@@ -38,7 +39,8 @@ def layer_labels(spec_layers: Any, available: list[str], model: str) -> dict[str
     if isinstance(spec_layers, dict):
         labels = {}
         for label, path in spec_layers.items():
-            if path not in available:
+            base = split_path(path)[0]
+            if base not in available:
                 matched = resolve_layers(available, path, model)  # unknown: lists the closest
                 raise SpecError(
                     f"layers.{model}.{label}: a {{label: path}} entry needs one exact module "
@@ -49,7 +51,8 @@ def layer_labels(spec_layers: Any, available: list[str], model: str) -> dict[str
                 raise SpecError(f"layers.{model}: the layer {path!r} is given two labels")
             labels[label] = path
         order = {p: i for i, p in enumerate(available)}
-        return dict(sorted(labels.items(), key=lambda item: order[item[1]]))
+        return dict(sorted(labels.items(),
+                           key=lambda item: (order[split_path(item[1])[0]], item[1])))
     paths = resolve_layers(available, spec_layers, model)
     return {p: p for p in paths}
 
@@ -70,7 +73,8 @@ def prepare_model(name: str, spec: Any, registry: Registry, base_dir: Path,
     fingerprints = layer_fingerprints(loaded.module, list(layers.values()))
     fused: list[str] = []
     if isinstance(loaded.module, FusesForInference) and spec.engine.fuse_batchnorm:
-        fused = loaded.module.fuse_for_inference(list(layers.values()))
+        fused = loaded.module.fuse_for_inference(
+            list(dict.fromkeys(module_path(p) for p in layers.values())))
     if device.type == "cuda":
         # cuDNN's tensor-core convolutions run on channels-last tensors without transposes
         # (same float32 values; maps are copied out of the hooks anyway)

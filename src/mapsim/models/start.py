@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mapsim.models.build import PRETRAINED_PREFIX, build_model, pretrained_card
+from mapsim.models.selectors import module_path
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def layer_fingerprints(module: nn.Module, paths: list[str]) -> dict[str, str]:
     out = {}
     for path in paths:
         digest = hashlib.sha256()
-        prefix = f"{path}."
+        prefix = f"{module_path(path)}."  # head['logits'] -> the parameters under head
         for key in sorted(k for k in state if k.startswith(prefix)):
             tensor = state[key].detach().cpu().contiguous()
             digest.update(f"{key[len(prefix):]}:{tuple(tensor.shape)}:{tensor.dtype}".encode())

@@ -52,6 +52,13 @@ class HooksExtractor(mapsim.Extractor):
         """
         modules = _modules_with(model, layers)
         if isinstance(model, torch.jit.ScriptModule):
+            selected = [la for la in layers if not mapsim.parse_layer(la).plain]
+            if selected:
+                raise ExtractionError(
+                    f"layer {selected[0]!r}: call numbers and output selectors need forward "
+                    "hooks, which TorchScript models do not have. Load the model through a "
+                    "python factory instead."
+                )
             return _replay_script(model, list(layers), inputs)
         return _extract_with_hooks(model, modules, list(layers), inputs)
 
@@ -75,19 +82,11 @@ class HooksExtractor(mapsim.Extractor):
         return True
 
 
-def _describe_type(value: Any) -> str:
-    if isinstance(value, (tuple, list)):
-        inner = ", ".join(type(v).__name__ for v in value[:4])
-        more = ", ..." if len(value) > 4 else ""
-        return f"{type(value).__name__} ({inner}{more})"
-    return type(value).__name__
-
-
 def _non_tensor_error(layer: str, value: Any) -> LayerOutputError:
     return LayerOutputError(
         layer,
-        f"layer {layer!r} outputs a {_describe_type(value)}, not a tensor; mapsim can only "
-        "compare layers whose output is one tensor of maps. Choose a module inside it or "
+        f"layer {layer!r} outputs a {mapsim.describe_output(value)}, not a tensor; mapsim can "
+        "only compare layers whose output is one tensor of maps. Choose a module inside it or "
         "after it instead.",
     )
 
@@ -117,38 +116,50 @@ def _extract_with_hooks(
 ) -> dict[str, torch.Tensor]:
     captured: dict[str, torch.Tensor] = {}
     handles = []
+    # one hook per module; each layer path names a module, a call of it and selectors
+    by_module: dict[str, list[tuple[str, Any]]] = {}
+    for layer in layers:
+        parsed = mapsim.parse_layer(layer)
+        by_module.setdefault(parsed.module, []).append((layer, parsed))
+    calls: dict[str, int] = {}
 
-    def make_hook(layer: str):
+    def make_hook(path: str):
+        wanted = by_module[path]
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not isinstance(output, torch.Tensor):
-                raise _non_tensor_error(layer, output)
-            if layer in captured:
-                raise LayerOutputError(
-                    layer,
-                    f"layer {layer!r} ran more than once in one forward pass (the module is "
-                    "reused), so its output is ambiguous. Choose another layer, e.g. the "
-                    "module that contains it.",
-                )
-            if on_output is not None:
-                captured[layer] = _SEEN  # the output itself is not kept
-                on_output(layer, output.detach())
-                if len(captured) == len(layers):
-                    raise _StopForward
-                return
-            # clone: a later in-place op (ReLU(inplace=True)) must not change what we keep
-            captured[layer] = output.detach().clone()
+            calls[path] = call = calls.get(path, 0) + 1
+            for layer, parsed in wanted:
+                if parsed.call is None and call > 1:
+                    raise LayerOutputError(
+                        layer,
+                        f"layer {layer!r} ran more than once in one forward pass (the module "
+                        f"is reused), so its output is ambiguous. Name one call, e.g. "
+                        f"'{parsed.module}#1' or '{parsed.module}#2', or choose another layer "
+                        "such as the module that contains it.",
+                    )
+                if parsed.call not in (None, call):
+                    continue
+                tensor = mapsim.select_output(layer, output)
+                if on_output is not None:
+                    captured[layer] = _SEEN  # the output itself is not kept
+                    on_output(layer, tensor.detach())
+                else:
+                    # clone: a later in-place op (ReLU(inplace=True)) must not change it
+                    captured[layer] = tensor.detach().clone()
+            if on_output is not None and len(captured) == len(layers):
+                raise _StopForward
 
         return hook
 
     try:
-        for layer in layers:
-            module = modules[layer]
+        for path in by_module:
+            module = modules[path]
             if isinstance(module, torch.jit.ScriptModule):
                 raise ExtractionError(
-                    f"layer {layer!r} is a TorchScript module, which cannot be hooked. Choose "
+                    f"layer {path!r} is a TorchScript module, which cannot be hooked. Choose "
                     "a layer outside it, or load the model through a python factory instead."
                 )
-            handles.append(module.register_forward_hook(make_hook(layer)))
+            handles.append(module.register_forward_hook(make_hook(path)))
         with torch.inference_mode():
             try:
                 model(inputs)
@@ -162,10 +173,14 @@ def _extract_with_hooks(
 
     missing = [layer for layer in layers if layer not in captured]
     if missing:
+        ran = [f"{m!r} ran {calls[mapsim.parse_layer(m).module]} time(s)" for m in missing
+               if mapsim.parse_layer(m).module in calls]
         raise ExtractionError(
             f"layer(s) {', '.join(repr(m) for m in missing)} did not run during the forward "
-            "pass (the model's forward never calls them, or calls them inside TorchScript "
-            "code, which cannot be hooked). Choose layers that the forward pass uses."
+            "pass (the model's forward never calls them, calls them fewer times than the "
+            "'#N' asks for, or calls them inside TorchScript code, which cannot be hooked)"
+            + (f"; the module of {'; '.join(ran)}" if ran else "")
+            + ". Choose layers that the forward pass uses."
         )
     if on_output is not None:
         return {}
@@ -247,8 +262,9 @@ def _modules_with(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Modul
     modules = dict(model.named_modules())
     known = [name for name in modules if name]
     for layer in layers:
-        if layer not in known:
+        path = mapsim.parse_layer(layer).module
+        if path not in known:
             raise LayerNotFoundError(
-                "layer", layer, known, hint="`mapsim layers` lists a model's layers."
+                "layer", path, known, hint="`mapsim layers` lists a model's layers."
             )
     return modules
