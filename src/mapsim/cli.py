@@ -107,11 +107,11 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     height, width = args.input_size
     infos = describe_layers(loaded.module, extractor, (channels, height, width))
     print(f"model {name!r}, input 1 x {channels} x {height} x {width}")
-    print(format_layers(infos))
     labels = run_spec_document(args.model_spec).get("layers", {}).get(name)
     if isinstance(labels, dict) and labels:
         print("labels in the spec (usable wherever a layer is named): "
               + ", ".join(f"{label} = {path}" for label, path in labels.items()))
+    print(format_layers(infos))
     return 0
 
 
