@@ -106,6 +106,15 @@ class LayerOutputError(ExtractionError):
         super().__init__(message)
 
 
+class LayerNotRunError(ExtractionError):
+    """Requested layers whose modules did not run during the forward pass (``layers``), e.g.
+    containers such as ``nn.ModuleList`` that a model's forward never calls itself."""
+
+    def __init__(self, layers: list[str], message: str) -> None:
+        self.layers = list(layers)
+        super().__init__(message)
+
+
 class MapsimWarning(UserWarning):
     """Something a run did that its reader should know (e.g. two compared models that
     started from the same weights); the command line prints it as ``mapsim: warning: ...``."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mapsim.errors import LayerNotFoundError, LayerOutputError
+from mapsim.errors import LayerNotFoundError, LayerNotRunError, LayerOutputError
 from mapsim.models.selectors import parse_layer, split_path
 from mapsim.api import Extractor
 
@@ -144,6 +144,10 @@ def describe_layers(
             if exc.layer not in pending:
                 raise
             pending.remove(exc.layer)
+        except LayerNotRunError as exc:  # containers (nn.ModuleList) are never called
+            if not set(exc.layers) & set(pending):
+                raise
+            pending = [p for p in pending if p not in exc.layers]
     infos = []
     for name in names:
         output = outputs.get(name)

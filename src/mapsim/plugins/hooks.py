@@ -25,7 +25,13 @@ import torch
 from torch import nn
 
 import mapsim
-from mapsim import ExtractionError, LayerNotFoundError, LayerOutputError, hookimpl
+from mapsim import (
+    ExtractionError,
+    LayerNotFoundError,
+    LayerNotRunError,
+    LayerOutputError,
+    hookimpl,
+)
 
 
 class HooksExtractor(mapsim.Extractor):
@@ -175,7 +181,8 @@ def _extract_with_hooks(
     if missing:
         ran = [f"{m!r} ran {calls[mapsim.parse_layer(m).module]} time(s)" for m in missing
                if mapsim.parse_layer(m).module in calls]
-        raise ExtractionError(
+        raise LayerNotRunError(
+            missing,
             f"layer(s) {', '.join(repr(m) for m in missing)} did not run during the forward "
             "pass (the model's forward never calls them, calls them fewer times than the "
             "'#N' asks for, or calls them inside TorchScript code, which cannot be hooked)"
