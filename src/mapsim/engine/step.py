@@ -30,6 +30,7 @@ from mapsim.api import ImageItem, Metric
 from mapsim.devices import to_device
 from mapsim.engine.align import align_label
 from mapsim.engine.moments import compute_moments
+from mapsim.models.tokens import token_maps
 from mapsim.engine.precision import differs_from_exact, forward_precision, probe
 from mapsim.engine.similarity import (
     MapStack,
@@ -179,12 +180,17 @@ class ImageStep:
             maps = {}
             for label, path in model.layers.items():
                 tensor = captured[path]
+                if tensor.dim() == 3 and model.tokens is not None:  # transformer tokens
+                    tensor = token_maps(tensor, model.tokens, path)
                 if tensor.dim() != 4 or tensor.shape[0] != 1:
+                    hint = (f" For transformer tokens (batch, tokens, channels) set "
+                            f"models.{name}.tokens: auto (or {{grid: [rows, cols]}})."
+                            if tensor.dim() == 3 else "")
                     raise ExtractionError(
                         f"layer {path!r} of model {name!r} gives an output of shape "
                         f"{tuple(tensor.shape)}; mapsim compares maps of shape "
                         "(1, channels, height, width). Choose convolutional layers "
-                        "(see `mapsim layers`)."
+                        f"(see `mapsim layers`).{hint}"
                     )
                 maps[label] = tensor[0].float()  # autocast outputs are half precision
             out[name] = maps
@@ -266,6 +272,9 @@ class ImageStep:
         # With engine.align the maps are resampled before they are stacked, which the hooks'
         # moment builder does not do: such runs take the plain path (same values).
         if getattr(self.engine, "align", None) is not None:
+            return False
+        # Token outputs are reshaped into maps after extraction: the plain path too.
+        if any(m.tokens is not None for m in self.models.values()):
             return False
         return can_stream([m.extractor for m in self.models.values()], self.metrics)
 

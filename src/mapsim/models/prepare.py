@@ -32,6 +32,8 @@ class PreparedModel:
     fingerprints: dict[str, str] = field(default_factory=dict)
     #: where the weights started, when that is known (see :mod:`mapsim.models.start`)
     start: Start | None = None
+    #: how 3-D (1, L, D) outputs become maps (a ``TokenSpec``; None: they are refused)
+    tokens: Any = None
 
 
 def layer_labels(spec_layers: Any, available: list[str], model: str) -> dict[str, str]:
@@ -80,4 +82,4 @@ def prepare_model(name: str, spec: Any, registry: Registry, base_dir: Path,
         # (same float32 values; maps are copied out of the hooks anyway)
         loaded.module.to(memory_format=torch.channels_last)
     return PreparedModel(loaded, extractor, layers, parameters, fused, fingerprints,
-                         start_of(mspec, base_dir))
+                         start_of(mspec, base_dir), getattr(mspec, "tokens", None))

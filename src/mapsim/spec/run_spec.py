@@ -150,6 +150,22 @@ class AlignSpec(StrictModel):
         return self
 
 
+def _tokens_shorthand(value: Any) -> Any:
+    """``tokens: auto`` or ``tokens: true`` stand for ``{}`` (grid and class tokens inferred)."""
+    return {} if value is True or value == "auto" else value
+
+
+class TokenSpec(StrictModel):
+    """Read (1, L, D) outputs (transformer tokens) as D maps on the patch grid."""
+
+    grid: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = Field(
+        None, description="The patch grid [rows, columns]; default: the largest square grid "
+        "that leaves at most 8 leading (class/register) tokens.")
+    drop: int | None = Field(
+        None, ge=0, description="Leading class/register tokens to drop; default: L minus "
+        "the grid's size.")
+
+
 class EngineSpec(StrictModel):
     """How similarities are computed."""
 
@@ -276,6 +292,9 @@ def _spec_models(registry: Registry) -> type[BaseModel]:
             None, ge=1, description="Input channels (default: the architecture's, else 1)."
         )
         extractor: Extractor = Field("hooks", validate_default=True)  # type: ignore[valid-type]
+        tokens: Annotated[TokenSpec | None, BeforeValidator(_tokens_shorthand)] = Field(
+            None, description="Read 3-D (1, L, D) layer outputs (transformer tokens) as D maps "
+            "on the patch grid: auto, or {grid: [rows, cols], drop: N}.")
 
         @model_validator(mode="after")
         def _one_source(self) -> ModelSpec:
