@@ -226,8 +226,13 @@ class Metric(Plugin):
     #: :meth:`block_state`, :meth:`add_block_state`)
     blockwise: bool = False
 
+    #: the granularity a kind gives its metrics (set by the kinds below; None: as declared)
+    kind_granularity: ClassVar[str | None] = None
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.kind_granularity is not None and cls.info.granularity != cls.kind_granularity:
+            cls.info = replace(cls.info, granularity=cls.kind_granularity)
         if cls.__module__ != __name__ and not issubclass(cls, _KINDS):
             warnings.warn(
                 f"metric class {cls.__qualname__} subclasses mapsim.Metric directly (the 0.1 "
@@ -309,6 +314,15 @@ def _overrides(metric: Metric, base: type, method: str) -> bool:
     return getattr(type(metric), method) is not getattr(base, method)
 
 
+def _choose_path(metric: Metric, kind: type) -> None:
+    """A map or layer metric reads the moments when it implements ``from_moments``, else its
+    maps; one with neither is a plugin bug, refused when it is built."""
+    metric.uses_moments = _overrides(metric, kind, "from_moments")
+    if not metric.uses_moments and not _overrides(metric, kind, "from_maps"):
+        raise TypeError(f"{type(metric).__name__} implements neither from_moments nor "
+                        f"from_maps; a {kind.__name__} needs at least one")
+
+
 class MapMetric(Metric):
     """A metric between single maps: a (C_a, C_b) matrix for every layer pair and image.
 
@@ -322,17 +336,11 @@ class MapMetric(Metric):
     follow ``info.higher_is_more_similar``.
     """
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.info.granularity != "map":
-            cls.info = replace(cls.info, granularity="map")
+    kind_granularity = "map"
 
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
-        self.uses_moments = _overrides(self, MapMetric, "from_moments")
-        if not self.uses_moments and not _overrides(self, MapMetric, "from_maps"):
-            raise TypeError(f"{type(self).__name__} implements neither from_moments nor "
-                            "from_maps; a MapMetric needs at least one")
+        _choose_path(self, MapMetric)
 
     def from_moments(self, moments: Moments, rows: slice, cols: slice) -> torch.Tensor:
         """(C_a, C_b) values between maps ``rows`` and ``cols`` of the stacked maps."""
@@ -352,17 +360,11 @@ class LayerMetric(Metric):
     :meth:`from_moments` reads ``moments.layer_norms``. Rows go to ``layer_similarity.csv``.
     """
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.info.granularity != "layer":
-            cls.info = replace(cls.info, granularity="layer")
+    kind_granularity = "layer"
 
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
-        self.uses_moments = _overrides(self, LayerMetric, "from_moments")
-        if not self.uses_moments and not _overrides(self, LayerMetric, "from_maps"):
-            raise TypeError(f"{type(self).__name__} implements neither from_moments nor "
-                            "from_maps; a LayerMetric needs at least one")
+        _choose_path(self, LayerMetric)
 
     def from_moments(self, moments: Moments, rows: slice, cols: slice) -> float | Undefined:
         """The value between the layers at rows ``rows`` and ``cols`` of the stacked maps."""
@@ -403,10 +405,7 @@ class ImagesMetric(Metric):
     blockwise = True
     uses_moments = False
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.info.granularity != "layer":
-            cls.info = replace(cls.info, granularity="layer")
+    kind_granularity = "layer"
 
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)

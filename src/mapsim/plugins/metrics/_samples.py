@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from abc import abstractmethod
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -127,6 +129,6 @@ class ImageSamples(ImagesMetric):
                         stacked[f"{other_model}{KEY_SEP}{other}"])
         return out
 
+    @abstractmethod
     def compare(self, a: np.ndarray, b: np.ndarray) -> Any:
         """The value between two layers given as (images, features) arrays."""
-        raise NotImplementedError
