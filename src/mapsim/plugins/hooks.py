@@ -9,6 +9,10 @@ cannot change it). The hooks are always removed afterwards, even when the forwar
 inside its hook (no copy kept), and the forward pass stops as soon as the last requested
 module has run, so later layers (e.g. a classification head) cost nothing.
 
+A layer path may select one call of a reused module and one tensor of a structured output
+(``shared#2``, ``block[0]``, ``head['logits']``; :mod:`mapsim.models.selectors`): one hook is
+registered per module, counts its calls, and picks the requested parts.
+
 TorchScript models (``torch.jit.load``) cannot be hooked. For them the requested outputs are
 computed by *chain replay*: the model's children are called one after the other, descending into
 a child where a nested path is requested (``blocks.0.relu``), and at every level the replayed
