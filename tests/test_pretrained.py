@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from mapsim.training.checkpoint import read_document
 from mapsim.training.models import load_segmentation_model
 
 #: parameters of the conv modules (head excluded), as the study reports them (7x7, width 64)
-CONV_PARAMETERS = {"cnn1": 3_328, "cnn6": 1_007_808, "cnn10": 1_811_392}
+CONV_PARAMETERS = {"cnn1": 3_328, "cnn6": 1_007_808, "cnn6-s2": 1_007_808,
+                   "cnn10": 1_811_392, "cnn10-s2": 1_811_392}
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +46,15 @@ def scores(module, item):
 
 
 def test_bundled_networks_and_cards():
-    assert pretrained_names() == ["cnn1", "cnn10", "cnn6"]
+    assert pretrained_names() == ["cnn1", "cnn10", "cnn10-s2", "cnn6", "cnn6-s2"]
     for name, expected in CONV_PARAMETERS.items():
         card = pretrained_card(name)
         arch = card["model"]["architecture"]
         assert (arch["name"], arch["width"], arch["kernel_size"]) == ("fcn", 64, 7)
-        assert arch["depth"] == int(name[3:])
+        assert arch["depth"] == int(name[3:].split("-")[0])
         assert card["parameters"]["conv_modules"] == expected
-        assert card["command"] == f"mapsim train examples/training/{name}.yaml " \
-            f"--out runs/pretrained/{name} --overwrite"
+        assert re.fullmatch(rf"mapsim train examples/training/{name}\.yaml --out \S+/{name} "
+                            r"--overwrite", card["command"]), card["command"]
         assert card["training_output"][-2].startswith(f"best epoch {card['epoch']}/")
         assert len(card["history"]) == card["epochs"]
         # the weights file carries its own training card in its metadata
@@ -63,8 +65,11 @@ def test_bundled_networks_and_cards():
                    if not n.startswith("head."))
         assert conv == expected
         assert model.loaded.source["weights"]["sha256"] == file_sha256(pretrained_path(name))
+    # every network started from its own recorded seed: no two share an initialisation
+    seeds = {n: pretrained_card(n)["seed"] for n in CONV_PARAMETERS}
+    assert len(set(seeds.values())) == len(seeds), seeds
     held = {n: pretrained_card(n)["held_out"]["mean"] for n in CONV_PARAMETERS}
-    for name in ("cnn6", "cnn10"):
+    for name in ("cnn6", "cnn6-s2", "cnn10", "cnn10-s2"):
         assert held[name]["iou"] >= 0.80 and held[name]["cldice"] >= 0.90
         assert held[name]["iou"] > held["cnn1"]["iou"] + 0.1
 
@@ -85,7 +90,8 @@ def test_bundled_networks_segment_held_out_images(held_out):
 def test_cli_models(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in out[1:4]] == ["cnn1", "cnn6", "cnn10"]
+    assert [line.split()[0] for line in out[1:6]] == ["cnn1", "cnn6", "cnn6-s2", "cnn10",
+                                                      "cnn10-s2"]
     assert "1,007,808" in out[2]
     assert main(["models", "cnn10"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["architecture"]["depth"] == 10
@@ -102,7 +108,7 @@ def test_example_specs_are_valid(capsys):
     examples = Path(__file__).resolve().parents[1] / "examples"
     assert main(["validate", str(examples / "study.yaml"), "--deep"]) == 0
     out = capsys.readouterr().out
-    assert "3 model(s), 6 comparison(s)" in out and "11 layer(s) resolved, 3 image(s)" in out
+    assert "4 model(s), 7 comparison(s)" in out and "15 layer(s) resolved, 3 image(s)" in out
     for name in CONV_PARAMETERS:
         spec = load_train_spec(examples / "training" / f"{name}.yaml")
         assert spec.model_dump(mode="json") == pretrained_card(name)["spec"]
