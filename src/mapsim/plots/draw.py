@@ -8,11 +8,12 @@ numbers every heat map shows, so a redraw can be checked against the run's own p
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -89,12 +90,11 @@ def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | Non
     jobs = _jobs(results, sets)
     from tqdm.auto import tqdm
 
-    bar = tqdm(jobs, desc="pictures", unit="fig", disable=not progress, leave=False)
-    for make, stem, kind, caption in bar:
-        fig = make()
-        if fig is None:
+    drawn = tqdm(_draw_jobs(jobs, folder), total=len(jobs), desc="pictures", unit="fig",
+                 disable=not progress, leave=False)
+    for (_, _, kind, caption), path in zip(jobs, drawn):
+        if path is None:
             continue
-        path = save_figure(fig, folder / f"{slug(stem)}.png")
         written.append(path)
         figures.append({"file": path.name, "kind": kind, "caption": caption})
     data = {"heatmaps": heatmap_data(sets), "figures": figures}
@@ -109,6 +109,45 @@ def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | Non
 
 
 Job = tuple[Callable[[], Any], str, str, str]  # figure maker, file stem, kind, caption
+
+#: the jobs being drawn, inherited by the forked drawing processes (never pickled)
+_WORK: tuple[list[Job], Path] | None = None
+
+
+def _draw_one(index: int) -> Path | None:
+    """Draw and save job ``index`` of :data:`_WORK` (in a drawing process, or here)."""
+    jobs, folder = _WORK
+    make, stem, _, _ = jobs[index]
+    fig = make()
+    return None if fig is None else save_figure(fig, folder / f"{slug(stem)}.png")
+
+
+def _draw_jobs(jobs: list[Job], folder: Path) -> Iterator[Path | None]:
+    """Each job's picture (or None), in job order. Drawn in forked processes, one per core
+    (at most 4), when there is more than one core and enough jobs; the processes end with
+    this one, however it ends."""
+    global _WORK
+    _WORK = (jobs, folder)
+    workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else (os.cpu_count() or 1))
+    try:
+        context = multiprocessing.get_context("fork")
+    except ValueError:  # no fork on this platform: draw here
+        context = None
+    if context is None or workers < 2 or len(jobs) < 4:
+        for index in range(len(jobs)):
+            yield _draw_one(index)
+        return
+    from mapsim.runner.lifetime import die_with_parent
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork beside torch's threads
+        pool = context.Pool(workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    try:
+        yield from pool.imap(_draw_one, range(len(jobs)))
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 def _jobs(results: ResultsDir, sets: list[heatmaps.HeatmapSet]) -> list[Job]:
