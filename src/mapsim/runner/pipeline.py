@@ -73,7 +73,18 @@ def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
         thread.join()
 
 
-class BackgroundSink:
+class _ErrorKeeper:
+    """The first error of a sink's background work, kept until the caller's thread raises it."""
+
+    _error: BaseException | None = None
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+class BackgroundSink(_ErrorKeeper):
     """Runs ``deliver(work(job))`` for each :meth:`put`, in order, in one background thread."""
 
     def __init__(self, work: Callable[[Any], Any], deliver: Callable[[Any], None],
@@ -95,11 +106,6 @@ class BackgroundSink:
                     self._deliver(self._work(job))
                 except BaseException as exc:  # raised in the caller's thread
                     self._error = exc
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
 
     def put(self, job: Any) -> None:
         """Queue one job (blocks while the queue is full)."""
@@ -148,7 +154,7 @@ def default_workers() -> int:
     return max(2, min(8, cores // 2))
 
 
-class ProcessSink:
+class ProcessSink(_ErrorKeeper):
     """Like :class:`BackgroundSink`, but ``work`` runs in forked processes.
 
     ``work(job)`` runs in any of ``workers`` processes, so many jobs run at once (building
@@ -211,11 +217,6 @@ class ProcessSink:
                     self._deliver(result)
                 except BaseException as exc:  # raised in the caller's thread
                     self._error = exc
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
 
     def put(self, job: Any) -> None:
         """Queue one job (blocks while ``depth`` jobs wait for a worker)."""

@@ -18,7 +18,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from mapsim.errors import SpecError
 from mapsim.registry import Registry, load_registry
@@ -26,10 +26,10 @@ from mapsim.spec.run_spec import (
     NAME_PATTERN,
     StrictModel,
     _choice_type,
-    format_validation_error,
     read_document,
 )
 from mapsim.spec.train_spec import NORMALISATIONS, train_spec_model
+from mapsim.spec.validation import validate_document
 
 
 @functools.lru_cache(maxsize=8)
@@ -100,12 +100,7 @@ def validate_prune_spec(data: dict[str, Any], source: str = "<prune spec>",
 
     :raises SpecError: one line per problem, each naming the field's path.
     """
-    model = prune_spec_model(registry)
-    try:
-        spec = model.model_validate(data)
-    except ValidationError as exc:
-        message = format_validation_error(exc, source, data)
-        raise SpecError(message.replace("the spec is not valid", "the prune spec is not valid"))
+    spec = validate_document(prune_spec_model(registry), data, source, "prune")
     if spec.finetune.epochs and spec.finetune.data is None:
         raise SpecError(f"{source}: finetune.data is required when finetune.epochs > 0")
     return spec

@@ -26,18 +26,17 @@ from typing import Any, Literal
 
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, model_validator
 
-from mapsim.errors import SpecError, closest_matches
 from mapsim.registry import Registry, load_registry
 from mapsim.spec.run_spec import (
     DEVICE_PATTERN,
     NAME_PATTERN,
     StrictModel,
     _choice_type,
-    format_validation_error,
     read_document,
 )
+from mapsim.spec.validation import validate_document
 
 #: normalisations applied to every image (after the data set's own)
 NORMALISATIONS = ("zscore", "minmax", "none")
@@ -187,23 +186,7 @@ def validate_train_spec(data: dict[str, Any], source: str = "<training spec>",
 
     :raises SpecError: one line per problem, each naming the field's path.
     """
-    model = train_spec_model(registry)
-    known = list(model.model_fields)
-    unknown = [key for key in data if key not in known]
-    if unknown:
-        lines = [f"{source}: the training spec is not valid ({len(unknown)} problem(s)):"]
-        for key in unknown:
-            matches = closest_matches(str(key), known)
-            near = f"did you mean {matches[0]!r}? " if matches else ""
-            lines.append(f"  {key}: unknown field; {near}the fields of a training spec are: "
-                         f"{', '.join(known)}")
-        raise SpecError("\n".join(lines))
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        message = format_validation_error(exc, source, data)
-        message = message.replace("the spec is not valid", "the training spec is not valid")
-        raise SpecError(message) from None
+    return validate_document(train_spec_model(registry), data, source, "training")
 
 
 def load_train_spec(path: str | Path, registry: Registry | None = None) -> TrainSpec:
