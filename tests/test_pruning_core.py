@@ -172,7 +172,7 @@ def test_exact_copies_3x3_next_layer_interior_unchanged():
     ref = pre_relu(model.double(), images.double())
     got = pre_relu(out.model, images).double()
     np.testing.assert_allclose(got[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], atol=1e-5)
-    assert layer_maps(out.model, 0, images).shape[1] == 2
+    assert layer_maps(out.model, out.model.blocks[0], images).shape[1] == 2
 
 
 def fcn_params(widths, kernel, classes=2):

@@ -45,7 +45,7 @@ def test_equal_sparsity_removes_exactly(model, name, sparsity):
 
 
 def test_l1_and_gamma_match_numpy(model):
-    view = layer_view(model, 1, IMAGES)
+    view = layer_view(model, "blocks.1", IMAGES)
     w = model.blocks[1].conv.weight.detach().double().numpy()
     l1 = np.abs(w).sum(axis=(1, 2, 3))
     assert list(make("l1").choose(view, 3, None).remove) == sorted(np.argsort(l1)[:3])
@@ -54,7 +54,7 @@ def test_l1_and_gamma_match_numpy(model):
 
 
 def test_hrank_matches_numpy_rank(model):
-    view = layer_view(model, 0, IMAGES)
+    view = layer_view(model, "blocks.0", IMAGES)
     maps = view.maps.double().numpy()
     ranks = np.array([[np.linalg.matrix_rank(maps[n, c]) for c in range(8)]
                       for n in range(2)]).mean(axis=0)
@@ -70,7 +70,7 @@ def test_random_is_reproducible_per_seed(model):
 
 
 def test_correlation_threshold_removes_the_best_correlated_first(model):
-    view = layer_view(model, 2, IMAGES)
+    view = layer_view(model, "blocks.2", IMAGES)
     maps = view.maps.double().numpy().transpose(1, 0, 2, 3).reshape(8, -1)
     with np.errstate(invalid="ignore"):
         r = np.abs(np.nan_to_num(np.corrcoef(maps)))

@@ -50,28 +50,30 @@ def affine_fit(moments: Moments, kept: int, removed: int) -> tuple[float, float]
 
 
 @torch.no_grad()
-def fold(next_conv: torch.nn.Conv2d, partners: Mapping[int, int], moments: Moments) -> dict:
-    """Fold each removed input map j into its kept partner i in ``next_conv``, in place.
+def fold(next_conv: torch.nn.Conv2d, partners: Mapping[int, int], moments: Moments,
+         index: Mapping[int, int] | None = None) -> dict:
+    """Fold each removed map j into its kept partner i in ``next_conv``, in place.
 
-    ``partners`` maps removed -> kept input channels of ``next_conv`` (the output maps of the
-    previous module); ``moments`` are those maps' moments. The sums are done in float64. The
-    removed input channels keep their (now redundant) weights: remove them afterwards with
-    :func:`mapsim.pruning.surgery.remove_maps`. Returns ``{j: {"partner": i, "a": a, "b": b}}``.
+    ``partners`` maps removed -> kept maps of the previous layer, numbered as ``moments`` (the
+    maps' moments); ``index`` maps that numbering to ``next_conv``'s input channels (default:
+    the same numbers; through a concatenation, shifted by the offset). The sums are done in
+    float64. The removed input channels keep their (now redundant) weights: remove them
+    afterwards (:mod:`mapsim.pruning.graph`). Returns ``{j: {"partner": i, "a": a, "b": b}}``.
     """
-    kept = set(range(next_conv.in_channels)) - set(partners)
-    bad = [i for i in partners.values() if i not in kept]
+    index = index if index is not None else {k: k for k in range(next_conv.in_channels)}
+    bad = [i for i in partners.values() if i in partners]
     if bad:
         raise ValueError(f"compensation partners {sorted(set(bad))} are removed themselves; "
                          "a partner must be a kept map")
-    w = next_conv.weight.double()
     if next_conv.bias is None:
         raise ValueError("compensation needs a bias in the next convolution to fold b into")
+    w = next_conv.weight.double()
     bias = next_conv.bias.double()
     record = {}
     for j, i in sorted(partners.items()):
         a, b = affine_fit(moments, i, j)
-        w[:, i] += a * w[:, j]
-        bias += b * w[:, j].sum(dim=(1, 2))
+        w[:, index[i]] += a * w[:, index[j]]
+        bias += b * w[:, index[j]].sum(dim=(1, 2))
         record[int(j)] = {"partner": int(i), "a": a, "b": b}
     next_conv.weight.copy_(w.to(next_conv.weight.dtype))
     next_conv.bias.copy_(bias.to(next_conv.bias.dtype))
