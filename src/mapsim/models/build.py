@@ -11,6 +11,9 @@ Weights come from a file (``.safetensors``, or a ``torch.save`` of a state dict)
 model is initialised from a seed, so that the same seed always gives the same model and the
 global random state is left untouched.
 
+Weights saved by ``mapsim prune`` (a card with ``pruned.widths``) are loaded into the model
+resized to the pruned widths (:mod:`mapsim.models.widths`).
+
 Weights files are never unpickled freely: ``torch.load`` always runs with ``weights_only=True``.
 """
 
@@ -33,6 +36,7 @@ from torch import nn
 
 from mapsim.errors import ModelError, WeightsError
 from mapsim.api import Architecture
+from mapsim.models.widths import apply_widths, pruned_widths, weights_card
 
 PRETRAINED_PREFIX = "pretrained:"
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
@@ -153,7 +157,12 @@ def build_model(
 
     if weights is not None:
         path, weights_info = _weights_path(weights, base)
-        apply_weights(module, load_state_dict_file(path), path)
+        state = load_state_dict_file(path)
+        widths = pruned_widths(weights_card(path)) if torchscript is None else None
+        if widths:  # a pruned model (mapsim prune): resized to its card's widths first
+            apply_widths(module, widths, state, path)
+            weights_info["pruned"] = True
+        apply_weights(module, state, path)
 
     module = module.to("cpu").eval()
     return LoadedModel(

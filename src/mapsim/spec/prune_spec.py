@@ -4,6 +4,7 @@ Example::
 
     name: prune-demo
     model: {architecture: {name: fcn, depth: 3, width: 8}, weights: best.safetensors}
+    layers: [blocks.0, blocks.2]     # default: every layer whose maps another layer reads
     criteria: [correlation, correlation-compensated, l1, bn-gamma, random, hrank]
     sparsity: [0.25, 0.5]
     calibration: {name: synthetic-vessels, count: 4, size: [24, 24], seed: 1}
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -53,7 +54,12 @@ def _prune_spec_model(registry: Registry) -> type[BaseModel]:
         name: str = Field("mapsim-prune", pattern=NAME_PATTERN)
         model: ModelSpec  # type: ignore[valid-type]
         layers: list[str] | None = Field(
-            None, description="Conv modules to prune (blocks.N); default: all.")
+            None, description="Module paths of the layers to prune (fcn: blocks.N; unet: "
+            "encoder.0.1, decoder.1, ...); default: every layer whose maps another layer "
+            "reads.")
+        per_layer: bool = Field(
+            False, description="Prune each layer alone (a row per layer) instead of all of "
+            "them together.")
         criteria: list[Criterion] = Field(  # type: ignore[valid-type]
             min_length=1, description="Criteria to compare (registered prune criteria).")
         sparsity: list[float] = Field(
@@ -69,6 +75,16 @@ def _prune_spec_model(registry: Registry) -> type[BaseModel]:
         finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
         normalise: str = Field("zscore", description=f"One of {', '.join(NORMALISATIONS)}.")
         seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+        tolerance: float = Field(
+            0.01, ge=0, description="IoU drop prune_answer.csv accepts (the study's 0.01).")
+        save_models: bool = Field(
+            False, description="Save every pruned (and fine-tuned) model as safetensors + "
+            "card under models/.")
+        device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N.")
+        backend: Literal["auto", "torch-pruning", "chain"] = Field(
+            "auto", description="Channel removal: Torch-Pruning's dependency graph (any "
+            "traceable model; pip install 'mapsim[prune]'), the fcn chain without it, or "
+            "auto (Torch-Pruning when installed).")
 
         @field_validator("sparsity")
         @classmethod
