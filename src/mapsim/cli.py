@@ -41,8 +41,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from mapsim.spec.prune_spec import spec_kind
     from mapsim.spec.run_spec import load_spec
 
+    if (args.kind or spec_kind(args.spec)) == "prune":
+        from mapsim.pruning.commands import validate_prune
+
+        return validate_prune(args.spec, args.deep)
     spec = load_spec(args.spec)
     deep = ""
     if args.deep:
@@ -66,9 +71,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
+    from mapsim.spec.prune_spec import prune_json_schema
     from mapsim.spec.run_spec import json_schema
 
-    text = json.dumps(json_schema(), indent=2) + "\n"
+    schema = prune_json_schema() if args.kind == "prune" else json_schema()
+    text = json.dumps(schema, indent=2) + "\n"
     if args.out:
         from mapsim.runner.writer import atomic_write_text
 
@@ -142,11 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--deep", action="store_true",
                    help="also build the models, resolve the layers, find the images and read "
-                   "the first one (with its label)")
+                   "the first one (with its label); prune specs: build the model and "
+                   "resolve the layers to prune")
+    p.add_argument("--kind", choices=["run", "prune"],
+                   help="the spec's kind (default: prune when it has 'criteria', else run)")
     p.set_defaults(func=_cmd_validate)
 
-    p = sub.add_parser("schema", help="print (or write) the JSON Schema of run specs")
+    p = sub.add_parser("schema", help="print (or write) the JSON Schema of run specs "
+                       "(--kind prune: of prune specs)")
     p.add_argument("--out", help="write the schema to this file")
+    p.add_argument("--kind", choices=["run", "prune"], default="run",
+                   help="which specs: run (default) or prune")
     p.set_defaults(func=_cmd_schema)
 
     p = sub.add_parser("plugins", help="list registered plugins and who provides them")

@@ -125,3 +125,20 @@ def validate_prune_spec(data: dict[str, Any], source: str = "<prune spec>",
 def load_prune_spec(path: str | Path, registry: Registry | None = None) -> Any:
     """Read and validate the prune spec in ``path`` (.yaml, .yml, .toml or .json)."""
     return validate_prune_spec(read_document(path), str(path), registry)
+
+
+def prune_json_schema(registry: Registry | None = None) -> dict[str, Any]:
+    """The JSON Schema of prune specs (``mapsim schema --kind prune``)."""
+    return prune_spec_model(registry).model_json_schema()
+
+
+def spec_kind(path: str | Path) -> str:
+    """``prune`` for a document with ``criteria`` (and no ``models``), else ``run``; a file
+    that cannot be read is left to the run spec's reader to report."""
+    try:
+        data = read_document(path)
+    except Exception:
+        return "run"
+    if isinstance(data, dict) and "criteria" in data and "models" not in data:
+        return "prune"
+    return "run"
