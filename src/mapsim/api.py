@@ -287,6 +287,11 @@ class Metric(Plugin):
         :meth:`block_state` hands over. A run calls this before its first image."""
         raise MetricPathError(f"metric {self.name!r} cannot take its images in blocks")
 
+    def start_block(self, start: int, n_images: int) -> None:
+        """Called by a run before each block: the next images given to :meth:`update` are
+        images ``start``, ``start + 1``, ... of the run's ``n_images``. Nothing by default;
+        a metric that groups images by their place (``cka``'s minibatches) uses it."""
+
     def block_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Blockwise metrics: what :meth:`update` collected since the last call, as JSON-able
         metadata and named numpy arrays (saved with the block; never pickled)."""

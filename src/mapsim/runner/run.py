@@ -282,6 +282,10 @@ def _blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: Path,
                        disable=not progress or not world.main)
             for block, index, item in prefetch(block_items(dataset, mine), depth=2):
                 world.check()
+                if index == block.start:
+                    for metric in metrics:
+                        if metric.accumulates and metric.blockwise:
+                            metric.start_block(block.start, n_total)
                 if item.id in ids:
                     raise ImageError(
                         f"two images have the id {item.id!r}; image ids must be unique")

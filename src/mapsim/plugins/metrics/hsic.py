@@ -15,6 +15,7 @@ one einsum, with no (n x n) x (n x n) matrix products.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -35,6 +36,46 @@ def linear_gram(x: torch.Tensor) -> torch.Tensor:
     x = x.to(torch.float64)
     x = x - x.mean(dim=0, keepdim=True)
     return x @ x.T
+
+
+#: float64 elements of one column chunk of a batch in :func:`batch_gram` (256 MB)
+GRAM_CHUNK_ELEMENTS = 1 << 25
+
+
+def batch_gram(rows: Sequence[torch.Tensor],
+               chunk_elements: int = GRAM_CHUNK_ELEMENTS) -> tuple[torch.Tensor, bool]:
+    """The (n, n) float64 Gram matrix of ``n`` feature vectors of one length, each centred
+    over the n vectors first (as :func:`linear_gram` of their stack), and whether all n are
+    equal.
+
+    Computed where the vectors are, in chunks of features, so that at most
+    ``chunk_elements`` float64 values of the batch exist at once beside the vectors
+    themselves (a batch of whole layer outputs is never stacked or copied to float64 whole).
+    """
+    n = len(rows)
+    length = rows[0].numel()
+    device = rows[0].device
+    step = max(1, chunk_elements // n)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+    same = torch.ones((), dtype=torch.bool, device=device)
+    for start in range(0, length, step):
+        x = torch.stack([r.reshape(-1)[start:start + step] for r in rows]).to(torch.float64)
+        same &= (x == x[:1]).all()
+        x -= x.mean(dim=0, keepdim=True)
+        gram += x @ x.T
+    return gram, bool(same)  # one wait for the device per layer and batch
+
+
+def rbf_from_gram(gram: torch.Tensor, fraction: float, convention: Median) -> torch.Tensor | None:
+    """:func:`rbf_gram` from the centred linear Gram matrix of the samples (squared distances
+    d2_ij = G_ii + G_jj - 2 G_ij); None for a zero bandwidth."""
+    sq = torch.diagonal(gram)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp(min=0.0)  # rounding only
+    d2.fill_diagonal_(0.0)
+    median = median_squared_distance(d2, convention)
+    if median <= 0:
+        return None
+    return torch.exp(-d2 / (2.0 * fraction**2 * median))
 
 
 def squared_distances(x: torch.Tensor) -> torch.Tensor:
