@@ -26,7 +26,7 @@ from mapsim.runner.run import run as run_spec
 from mapsim.spec.run_spec import validate_spec
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
-MIN_CELL_PX = 50  # at the PNGs' 100 dpi: half an inch
+MIN_CELL_PX = 79  # at the PNGs' 100 dpi: 0.8 inch (value, interval and chance mark)
 MIN_TEXT_PT = 9
 
 
@@ -82,12 +82,15 @@ def test_text_is_legible_and_nothing_overlaps() -> None:
     texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
     assert texts
     assert min(t.get_fontsize() for t in texts) >= MIN_TEXT_PT
-    # every cell shows its number (mean, then ± std)
+    # every cell shows its number (mean, then ± std: this set has no intervals), the value
+    # larger than the line below it
     axes = panel_axes(fig)
     for ax, panel in zip(axes, hs.panels):
-        shown = sorted(t.get_text() for t in ax.texts)
-        assert shown == sorted(f"{m:.2f}\n±{s:.2f}" for m, s in
-                               zip(panel.mean.to_numpy().ravel(), panel.std.to_numpy().ravel()))
+        values = sorted(t.get_text() for t in ax.texts if t.get_fontsize() == heatmaps.VALUE_PT)
+        below = sorted(t.get_text() for t in ax.texts if t.get_fontsize() == MIN_TEXT_PT)
+        assert values == sorted(f"{m:.2f}" for m in panel.mean.to_numpy().ravel())
+        assert below == sorted(f"±{s:.2f}" for s in panel.std.to_numpy().ravel())
+        assert heatmaps.VALUE_PT > MIN_TEXT_PT
     # a panel with its title, tick labels and axis labels never runs into another
     boxes = [ax.get_tightbbox(renderer) for ax in axes]
     for i, a in enumerate(boxes):
@@ -100,6 +103,42 @@ def test_text_is_legible_and_nothing_overlaps() -> None:
     for box in boxes:
         assert box.x0 >= -1 and box.y0 >= -1
         assert box.x1 <= figure_box.x1 + 1 and box.y1 <= figure_box.y1 + 1
+
+
+def with_intervals_and_chance(hs: heatmaps.HeatmapSet) -> heatmaps.HeatmapSet:
+    """Every cell with an interval (negative lows included: the widest text) and every
+    other cell marked not above chance."""
+    for k, p in enumerate(hs.panels):
+        p.low, p.high = p.mean - 1.05, p.mean + 0.05
+        above = np.indices(p.mean.shape).sum(axis=0) % 2
+        p.above = pd.DataFrame(above.astype(float), index=p.mean.index, columns=p.mean.columns)
+    return hs
+
+
+def test_interval_and_chance_lines_fit_inside_their_cells() -> None:
+    """Measured: each cell's texts (value, interval, chance mark) lie inside that cell,
+    at least 2 px from its edges, at 9 pt or larger."""
+    hs = with_intervals_and_chance(study_like_set())
+    fig = heatmaps.draw_set(hs)
+    renderer = rendered(fig)
+    n_texts = 0
+    for ax, panel in zip(panel_axes(fig), hs.panels):
+        box = ax.get_window_extent(renderer)
+        rows, cols = panel.mean.shape
+        cw, ch = box.width / cols, box.height / rows
+        assert min(cw, ch) >= MIN_CELL_PX
+        for text in ax.texts:
+            x, y = text.get_position()  # data coordinates: the cell's centre column, row
+            c, r = int(x), int(y)
+            cell_x0, cell_y1 = box.x0 + c * cw, box.y1 - r * ch  # rows go down
+            t = text.get_window_extent(renderer)
+            assert text.get_fontsize() >= MIN_TEXT_PT
+            assert t.x0 >= cell_x0 + 2 and t.x1 <= cell_x0 + cw - 2, text.get_text()
+            assert t.y1 <= cell_y1 - 2 and t.y0 >= cell_y1 - ch + 2, text.get_text()
+            n_texts += 1
+        marked = int((panel.above.to_numpy() == 0).sum())
+        assert sum("≤ chance" in t.get_text() for t in ax.texts) == marked
+    assert n_texts > 0
 
 
 def test_a_slide_sized_figure_keeps_its_cells_readable() -> None:

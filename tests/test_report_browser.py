@@ -116,6 +116,10 @@ def test_heat_map_cells_are_equal_squares_with_legible_text(report, browser, tmp
     assert widths[0] >= 44 and widths[-1] - widths[0] <= 1, widths
     assert heights[0] >= 44 and abs(heights[0] - widths[0]) <= 1, (widths, heights)
     assert fonts[0] >= 12, fonts
+    inner = browser.execute_script(  # the value and the interval below it
+        "return [...document.querySelectorAll('td.cell b, td.cell span')].filter(c =>"
+        " c.offsetParent).map(c => parseFloat(getComputedStyle(c).fontSize));")
+    assert inner and min(inner) >= 12, inner
     labels = browser.execute_script(
         "return [...document.querySelectorAll('table.hm th')].filter(c => c.offsetParent"
         " && c.textContent.trim()).map(c => parseFloat(getComputedStyle(c).fontSize));")

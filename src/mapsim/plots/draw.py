@@ -48,6 +48,9 @@ def heatmap_data(sets: list[heatmaps.HeatmapSet]) -> list[dict[str, Any]]:
                 "rows": [str(r) for r in p.mean.index], "cols": [str(c) for c in p.mean.columns],
                 "mean": _json_grid(p.mean),
                 "std": _json_grid(p.std) if p.std is not None else None,
+                **{name: _json_grid(grid) for name, grid in (
+                    ("ci_low", p.low), ("ci_high", p.high), ("above_chance", p.above),
+                    ("chance_p95", p.chance)) if grid is not None},
             } for p in hs.panels],
         })
     return out

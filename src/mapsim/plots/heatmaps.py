@@ -17,6 +17,7 @@ import seaborn  # noqa: F401 - registers the colour maps ("rocket") used by the 
 from matplotlib.figure import Figure
 
 from mapsim.io.results import POOLED_IMAGE, MetricView, ResultsDir
+from mapsim.plots import chance as chance_levels
 
 #: the per-layer-pair statistics drawn as heat maps: (pivot column, short name)
 STATISTICS = ("best_mean", "pct_well")
@@ -31,6 +32,13 @@ class Panel:
     model_b: str
     mean: pd.DataFrame
     std: pd.DataFrame | None = None
+    #: the confidence interval over images of ``mean`` (summary.csv's ci_low, ci_high)
+    low: pd.DataFrame | None = None
+    high: pd.DataFrame | None = None
+    #: 1.0 above chance, 0.0 not above, NaN unknown (baselines.csv, spatial null)
+    above: pd.DataFrame | None = None
+    #: the spatial null's 95th percentile (the chance level the cell is compared with)
+    chance: pd.DataFrame | None = None
 
     @property
     def title(self) -> str:
@@ -213,12 +221,21 @@ def _map_sets(results: ResultsDir, view: MetricView, statistic: str, threshold: 
     n = len(images) if n_images is None else n_images
     mean_panels, image_panels = [], {i: [] for i in images}
     pooled_panels = []
+    null = chance_levels.baselines(results)
     for a, b in comparisons:
         rows, cols = results.layers(a), results.layers(b)
         mean, std = summary_grid(results.summary, view.label, a, b, statistic, rows, cols)
         if mean.isna().all().all():
             continue
-        mean_panels.append(Panel(a, b, mean, std))
+        panel = Panel(a, b, mean, std)
+        ci = chance_levels.interval_grids(results.summary, view.label, a, b, statistic, rows,
+                                          cols)
+        if ci is not None:
+            panel.low, panel.high = ci
+        marks = chance_levels.chance_grids(null, view.label, a, b, statistic, rows, cols)
+        if marks is not None:
+            panel.above, panel.chance = marks
+        mean_panels.append(panel)
         for image in images:
             image_panels[image].append(Panel(a, b, pivot_grid(
                 results.pivot, image, view.label, a, b, statistic, rows, cols)))
@@ -232,9 +249,8 @@ def _map_sets(results: ResultsDir, view: MetricView, statistic: str, threshold: 
     vmin, vmax = _range(view, statistic, grids + [p.mean for p in pooled_panels])
     cmap = _cmap(view, statistic)
     stem = f"heatmap-{view.label}-{statistic}"
-    out = [HeatmapSet(stem, view.label, statistic, None,
-                      f"{title}\nmean ± std over {n} image(s)", cbar, vmin, vmax, cmap, fmt,
-                      mean_panels)]
+    out = [HeatmapSet(stem, view.label, statistic, None, f"{title}\n{_mean_line(results, n, mean_panels)}",
+                      cbar, vmin, vmax, cmap, fmt, mean_panels)]
     for image, panels in image_panels.items():
         out.append(HeatmapSet(f"{stem}-image-{image}", view.label, statistic, image,
                               f"{title}\nimage {image}", cbar, vmin, vmax, cmap, fmt, panels))
@@ -260,7 +276,11 @@ def _layer_sets(results: ResultsDir, view: MetricView,
         if not images:
             continue
         seen.add((a, b))
-        mean_panels.append(Panel(a, b, mean, std))
+        panel = Panel(a, b, mean, std)
+        ci = _layer_intervals(results, view, a, b, rows, cols)
+        if ci is not None:
+            panel.low, panel.high = ci
+        mean_panels.append(panel)
         for image, grid in images.items():
             per_image.setdefault(image, []).append(Panel(a, b, grid))
     if not mean_panels:
@@ -270,7 +290,7 @@ def _layer_sets(results: ResultsDir, view: MetricView,
     cmap = _cmap(view, "value")
     n = sum(1 for i in per_image if i != POOLED_IMAGE)
     stem = f"heatmap-{view.label}-value"
-    out = [HeatmapSet(stem, view.label, "value", None, f"{title}\nmean ± std over {n} image(s)",
+    out = [HeatmapSet(stem, view.label, "value", None, f"{title}\n{_mean_line(results, n, mean_panels)}",
                       cbar, vmin, vmax, cmap, ".2f", mean_panels)]
     for image, panels in per_image.items():
         suffix = "pooled" if image == POOLED_IMAGE else f"image-{image}"
@@ -281,32 +301,75 @@ def _layer_sets(results: ResultsDir, view: MetricView,
     return out
 
 
+def _layer_intervals(results: ResultsDir, view: MetricView, a: str, b: str, rows: list[str],
+                     cols: list[str]) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The intervals of a layer-level metric (layer_similarity_summary.csv), either direction
+    for a symmetric one."""
+    table = results.table("layer_similarity_summary")
+    ci = chance_levels.interval_grids(table, view.label, a, b, "value", rows, cols)
+    if ci is not None and view.symmetric:
+        back = chance_levels.interval_grids(table, view.label, b, a, "value", cols, rows)
+        if back is not None:
+            ci = tuple(one.fillna(other.T) for one, other in zip(ci, back))
+    return ci
+
+
+def _mean_line(results: ResultsDir, n: int, panels: list[Panel]) -> str:
+    """The second title line of a mean set: what the cells show."""
+    has_ci = any(p.low is not None and np.isfinite(p.low.to_numpy()).any() for p in panels)
+    has_chance = any(p.above is not None and np.isfinite(p.above.to_numpy()).any()
+                     for p in panels)
+    if not has_ci:
+        line = f"mean ± std over {n} image(s)"
+    else:
+        level = (results.info.get("intervals") or {}).get("level")
+        pct = f"{100 * float(level):g}% " if level else ""
+        line = f"mean over {n} image(s), below it its {pct}confidence interval"
+    if has_chance:
+        line += f"; '{chance_levels.BELOW_CHANCE}', dashed: not above the spatial null's p95"
+    return line
+
+
 # ---------------------------------------------------------------------- drawing
-#: the side of one heat-map cell, in inches (60 px at the figures' 100 dpi): room for
-#: "0.82" over "±0.05" at :data:`FONT_PT`
-CELL_IN = 0.6
+#: the side of one heat-map cell, in inches (80 px at the figures' 100 dpi): room for the
+#: value at :data:`VALUE_PT` over its interval "0.78–0.84" and "≤ chance" at :data:`FONT_PT`
+CELL_IN = 0.8
 #: the side of a cell when a panel has more than :data:`ANNOTATE_MAX` rows or columns
 SMALL_CELL_IN = 0.3
-#: the size of every text in a heat-map figure (cell values, layer names, titles), points
+#: the size of every text in a heat-map figure (intervals, layer names, titles), points
 FONT_PT = 9
+#: the size of a cell's value (its first line)
+VALUE_PT = 11
 DPI = 100
 _CHAR_IN = 0.6 * FONT_PT / 72  # a generous average character width
 _LINE_IN = 1.3 * FONT_PT / 72
 
 
+def _finite(frame: pd.DataFrame | None, shape: tuple[int, ...]) -> np.ndarray:
+    return np.full(shape, np.nan) if frame is None else frame.to_numpy(dtype=float)
+
+
 def annotations(panel: Panel, fmt: str) -> np.ndarray:
-    """Cell texts: ``mean`` or ``mean\\n±std``; ``n/a`` where undefined."""
-    mean = panel.mean.to_numpy()
-    std = panel.std.to_numpy() if panel.std is not None else np.full(mean.shape, np.nan)
+    """Cell texts, one line each: the value; below it its confidence interval
+    (``low–high``) where known, else ``±std`` where known; then ``≤ chance`` where the cell
+    is not above chance. ``n/a`` where the value is undefined."""
+    mean = panel.mean.to_numpy(dtype=float)
+    std, low, high, above = (_finite(f, mean.shape)
+                             for f in (panel.std, panel.low, panel.high, panel.above))
     text = np.empty(mean.shape, dtype=object)
     for idx in np.ndindex(mean.shape):
-        m, s = mean[idx], std[idx]
+        m = mean[idx]
         if np.isnan(m):
             text[idx] = "n/a"
-        elif np.isnan(s):
-            text[idx] = format(m, fmt)
-        else:
-            text[idx] = f"{format(m, fmt)}\n±{format(s, fmt)}"
+            continue
+        lines = [format(m, fmt)]
+        if np.isfinite(low[idx]) and np.isfinite(high[idx]):
+            lines.append(chance_levels.interval_text(low[idx], high[idx], fmt))
+        elif np.isfinite(std[idx]):
+            lines.append(f"±{format(std[idx], fmt)}")
+        if above[idx] == 0.0:
+            lines.append(chance_levels.BELOW_CHANCE)
+        text[idx] = "\n".join(lines)
     return text
 
 
@@ -344,7 +407,7 @@ class _Grid:
             grid.col_w.append(grid.ytick + 2 * _LINE_IN + max(width, titles) + 0.25)
         for m in rows:
             height = max(p.mean.shape[0] for p in panels if p.model_a == m) * cell
-            grid.row_h.append(_LINE_IN + 0.1 + height + grid.xtick + _LINE_IN + 0.2)
+            grid.row_h.append(_LINE_IN + 0.1 + height + grid.xtick + _LINE_IN + 0.1)
         return grid
 
     def rect(self, panel: Panel, top: float) -> tuple[float, float, float, float]:
@@ -384,16 +447,36 @@ def _draw_panel(fig: Figure, rect: tuple[float, float, float, float], size: tupl
     for spine in ax.spines.values():
         spine.set_visible(False)
     if texts is not None:
-        span = (vmax - vmin) or 1.0
-        for (r, c), text in np.ndenumerate(texts):
-            value = values[r, c]
-            dark = True
-            if np.isfinite(value):
-                red, green, blue, _ = cmap(min(max((value - vmin) / span, 0.0), 1.0))
-                dark = 0.299 * red + 0.587 * green + 0.114 * blue >= 0.55
-            ax.text(c + 0.5, r + 0.5, text, ha="center", va="center", fontsize=FONT_PT,
-                    linespacing=1.0, color="black" if dark else "white")
+        _annotate(ax, values, texts, cmap, vmin, vmax)
     return mesh
+
+
+def _annotate(ax: Any, values: np.ndarray, texts: np.ndarray, cmap: Any, vmin: float,
+              vmax: float) -> None:
+    """Each cell's value (:data:`VALUE_PT`) just above its centre, the other lines
+    (:data:`FONT_PT`) just below; a cell marked not above chance gets a dashed frame."""
+    from matplotlib.patches import Rectangle
+
+    span = (vmax - vmin) or 1.0
+    for (r, c), text in np.ndenumerate(texts):
+        value = values[r, c]
+        dark = True
+        if np.isfinite(value):
+            red, green, blue, _ = cmap(min(max((value - vmin) / span, 0.0), 1.0))
+            dark = 0.299 * red + 0.587 * green + 0.114 * blue >= 0.55
+        colour = "black" if dark else "white"
+        head, _, rest = str(text).partition("\n")
+        if not rest:
+            ax.text(c + 0.5, r + 0.5, head, ha="center", va="center", fontsize=VALUE_PT,
+                    color=colour)
+            continue
+        ax.text(c + 0.5, r + 0.5, head, ha="center", va="bottom", fontsize=VALUE_PT,
+                color=colour)
+        ax.text(c + 0.5, r + 0.53, rest, ha="center", va="top", fontsize=FONT_PT,
+                linespacing=1.0, color=colour)
+        if chance_levels.BELOW_CHANCE in rest:
+            ax.add_patch(Rectangle((c + 0.03, r + 0.03), 0.94, 0.94, fill=False, linewidth=1,
+                                   linestyle=(0, (3, 2)), edgecolor=colour))
 
 
 def draw_set(hs: HeatmapSet) -> Figure:
@@ -426,7 +509,7 @@ def draw_set(hs: HeatmapSet) -> Figure:
     caxes = []
     for k, (_, _, _, _, _) in enumerate(rows):  # colour bars first: fig.axes[0] is the main one
         top = height - head - k * block_h
-        cax_bottom = top - block_h + grid.xtick + _LINE_IN + 0.2
+        cax_bottom = top - block_h + grid.xtick + _LINE_IN + 0.1
         caxes.append(fig.add_axes(((sum(grid.col_w) + 0.1) / width, cax_bottom / height,
                                    0.2 / width, (top - 0.1 - cax_bottom) / height)))
     for k, (what, cmap, vmin, vmax, label) in enumerate(rows):

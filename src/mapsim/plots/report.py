@@ -22,14 +22,18 @@ from PIL import Image
 
 from mapsim.io.results import POOLED_IMAGE, ResultsDir
 from mapsim.plots.capture import thumb_key
+from mapsim.plots.chance import BELOW_CHANCE
+from mapsim.plots.report_tables import findings_html, pair_extras, reading, significance_html
 from mapsim.plots.heatmaps import HeatmapSet, annotations
 from mapsim.plots.io import atomic_write_bytes
 
 TOP_PAIRS = 8
 THUMB_CSS_PX = 72
-#: a heat-map cell of the report is a square of this many CSS pixels, its text this size
-CELL_CSS_PX = 52
-CELL_FONT_CSS_PX = 13
+#: a heat-map cell of the report is a square of this many CSS pixels, its value this size
+#: and its interval (and chance mark) below it this size
+CELL_CSS_PX = 80
+VALUE_FONT_CSS_PX = 15
+CELL_FONT_CSS_PX = 12
 #: the pictures under "More pictures" are embedded at most this wide and tall (pixels), as
 #: JPEG: sized for the page, not copies of the full-resolution PNGs in plots/
 PAGE_IMAGE_PX = (720, 1440)
@@ -120,7 +124,9 @@ class _PairIndex:
             pair["values"] = _records(rows[keep])
             return pair
         summary = self._rows("summary", metric, a, la, b, lb)
-        pair["summary"] = _records(summary[["statistic", "mean", "std", "n_images"]])
+        keep = [c for c in ("statistic", "mean", "std", "n_images", "ci_low", "ci_high")
+                if c in summary]
+        pair["summary"] = _records(summary[keep])
         per_image = self._rows("pivot", metric, a, la, b, lb)
         cols = ["image", "n_maps", "n_dead", "n_live", "best_mean", "best_std", "n_well",
                 "pct_well"]
@@ -174,9 +180,14 @@ def _heatmap_table(hs: HeatmapSet, pairs: _PairIndex) -> str:
                 bg, fg = _colour(cmap, value, hs.vmin, hs.vmax)
                 idx = pairs.index(hs.metric, hs.statistic, panel.model_a, str(row),
                                   panel.model_b, col)
-                label = html.escape(str(text[i, j])).replace("\n", "<br>")
+                head_line, _, rest = str(text[i, j]).partition("\n")
+                label = f"<b class='v'>{html.escape(head_line)}</b>"
+                if rest:
+                    label += ("<br><span class='sub'>"
+                              + html.escape(rest).replace("\n", "<br>") + "</span>")
+                marked = " nochance" if BELOW_CHANCE in rest else ""
                 cells.append(
-                    f"<td class='cell' style='background:{bg};color:{fg}' data-pair='{idx}' "
+                    f"<td class='cell{marked}' style='background:{bg};color:{fg}' data-pair='{idx}' "
                     f"data-layers='{html.escape(f'{panel.model_a}:{row} / {panel.model_b}:{col}')}'"
                     f" title='{html.escape(str(row))} / {html.escape(col)}'>{label}</td>")
             body.append(f"<tr><th class='row'>{html.escape(str(row))}</th>{''.join(cells)}</tr>")
@@ -224,28 +235,6 @@ def _summary_html(results: ResultsDir) -> str:
     return f"<table class='info'>{body}</table>"
 
 
-def _findings_html(results: ResultsDir) -> str:
-    summary = results.summary
-    if not results.has("summary"):
-        return ""
-    own = summary[(summary.model_a == summary.model_b) & (summary.layer_a == summary.layer_b)
-                  & summary.statistic.isin(["best_mean", "pct_well"])]
-    if own.empty:
-        return ""
-    wide = own.pivot_table(index=["metric", "model_a", "layer_a"], columns="statistic",
-                           values="mean", sort=False)
-    lines = ["<table class='info'><tr><th>metric</th><th>model</th><th>layer</th>"
-             "<th>mean best</th><th>% well correlated</th></tr>"]
-    for (metric, model, layer), row in wide.iterrows():
-        lines.append(f"<tr><td>{html.escape(str(metric))}</td><td>{html.escape(str(model))}</td>"
-                     f"<td>{html.escape(str(layer))}</td>"
-                     f"<td>{row.get('best_mean', np.nan):.3f}</td>"
-                     f"<td>{row.get('pct_well', np.nan):.1f}</td></tr>")
-    lines.append("</table>")
-    return ("<p>Each layer compared with itself (within its model), mean over images:</p>"
-            + "".join(lines))
-
-
 def build_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
                  figures: list[dict[str, str]]) -> str:
     """The report's HTML text."""
@@ -285,18 +274,24 @@ def build_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
             imgs += ("<p>Not embedded (see plots/): "
                      + ", ".join(html.escape(f["file"]) for f in rest) + "</p>")
         figure_html.append(f"<details><summary>{title} ({len(chosen)})</summary>{imgs}</details>")
+    extras = pair_extras(results)
+    for pair in pairs.pairs:
+        pair.update(extras.get(tuple(pair[k] for k in ("metric", "model_a", "layer_a",
+                                                          "model_b", "layer_b")), {}))
     data = {"pairs": pairs.pairs, "thumbs": pairs.thumbs}
     if pairs.thumb_image is not None and "__input__" in pairs.thumb_arrays:
         data["input"] = _thumb_uri(pairs.thumb_arrays["__input__"])
     payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
     return _TEMPLATE.format(
         title=html.escape(f"mapsim report: {results.name}"),
-        summary=_summary_html(results), findings=_findings_html(results),
+        summary=_summary_html(results),
+        findings=findings_html(results) + significance_html(results), reading=reading(results),
         heatmaps="".join(sections) or "<p>No heat maps: the run wrote no pivot or layer "
         "similarity tables.</p>",
         figures="".join(figure_html), data=payload,
         css=_CSS.replace("{thumb}", str(THUMB_CSS_PX)).replace("{cell}", str(CELL_CSS_PX))
-        .replace("{cell_font}", str(CELL_FONT_CSS_PX)), js=_JS)
+        .replace("{cell_font}", str(CELL_FONT_CSS_PX))
+        .replace("{value_font}", str(VALUE_FONT_CSS_PX)), js=_JS)
 
 
 def write_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
@@ -324,7 +319,10 @@ table.hm th.col{writing-mode:vertical-rl;transform:rotate(180deg);text-align:lef
 white-space:nowrap;padding:4px 0}
 td.cell{width:{cell}px;height:{cell}px;min-width:{cell}px;padding:0;text-align:center;
 cursor:pointer;border:1px solid #fff;line-height:1.15}
+td.cell .v{font-size:{value_font}px}
+td.cell.nochance{outline:2px dashed currentColor;outline-offset:-5px}
 td.cell:hover,td.cell.chosen{outline:3px solid #e4572e;outline-offset:-3px}
+p.reading{max-width:70em;font-size:.9em}
 .legend{display:flex;align-items:center;gap:.4em;font-size:.8em;margin:.5em 0}
 .legend .bar{display:inline-block;width:200px;height:12px}
 .main{display:grid;grid-template-columns:minmax(0,1fr) minmax(300px,38%);gap:1em;align-items:start}
@@ -356,7 +354,10 @@ function show(i){
   if(p.layer_level){
     h+='<p>Layer-level values per image:</p>'+table(p.values,Object.keys(p.values[0]||{image:1,value:1}),{});
   } else {
-    h+='<p>Across images (summary.csv):</p>'+table(p.summary,['statistic','mean','std','n_images'],{n_images:0});
+    const sc=['statistic','mean','std','n_images'].concat(p.summary.length&&'ci_low' in p.summary[0]?['ci_low','ci_high']:[]);
+    h+='<p>Across images (summary.csv):</p>'+table(p.summary,sc,{n_images:0});
+    if(p.baselines){h+='<p>Chance levels (baselines.csv):</p>'+table(p.baselines.map(b=>Object.assign({},b,{above:b.above===null?null:(b.above?'yes':'no')})),['statistic','baseline','observed','mean','p95','n','above'],{n:0});}
+    if(p.significant){h+='<p>Maps whose best partner is significant after Benjamini-Hochberg: <b>'+p.significant[0]+' of '+p.significant[1]+'</b></p>';}
     h+='<p>Per image (pivot.csv):</p>'+table(p.images,['image','n_maps','n_dead','n_live','best_mean','best_std','n_well','pct_well'],{n_maps:0,n_dead:0,n_live:0,n_well:0,pct_well:1});
     if(p.top.length){
       h+='<p>Top '+p.top.length+' map pairs in image '+esc(p.thumb_image)+' (best partner of each map of '+esc(p.layer_a)+'):</p>';
@@ -382,6 +383,7 @@ _TEMPLATE = """<!DOCTYPE html>
 <h2>Run</h2>{summary}
 <h2>Findings</h2>{findings}
 <h2>Heat maps</h2>
+{reading}
 <p>Click a cell to see that layer pair's statistics and its top map pairs (right).
 Grey cells are undefined.</p>
 <div class="main"><div class="maps">{heatmaps}</div>
