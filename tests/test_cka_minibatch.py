@@ -245,3 +245,18 @@ def test_a_run_in_blocks_cutting_batches_equals_plain_hooks(tmp_path):
         handle.remove()
         acts[name] = np.stack(captured)
     assert value == pytest.approx(reference_cka(acts["a"], acts["b"], 4), abs=1e-6)
+
+
+def test_variance_moments_equal_float64_numpy(rng):
+    """A run of metrics over images only computes the variances alone (dead-map flags)."""
+    from mapsim.engine.moments import variance_moments
+
+    z = (rng.standard_normal((7, 5000)) * [[1], [2], [0], [1e-3], [5], [1], [3]]
+         + [[1e3], [0], [4], [7], [-2], [0], [1]]).astype(np.float32)
+    moments = variance_moments(torch.from_numpy(z))
+    zd = z.astype(np.float64)
+    np.testing.assert_allclose(moments.mean.numpy(), zd.mean(1), rtol=1e-12)
+    expected = ((zd - zd.mean(1, keepdims=True)) ** 2).sum(1)
+    np.testing.assert_allclose(torch.diagonal(moments.comoment).numpy(), expected,
+                               rtol=1e-6, atol=1e-9)
+    assert moments.variance()[2] == 0.0  # a constant map is dead, exactly

@@ -211,6 +211,31 @@ def compute_moments(z: torch.Tensor, chunk_pixels: int | None = None,
                    stats.third)
 
 
+def variance_moments(z: torch.Tensor) -> Moments:
+    """Moments of the rows of ``z`` (C maps x P pixels) with only the diagonal of the
+    co-moment matrix (each map's centred sum of squares; zeros elsewhere): what the dead-map
+    flags need when no metric reads the cross products (a run of metrics over images only),
+    at a cost linear in the maps instead of quadratic."""
+    if z.dim() != 2 or z.shape[1] == 0:
+        raise ValueError(f"expected maps as a (C, P) matrix with pixels, got {tuple(z.shape)}")
+    n_maps, n_pixels = z.shape
+    z = z.to(torch.float32)
+    stretch = max(1, DEFAULT_CHUNK_BYTES // (4 * max(n_maps, 1)))
+    total = torch.zeros(n_maps, dtype=torch.float64, device=z.device)
+    for start in range(0, n_pixels, stretch):
+        total += row_sums(z[:, start:start + stretch])
+    mean = total / n_pixels
+    mean32 = mean.to(torch.float32).unsqueeze(1)
+    squares = torch.zeros(n_maps, dtype=torch.float64, device=z.device)
+    residual = torch.zeros(n_maps, dtype=torch.float64, device=z.device)
+    for start in range(0, n_pixels, stretch):
+        centred = z[:, start:start + stretch] - mean32
+        residual += row_sums(centred)
+        squares += row_sums(centred * centred)
+    residual /= n_pixels
+    return Moments(n_pixels, mean, torch.diag(squares - n_pixels * residual * residual))
+
+
 def _finish(n_pixels: int, mean: torch.Tensor, comoment: torch.Tensor,
             residual_sum: torch.Tensor) -> Moments:
     residual = residual_sum / n_pixels

@@ -29,7 +29,7 @@ import torch
 from mapsim.api import ImageItem, Metric
 from mapsim.devices import to_device
 from mapsim.engine.align import align_label
-from mapsim.engine.moments import compute_moments
+from mapsim.engine.moments import compute_moments, variance_moments
 from mapsim.models.tokens import token_maps
 from mapsim.engine.precision import differs_from_exact, forward_precision, probe
 from mapsim.engine.similarity import (
@@ -41,6 +41,7 @@ from mapsim.engine.similarity import (
     prepared_values,
     stack_maps,
 )
+from mapsim.engine.null import NullSettings, null_matrices
 from mapsim.engine.streaming import Layout, can_stream, probe_layout, stream_group
 from mapsim.errors import ExtractionError, ImageError, MapsimError
 from mapsim.io.images import roi_mask
@@ -120,6 +121,8 @@ class ImageResult:
     groups: list[GroupMoments] = field(default_factory=list)
     dead_counts: dict[DeadKey, DeadCount] = field(default_factory=dict)
     maps: Maps | None = None
+    #: the matrices under the spatial null (:mod:`mapsim.engine.null`), when it is on
+    null: list[SimilarityMatrix] = field(default_factory=list)
 
 
 @dataclass
@@ -166,6 +169,8 @@ class ImageStep:
         self.layouts: dict[tuple, Layout] = {}  # (group, image shape) -> layout, fast path
         self.builders: dict[int, Any] = {}
         self.aligned_sizes: dict[tuple[str, ...], set[tuple[int, int]]] = {}  # engine.align
+        #: the spatial null's settings (None: off); set by the runner from the spec
+        self.null: NullSettings | None = None
 
     # ------------------------------------------------------------------ inputs
     def extract(self, item: ImageItem, precision: str | None = None) -> Maps:
@@ -230,14 +235,17 @@ class ImageStep:
         return {"image": item.id, "max_abs_delta_r": values}
 
     # ------------------------------------------------------------------ the plain path
-    def compute(self, item: ImageItem, keep_maps: bool = False) -> ImageResult:
-        """Everything for one image, with its maps kept in memory."""
+    def compute(self, item: ImageItem, keep_maps: bool = False,
+                index: int | None = None) -> ImageResult:
+        """Everything for one image, with its maps kept in memory. ``index``: the image's
+        place in the run, which seeds the spatial null (needed when it is on)."""
         try:
-            return self._compute(item, keep_maps)
+            return self._compute(item, keep_maps, index)
         except torch.cuda.OutOfMemoryError as exc:
             raise self._out_of_memory(item) from exc
 
-    def _compute(self, item: ImageItem, keep_maps: bool) -> ImageResult:
+    def _compute(self, item: ImageItem, keep_maps: bool, index: int | None = None
+                 ) -> ImageResult:
         start = time.perf_counter()
         maps = self.extract(item)
         mask = self.mask_for(item)
@@ -248,20 +256,34 @@ class ImageStep:
                 metric.update(item.id, maps, mask)
         norms = any(m.needs_layer_norms for m in self.metrics)
         result = ImageResult(item.id, maps=maps if keep_maps else None)
-        for index, models in enumerate(self.groups):
+        for number, models in enumerate(self.groups):
             start = time.perf_counter()
             stack = stack_maps(maps, models, None if mask is None else mask.to(self.device),
                                align=self.engine.align)
-            moments = compute_moments(
-                stack.z, chunk_pixels=self.engine.chunk_pixels,
-                layers=[(b.start, b.stop) for b in stack.blocks] if norms else None)
+            if any(not m.accumulates for m in self.metrics):
+                moments = compute_moments(
+                    stack.z, chunk_pixels=self.engine.chunk_pixels,
+                    layers=[(b.start, b.stop) for b in stack.blocks] if norms else None)
+            else:  # metrics over images only: the dead-map flags need the variances alone
+                moments = variance_moments(stack.z)
             self._sync()
             self.timings["moments"] += time.perf_counter() - start
             if self.streamable:
-                self.layouts[(index, item.image.shape)] = Layout.of(stack)
-            group = GroupMoments(index, models, stack, moments, moments)
+                self.layouts[(number, item.image.shape)] = Layout.of(stack)
+            group = GroupMoments(number, models, stack, moments, moments)
             self.values(item.id, group, result)
             result.groups.append(group)
+            if self.null is not None:
+                start = time.perf_counter()
+                mine = [(i, pair) for i, pair in enumerate(self.comparisons)
+                        if pair[0] in models]
+                if index is None:
+                    raise MapsimError("the spatial null needs the image's index in the run")
+                result.null.extend(null_matrices(
+                    maps, stack, moments, self.metrics, mine, index,
+                    None if mask is None else mask.to(self.device), self.null))
+                self._sync()
+                self.timings["null"] += time.perf_counter() - start
         return result
 
     # ------------------------------------------------------------------ the fast path
@@ -272,6 +294,9 @@ class ImageStep:
         # With engine.align the maps are resampled before they are stacked, which the hooks'
         # moment builder does not do: such runs take the plain path (same values).
         if getattr(self.engine, "align", None) is not None:
+            return False
+        # The spatial null shifts the maps themselves, which the fast path does not keep.
+        if self.null is not None:
             return False
         # Token outputs are reshaped into maps after extraction: the plain path too.
         if any(m.tokens is not None for m in self.models.values()):
