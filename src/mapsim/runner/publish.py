@@ -23,6 +23,8 @@ from mapsim.runner.distributed import World
 from mapsim.runner.setup import RunSetup
 from mapsim.runner.sinks import WriterOutput, summary_accumulators, table_sink
 from mapsim.runner.writer import ResultsWriter
+from mapsim.engine.null import DEFINITION as NULL_DEFINITION, TABLE_PREFIX as NULL_PREFIX
+from mapsim.tables.chance import chance_tables
 from mapsim.tables.intervals import SEED, bootstrap_intervals, with_intervals
 
 
@@ -71,6 +73,8 @@ def merge_and_publish(setup: RunSetup, world: World, partial: PartialRun,
                     frame = _with_intervals(frame, partial.rows.folder / f"{table}.csv",
                                             accumulator.keys, spec.statistics)
                 writer.write_table(name, frame)
+        if setup.step.null is not None:
+            _write_chance(setup, partial.rows.folder, writer)
         setup.timings["merge"] = time.perf_counter() - start
         info = run_info(setup, merged.dead_counts, merged.n_images, time.perf_counter() - started)
         info["blocks"] = {
@@ -106,6 +110,40 @@ def _with_intervals(summary: pd.DataFrame, rows: Path, keys: list[str],
     intervals = bootstrap_intervals(per_image, keys, statistics.confidence,
                                     statistics.resamples)
     return with_intervals(summary, intervals, keys)
+
+
+def _write_chance(setup: RunSetup, rows: Path, writer: ResultsWriter) -> None:
+    """``baselines.csv`` and ``map_pvalues.csv`` from the per-image rows (and the shifted
+    comparisons' rows under ``null/``) of the merged blocks."""
+    statistics = setup.spec.statistics
+    higher = {m.label: m.info.higher_is_more_similar for m in setup.metrics}
+    table, pvalues = chance_tables(rows, higher, statistics.flips, statistics.seed,
+                                   statistics.fdr, prefix=NULL_PREFIX)
+    if table is not None:
+        writer.write_table("baselines", table)
+    if pvalues is not None:
+        writer.write_table("map_pvalues", pvalues)
+
+
+def _null_info(setup: RunSetup, n_images: int) -> dict[str, Any] | None:
+    """run.json's record of the spatial null (None when it is off)."""
+    if setup.step.null is None:
+        return None
+    statistics = setup.spec.statistics
+    return {
+        "baseline": "spatial-null", "definition": NULL_DEFINITION, "seed": statistics.seed,
+        "draws": {"per_image_and_comparison": 1, "total_per_comparison": n_images},
+        "tables": ["baselines.csv", "map_pvalues.csv", f"{NULL_PREFIX}max.csv",
+                   f"{NULL_PREFIX}pivot.csv"],
+        "p95": "95th percentile of the per-image null values (numpy linear interpolation); "
+               "above: observed mean over images > p95",
+        "pvalues": {"test": "paired sign-flip permutation over images of d = observed best "
+                            "- null best (one-sided)",
+                    "flips": statistics.flips, "fdr": statistics.fdr,
+                    "correction": "Benjamini-Hochberg (scipy.stats.false_discovery_control) "
+                                  "within each layer pair",
+                    "significant": f"q < {statistics.fdr}"},
+    }
 
 
 def run_info(setup: RunSetup, dead_counts: dict[DeadKey, DeadCount], n_images: int,
@@ -164,6 +202,7 @@ def run_info(setup: RunSetup, dead_counts: dict[DeadKey, DeadCount], n_images: i
             "resamples": spec.statistics.resamples, "seed": SEED,
             "columns": ["ci_low", "ci_high", "ci_method"],
         },
+        "null": _null_info(setup, n_images),
         "pooled": {
             "enabled": spec.engine.pooled,
             "metrics": [m.label for m in setup.metrics if m.uses_moments],

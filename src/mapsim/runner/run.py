@@ -21,6 +21,7 @@ from tqdm import tqdm
 from mapsim.api import ImageItem
 from mapsim.observers import RunObserver
 from mapsim.devices import resolve_device
+from mapsim.engine.null import TABLE_PREFIX as NULL_PREFIX
 from mapsim.engine.step import DeadCount, DeadKey, GroupMoments, ImageResult, LaunchedImage
 from mapsim.errors import ImageError, SpecError
 from mapsim.registry import Registry
@@ -103,7 +104,7 @@ class Runner:
             return
         self.flush(sink)  # keep the images' tables in order
         needs_maps = any(o.needs_maps for o in self.observers)
-        result = self.step.compute(item, keep_maps=needs_maps)
+        result = self.step.compute(item, keep_maps=needs_maps, index=index)
         if result.maps is not None:
             for observer in self.observers:
                 observer.on_maps(0 if index is None else index, item, result.maps)
@@ -133,6 +134,10 @@ class Runner:
             for observer in self.observers:
                 observer.on_matrix(result.image_id, sim)
             sink.aggregate(result.image_id, sim)
+        if result.null:  # the spatial null's matrices: their tables go under null/
+            null = sink.prefixed(NULL_PREFIX)  # type: ignore[attr-defined]
+            for sim in result.null:
+                null.aggregate(result.image_id, sim)
         for key, count in result.dead_counts.items():
             self.dead_counts.setdefault(key, DeadCount()).add(count)
 

@@ -12,6 +12,7 @@ import torch
 
 from mapsim.api import Aggregator, Metric
 from mapsim.devices import resolve_device
+from mapsim.engine.null import NullSettings
 from mapsim.engine.step import ImageStep
 from mapsim.errors import MapsimWarning, SpecError
 from mapsim.models.prepare import PreparedModel, prepare_model
@@ -47,6 +48,11 @@ class RunSetup:
         self.timings: dict[str, float] = defaultdict(float)
         self.step = ImageStep({}, self.metrics, self.comparisons, spec.engine, self.device,
                               self.timings)
+        if spec.statistics.null and any(m.info.granularity == "map" and not m.accumulates
+                                        for m in self.metrics):
+            engine = spec.engine
+            self.step.null = NullSettings(spec.statistics.seed, engine.dead_maps,
+                                          engine.dead_std, engine.chunk_pixels, engine.align)
 
     def prepare_models(self) -> None:
         """Build every compared model, move it to the device and resolve its layers."""

@@ -22,6 +22,7 @@ from mapsim.tables import aggregation
 from mapsim.tables.aggregation import SummaryRows, summary_rows
 from mapsim.api import Aggregator
 from mapsim.runner.writer import TablePart, format_part
+from mapsim.engine.null import TABLE_PREFIX as NULL_PREFIX, TABLES as NULL_TABLES
 from mapsim.engine.similarity import SimilarityMatrix
 
 
@@ -102,7 +103,10 @@ class TableWork:
             frames = [(job.table, job.frame)]
         else:
             start = time.perf_counter()
-            tables = aggregate_tables(self.aggregators, job.sim, self.pairs)
+            null = job.prefix.startswith(NULL_PREFIX)  # the spatial null: max and pivot only
+            tables = aggregate_tables(self.aggregators, job.sim, self.pairs and not null)
+            if null:
+                tables = {k: v for k, v in tables.items() if k in NULL_TABLES}
             frames = [(job.prefix + name, with_image(frame, job.image_id, job.sim.aligned))
                       for name, frame in tables.items()]
             seconds = time.perf_counter() - start

@@ -222,6 +222,17 @@ class StatisticsSpec(StrictModel):
     )
     resamples: int = Field(9999, ge=100, le=1_000_000,
                            description="Bootstrap resamples per interval.")
+    null: bool = Field(
+        True, description="Compute the spatial null in the same run (partner maps circularly "
+        "shifted): baselines.csv (chance levels) and map_pvalues.csv; false: off.")
+    seed: int = Field(0, ge=0, description="Seed of the null's shifts, sign flips and "
+                      "permutations (drawn per image index, not per process).")
+    fdr: float = Field(0.05, gt=0, lt=1, description="False-discovery rate of the "
+                       "Benjamini-Hochberg decision in map_pvalues.csv (significant: q < fdr).")
+    flips: int = Field(4999, ge=99, le=1_000_000, description="Random sign flips per map "
+                       "p-value when 2**images exceeds it (else all flips are enumerated).")
+    permutations: int = Field(999, ge=0, le=100_000, description="Image-order permutations "
+                              "of the p-value of metrics over images (CKA); 0: none.")
 
 
 class OutputSpec(StrictModel):

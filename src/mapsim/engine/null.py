@@ -1,0 +1,175 @@
+"""The spatial null: each comparison again, with the partner's maps circularly shifted.
+
+For every image and comparison ``(a, b)`` the partner side ``b`` (all its layers, by one
+offset) is rolled circularly by a large random offset ``(dy, dx)`` and compared with ``a``
+as the run compares them. A circular shift moves every pixel of a map by the same offset and
+wraps the edges around, so each shifted map has exactly the values, mean, variance and
+(circular) autocorrelation of the original, and b's maps keep their correlations with each
+other; only the alignment with ``a`` is broken. The statistics of the shifted comparison are
+what the statistic reads when the maps are unrelated but keep their spatial statistics:
+the chance level (``baselines.csv``, ``map_pvalues.csv``; :mod:`mapsim.tables.chance`).
+
+Within one network (``a == b``: map i against map j of the same image) the partner side is a
+shifted copy of the same maps; a map is still never its own partner.
+
+The offsets are drawn from ``numpy.random.default_rng([seed, image index, comparison
+index])`` (:func:`null_offset`), uniformly between a quarter and three quarters of each side,
+so they do not depend on which process or block computed the image. Without an ROI the
+shifted comparison costs one extra cross product per comparison (the maps' own moments are
+reused: a circular shift leaves them unchanged); with ``engine.roi`` the whole maps are
+shifted before the mask is applied and the moments are computed afresh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mapsim.api import Metric
+from mapsim.engine.moments import (
+    Moments,
+    chunk_size,
+    compute_moments,
+    exact_float32_matmul,
+    gram,
+)
+from mapsim.engine.similarity import MapStack, map_similarity, stack_maps
+from mapsim.types import Block, SimilarityMatrix
+
+#: the name the shifted side takes inside the null stack (never a model name: it has a space)
+SHIFTED = " shifted"
+#: the tables of the shifted comparisons are written under this folder of the results
+TABLE_PREFIX = "null/"
+#: the only aggregators' tables written for them (the chance tables read nothing else)
+TABLES = ("max", "pivot")
+#: what run.json records about the null
+DEFINITION = ("circular shift of the partner's maps (all its layers by one offset per image "
+              "and comparison), offsets uniform in [H/4, 3H/4] x [W/4, 3W/4], drawn from "
+              "numpy default_rng([seed, image index, comparison index]); one draw per image "
+              "and comparison; within one network the partner side is a shifted copy of the "
+              "same maps")
+
+
+def null_offset(seed: int, image_index: int, comparison_index: int,
+                shape: tuple[int, int]) -> tuple[int, int]:
+    """The circular shift ``(dy, dx)`` of the partner's maps for one image and comparison:
+    each uniform in [side/4, 3 side/4] (a large offset), from ``default_rng([seed, image
+    index, comparison index])``; ``(0, 0)`` along a side of length 1."""
+    rng = np.random.default_rng([int(seed), int(image_index), int(comparison_index)])
+    out = []
+    for side in shape:
+        low, high = side // 4, (3 * side) // 4
+        out.append(int(rng.integers(max(low, 1), max(high, 1) + 1)) if side > 1 else 0)
+    return out[0], out[1]
+
+
+def shift_rows(z: torch.Tensor, shape: tuple[int, int], offset: tuple[int, int]) -> torch.Tensor:
+    """Rows of ``z`` (maps x H*W pixels) rolled circularly by ``offset`` on the H x W grid."""
+    height, width = shape
+    return torch.roll(z.reshape(-1, height, width), shifts=offset, dims=(1, 2)).reshape(
+        z.shape[0], -1)
+
+
+@dataclass
+class NullSettings:
+    """What the null needs of the spec: the seed and the engine's settings."""
+
+    seed: int
+    dead_maps: str
+    dead_std: float
+    chunk_pixels: int | None
+    align: Any = None
+
+
+def _renamed(blocks: list[Block], model: str) -> list[Block]:
+    return [Block(model, b.layer, b.start, b.stop, b.shape) for b in blocks]
+
+
+def null_group(maps: Mapping[str, Mapping[str, torch.Tensor]], stack: MapStack,
+               moments: Moments, a: str, b: str, offset: tuple[int, int],
+               mask: torch.Tensor | None, settings: NullSettings
+               ) -> tuple[MapStack, Moments, str]:
+    """The stack ``[a; b shifted]`` and its moments; the shifted side's model name.
+
+    Without a mask the moments of each side are read off the group's (a circular shift does
+    not change them) and only the cross block is computed; with a mask, the whole maps are
+    shifted, masked and their moments computed afresh.
+    """
+    partner = b + SHIFTED if a == b else b
+    rows_a, rows_b = stack.rows(a), stack.rows(b)
+    blocks_a = [x.shifted(rows_a.start) for x in stack.blocks if x.model == a]
+    n_a = rows_a.stop - rows_a.start
+    blocks_b = [Block(partner, x.layer, x.start - rows_b.start + n_a, x.stop - rows_b.start + n_a,
+                      x.shape) for x in stack.blocks if x.model == b]
+    shape = stack.blocks[0].shape
+    if mask is None:
+        shifted = shift_rows(stack.z[rows_b], shape, offset)
+        z = torch.cat([stack.z[rows_a], shifted])
+        mean = torch.cat([moments.mean[rows_a], moments.mean[rows_b]])
+        n_b = shifted.shape[0]
+        centred = z.to(torch.float32) - mean.to(torch.float32).unsqueeze(1)
+        step = chunk_size(n_a + n_b, z.shape[1], settings.chunk_pixels)
+        with exact_float32_matmul():
+            cross = gram(centred, slice(0, n_a), slice(n_a, n_a + n_b), step)
+        # the float32 centring leaves a small residual mean per map: take its part out
+        res = centred.sum(dim=1, dtype=torch.float64) / z.shape[1]
+        cross = cross - z.shape[1] * torch.outer(res[:n_a], res[n_a:])
+        comoment = torch.empty(n_a + n_b, n_a + n_b, dtype=torch.float64, device=z.device)
+        comoment[:n_a, :n_a] = moments.comoment[rows_a, rows_a]
+        comoment[n_a:, n_a:] = moments.comoment[rows_b, rows_b]
+        comoment[:n_a, n_a:] = cross
+        comoment[n_a:, :n_a] = cross.T
+        return MapStack(z, blocks_a + blocks_b), Moments(moments.n, mean, comoment), partner
+    full = stack_maps(maps, list(dict.fromkeys(x.model for x in stack.blocks)), None,
+                      align=settings.align).z  # the group's maps before the mask
+    keep = mask.reshape(-1).to(full.device)
+    z = torch.cat([full[rows_a][:, keep], shift_rows(full[rows_b], shape, offset)[:, keep]])
+    return (MapStack(z, blocks_a + blocks_b),
+            compute_moments(z, chunk_pixels=settings.chunk_pixels), partner)
+
+
+def null_matrices(maps: Mapping[str, Mapping[str, torch.Tensor]], stack: MapStack,
+                  moments: Moments, metrics: Sequence[Metric],
+                  comparisons: Sequence[tuple[int, tuple[str, str]]], image_index: int,
+                  mask: torch.Tensor | None, settings: NullSettings) -> list[SimilarityMatrix]:
+    """Every map metric's matrices of one group on one image under the spatial null, in the
+    directions the run itself reports (named as the run names them: ``model_b`` is the
+    partner, whose maps were shifted).
+
+    ``comparisons``: ``(index in the run's comparisons, (a, b))`` of this group.
+    """
+    chosen = [m for m in metrics if not m.accumulates and m.info.granularity == "map"]
+    out: list[SimilarityMatrix] = []
+    if not chosen:
+        return out
+    for number, (a, b) in comparisons:
+        offset = null_offset(settings.seed, image_index, number, stack.blocks[0].shape)
+        null_stack, null_moments, partner = null_group(maps, stack, moments, a, b, offset,
+                                                       mask, settings)
+        for metric in chosen:
+            directions = [(a, partner)]
+            if a != b and not metric.info.symmetric:
+                directions.append((partner, a))
+            for x, y in directions:
+                sim = map_similarity(metric, null_stack, null_moments, x, y,
+                                     dead_policy=settings.dead_maps,
+                                     dead_std=settings.dead_std)
+                out.append(_named(sim, a, b, partner))
+            if a != b and metric.info.symmetric:
+                out.append(out[-1].transposed())
+    return out
+
+
+def _named(sim: SimilarityMatrix, a: str, b: str, partner: str) -> SimilarityMatrix:
+    """The matrix with the shifted side named as the model it is (``b``)."""
+    def name(model: str) -> str:
+        return b if model == partner else model
+
+    sim.model_a, sim.model_b = name(sim.model_a), name(sim.model_b)
+    sim.blocks_a = _renamed(sim.blocks_a, name(sim.blocks_a[0].model)) if sim.blocks_a else []
+    sim.blocks_b = _renamed(sim.blocks_b, name(sim.blocks_b[0].model)) if sim.blocks_b else []
+    return sim
