@@ -46,7 +46,7 @@ def scores(module, item):
 
 
 def test_bundled_networks_and_cards():
-    assert pretrained_names() == ["cnn1", "cnn10", "cnn10-s2", "cnn6", "cnn6-s2"]
+    assert pretrained_names() == ["cnn1", "cnn10", "cnn10-s2", "cnn6", "cnn6-s2", "unet"]
     for name, expected in CONV_PARAMETERS.items():
         card = pretrained_card(name)
         arch = card["model"]["architecture"]

@@ -1,6 +1,7 @@
 """The built-in ``unet`` architecture: pinned module paths and shapes, the forward pass
 against a functional re-implementation with the same weights, clear refusals, a tiny CPU
-training run through ``mapsim train`` and an encoder-vs-decoder comparison."""
+training run through ``mapsim train`` and an encoder-vs-decoder comparison (the bundled U-Net
+and examples/unet.yaml: tests/test_unet_pretrained.py)."""
 
 from __future__ import annotations
 
@@ -152,19 +153,3 @@ def test_encoder_against_decoder_in_a_run(tmp_path):
         validate_spec(base | {"models": {"u": {"architecture": {"name": "unet", "depth": 0}}},
                              "layers": {"u": ["head"]}})
 
-
-def test_the_unet_example_runs_against_the_bundled_fcn(tmp_path):
-    import shutil
-    from pathlib import Path
-
-    from mapsim.session import load_spec
-
-    examples = Path(__file__).resolve().parents[1] / "examples"
-    shutil.copy(examples / "unet.yaml", tmp_path / "unet.yaml")
-    shutil.copytree(examples / "data", tmp_path / "data")
-    result = run(load_spec(tmp_path / "unet.yaml"), base_dir=tmp_path, out_dir=tmp_path / "o")
-    best = pd.read_csv(result.out_dir / "max.csv")
-    assert set(best["aligned"]) == {"smaller/area 32x32"}
-    assert {("unet", "cnn6"), ("cnn6", "unet")} <= set(zip(best.model_a, best.model_b))
-    assert best.groupby("layer_a").map_a.nunique().to_dict() == {
-        "E0": 16, "B": 64, "D0": 16, "L1": 64, "L6": 64}
