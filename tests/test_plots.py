@@ -52,7 +52,7 @@ def spec_data(**output):
 @pytest.fixture(scope="module")
 def out(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("plots")
-    spec = validate_spec(spec_data(report=True))
+    spec = validate_spec(spec_data(report=True, pictures=["all"]))  # every kind of picture
     return run(spec, out_dir=tmp / "out", progress=False).out_dir
 
 
@@ -159,6 +159,43 @@ def test_mapsim_plot_reproduces_the_run_pictures(out, tmp_path):
         (out / "plots" / "data.json").read_text())
     assert (copy / "report.html").is_file()
     assert not [p for p in copy.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def default_names() -> set[str]:
+    """The default pictures as docs/pictures-and-report.md lists them: the heat maps of the
+    means and the pooled ones, histograms, matrices, groups of each layer with itself."""
+    return {n for n in expected_names()
+            if "-image-" not in n or not n.startswith("heatmap-")} - {
+        n for n in expected_names() if n.startswith("groups-pearson-a-blocks.") and "-b-" in n}
+
+
+def test_the_default_pictures_are_what_the_docs_list(out, tmp_path, capsys):
+    from mapsim.spec.run_spec import DEFAULT_PICTURES, OutputSpec
+
+    assert OutputSpec().pictures == list(DEFAULT_PICTURES) == [
+        "heatmaps", "histograms", "matrices", "groups"]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    info = json.loads((copy / "run.json").read_text())
+    del info["spec"]["output"]["pictures"]  # a run that did not choose: the defaults
+    (copy / "run.json").write_text(json.dumps(info))
+    assert main(["plot", str(copy), "--report"]) == 0
+    names = {p.name for p in (copy / "plots").iterdir()}
+    assert names <= default_names()
+    assert default_names() - {n for n in default_names() if n.startswith("groups-")} <= names
+    assert not any(n.startswith("heatmap-") and "-image-" in n for n in names)
+    assert len(names) == 1 + 4 + 3 + 2 + len([n for n in names if n.startswith("groups-")])
+    # every kind stays available: by name from the command line, or all of them
+    assert main(["plot", str(copy), "--pictures", "image-heatmaps,inter-groups"]) == 0
+    names = {p.name for p in (copy / "plots").iterdir()} - {"data.json"}
+    per_image = {n for n in expected_names() if n.startswith("heatmap-") and "-image-" in n}
+    inter_groups = {n for n in expected_names() if n.startswith("groups-") and "-b-" in n}
+    assert per_image <= names <= per_image | inter_groups
+    assert names & inter_groups
+    assert main(["plot", str(copy), "--pictures", "all"]) == 0
+    assert {p.name for p in (copy / "plots").iterdir()} == {p.name for p in (out / "plots").iterdir()}
+    assert main(["plot", str(copy), "--pictures", "heatmap"]) == 2
+    assert "unknown picture kind(s) 'heatmap'" in capsys.readouterr().err
 
 
 def test_mapsim_plot_refuses_a_folder_without_run_json(tmp_path, capsys):

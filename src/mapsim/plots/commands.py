@@ -15,7 +15,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     root = Path(args.results)
     report = args.report or (root / "report.html").exists()
-    written = redraw(root, report=report)
+    pictures = None if args.pictures is None else [
+        k.strip() for k in args.pictures.split(",") if k.strip()]
+    written = redraw(root, report=report, pictures=pictures)
     pictures = [p for p in written if p.suffix == ".png"]
     print(f"{len(pictures)} picture(s) in {root / 'plots'}"
           + (f"; report: {root / 'report.html'}" if report else ""))
@@ -158,6 +160,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("results", metavar="RESULTS_DIR", help="a folder written by `mapsim run`")
     p.add_argument("--report", action="store_true",
                    help="also write report.html (default: only when one exists already)")
+    p.add_argument("--pictures", metavar="KINDS",
+                   help="comma-separated kinds to draw: heatmaps, image-heatmaps, histograms, "
+                   "matrices, groups, inter-groups, or all (default: the run spec's "
+                   "output.pictures)")
     p.set_defaults(func=cmd_plot)
 
     show = sub.add_parser("show", help="draw a model's feature maps or kernels")

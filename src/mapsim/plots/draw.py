@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 
 from mapsim.errors import OutputError
-from mapsim.io.results import ResultsDir
+from mapsim.io.results import POOLED_IMAGE, ResultsDir
 from mapsim.plots import distributions, groups, heatmaps
 from mapsim.plots.capture import matrix_key
-from mapsim.plots.io import atomic_write_bytes, save_figure, slug
+from mapsim.plots.io import atomic_write_bytes, figure_png, slug
+from mapsim.spec.run_spec import DEFAULT_PICTURES, PICTURE_KINDS
 
 #: per-image heat maps are drawn for at most this many images (the means use every image)
 MAX_IMAGE_FIGURES = 24
@@ -77,29 +78,52 @@ def group_pairs(results: ResultsDir, metric: str) -> list[tuple[str, str, str, s
     return out
 
 
+def chosen_pictures(results: ResultsDir, pictures: Iterable[str] | None = None) -> set[str]:
+    """The kinds of pictures to draw: ``pictures``, else the run spec's ``output.pictures``
+    (in run.json), else :data:`DEFAULT_PICTURES`; ``"all"`` stands for every kind."""
+    if pictures is None:
+        pictures = ((results.info.get("spec") or {}).get("output") or {}).get("pictures")
+    if pictures is None:
+        return set(DEFAULT_PICTURES)
+    chosen = set(pictures)
+    if "all" in chosen:
+        return set(PICTURE_KINDS)
+    unknown = sorted(chosen - set(PICTURE_KINDS))
+    if unknown:
+        raise OutputError(f"unknown picture kind(s) {', '.join(map(repr, unknown))}: choose "
+                          f"from {', '.join(PICTURE_KINDS)} (or all)")
+    return chosen
+
+
 def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | None = None,
-             progress: bool = False) -> list[Path]:
+             progress: bool = False, pictures: Iterable[str] | None = None) -> list[Path]:
     """Draw the pictures of the results in ``root`` into ``plots_dir`` (default root/plots).
 
-    With ``report``, also write ``root/report.html``; with ``progress``, show a progress bar
-    on stderr. Returns the written files.
+    ``pictures``: the kinds to draw (see :func:`chosen_pictures`; default: the run spec's
+    ``output.pictures``). With ``report``, also write ``root/report.html``; with
+    ``progress``, show a progress bar on stderr. Returns the written files.
     """
     root = Path(root)
     results = ResultsDir.open(root)
+    kinds = chosen_pictures(results, pictures)
     folder = Path(plots_dir) if plots_dir is not None else root / "plots"
     written: list[Path] = []
     figures: list[dict[str, str]] = []  # for the report: file, kind, caption
+    pages: dict[str, str] = {}  # for the report: file -> its page-sized copy (data URI)
     sets = heatmaps.heatmap_sets(results)
-    jobs = _jobs(results, sets)
+    jobs = _jobs(results, sets, kinds)
     from tqdm.auto import tqdm
 
-    drawn = tqdm(_draw_jobs(jobs, folder), total=len(jobs), desc="pictures", unit="fig",
-                 disable=not progress, leave=False)
-    for (_, _, kind, caption), path in zip(jobs, drawn):
+    wanted = _page_jobs(jobs) if report else set()
+    drawn = tqdm(_draw_jobs(jobs, folder, wanted), total=len(jobs), desc="pictures",
+                 unit="fig", disable=not progress, leave=False)
+    for (_, _, kind, caption), (path, page) in zip(jobs, drawn):
         if path is None:
             continue
         written.append(path)
         figures.append({"file": path.name, "kind": kind, "caption": caption})
+        if page is not None:
+            pages[path.name] = page
     data = {"heatmaps": heatmap_data(sets), "figures": figures}
     atomic_write_bytes(folder / "data.json",
                        (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
@@ -107,30 +131,55 @@ def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | Non
     if report:
         from mapsim.plots.report import write_report
 
-        written.append(write_report(results, sets, folder, figures))
+        written.append(write_report(results, sets, folder, figures, pages))
     return written
 
 
 Job = tuple[Callable[[], Any], str, str, str]  # figure maker, file stem, kind, caption
 
-#: the jobs being drawn, inherited by the forked drawing processes (never pickled)
-_WORK: tuple[list[Job], Path] | None = None
+#: the jobs being drawn, inherited by the forked drawing processes (never pickled): the
+#: jobs, the folder, and the indices of the jobs whose page-sized copy the report embeds
+_WORK: tuple[list[Job], Path, set[int]] | None = None
 
 
-def _draw_one(index: int) -> Path | None:
-    """Draw and save job ``index`` of :data:`_WORK` (in a drawing process, or here)."""
-    jobs, folder = _WORK
+def _page_jobs(jobs: list[Job]) -> set[int]:
+    """The jobs whose pictures the report embeds: the first MAX_PAGE_IMAGES of each kind."""
+    from mapsim.plots.report import MAX_PAGE_IMAGES, PAGE_KINDS
+
+    seen: dict[str, int] = {}
+    out = set()
+    for index, (_, _, kind, _) in enumerate(jobs):
+        if kind in PAGE_KINDS and seen.get(kind, 0) < MAX_PAGE_IMAGES:
+            seen[kind] = seen.get(kind, 0) + 1
+            out.add(index)
+    return out
+
+
+def _draw_one(index: int) -> tuple[Path | None, str | None]:
+    """Draw and save job ``index`` of :data:`_WORK` (in a drawing process, or here); with
+    its page-sized copy for the report when that job is one it embeds."""
+    jobs, folder, pages = _WORK
     make, stem, _, _ = jobs[index]
     fig = make()
-    return None if fig is None else save_figure(fig, folder / f"{slug(stem)}.png")
+    if fig is None:
+        return None, None
+    png = figure_png(fig)
+    path = folder / f"{slug(stem)}.png"
+    atomic_write_bytes(path, png)
+    if index not in pages:
+        return path, None
+    from mapsim.plots.report import page_image
+
+    return path, page_image(png)
 
 
-def _draw_jobs(jobs: list[Job], folder: Path) -> Iterator[Path | None]:
-    """Each job's picture (or None), in job order. Drawn in forked processes, one per core
-    (at most 4), when there is more than one core and enough jobs; the processes end with
-    this one, however it ends."""
+def _draw_jobs(jobs: list[Job], folder: Path, pages: set[int] = frozenset()
+               ) -> Iterator[tuple[Path | None, str | None]]:
+    """Each job's picture (or None) and page copy (or None), in job order. Drawn in forked
+    processes, one per core (at most 4), when there is more than one core and enough jobs;
+    the processes end with this one, however it ends."""
     global _WORK
-    _WORK = (jobs, folder)
+    _WORK = (jobs, folder, set(pages))
     workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                   else (os.cpu_count() or 1))
     try:
@@ -153,8 +202,9 @@ def _draw_jobs(jobs: list[Job], folder: Path) -> Iterator[Path | None]:
         pool.join()
 
 
-def _jobs(results: ResultsDir, sets: list[heatmaps.HeatmapSet]) -> list[Job]:
-    """Every picture of a run, not drawn yet: heat maps, histograms, matrices, groups."""
+def _jobs(results: ResultsDir, sets: list[heatmaps.HeatmapSet],
+          kinds: set[str] = frozenset(PICTURE_KINDS)) -> list[Job]:
+    """The pictures of ``kinds`` (see :data:`PICTURE_KINDS`), not drawn yet."""
     jobs: list[Job] = []
     arrays: dict[tuple[str, str], Any] = {}  # (kind, image) -> loaded once for all pictures
 
@@ -165,18 +215,20 @@ def _jobs(results: ResultsDir, sets: list[heatmaps.HeatmapSet]) -> list[Job]:
 
     drawn_images = set(results.images()[:MAX_IMAGE_FIGURES])
     for hs in sets:
-        if hs.image is None or hs.image in drawn_images or hs.image == "pooled":
+        wanted = ("heatmaps" if hs.image is None or hs.image == POOLED_IMAGE
+                  else "image-heatmaps" if hs.image in drawn_images else None)
+        if wanted in kinds:
             jobs.append((partial(heatmaps.draw_set, hs), hs.key, "heatmap",
                          hs.title.replace("\n", " — ")))
     for view in results.metrics().values():
         if view.granularity != "map":
             continue
         threshold = heatmaps._threshold(results, view.label)
-        for a, b in results.comparisons():
+        for a, b in results.comparisons() if "histograms" in kinds else ():
             jobs.append((partial(distributions.histogram_figure, results, view, a, b, threshold),
                          f"hist-{view.label}-{a}-{b}", "histogram",
                          f"{view.label}: best-partner values, {a} → {b}"))
-        for image in results.saved_images("matrices"):
+        for image in results.saved_images("matrices") if "matrices" in kinds else ():
             for a, b in results.comparisons():
                 jobs.append((partial(_matrix, load, image, view, a, b),
                              f"matrix-{view.label}-{a}-{b}-image-{image}", "matrix",
@@ -185,6 +237,8 @@ def _jobs(results: ResultsDir, sets: list[heatmaps.HeatmapSet]) -> list[Job]:
             continue
         for image in results.saved_images("thumbnails"):
             for a, la, b, lb in group_pairs(results, view.label):
+                if ("groups" if a == b else "inter-groups") not in kinds:
+                    continue
                 pair = f"{a} {la} with itself" if (a, la) == (b, lb) else f"{a} {la} and {b} {lb}"
                 stem = (f"groups-{view.label}-{a}-{la}" if (a, la) == (b, lb)
                         else f"groups-{view.label}-{a}-{la}-{b}-{lb}")
@@ -212,7 +266,8 @@ def _groups(results: ResultsDir, load: Callable[[str, str], Any], image: str, vi
     return groups.groups_figure(found, load("thumbnails", image), view, threshold, image, pair)
 
 
-def draw_for_run(root: str | Path, report: bool = False, progress: bool = False) -> list[Path]:
+def draw_for_run(root: str | Path, report: bool = False, progress: bool = False,
+                 pictures: Iterable[str] | None = None) -> list[Path]:
     """Draw a run's pictures into its staging folder; a drawing failure never costs the tables.
 
     On an error the partial ``plots/`` and ``report.html`` are removed and a warning says how
@@ -220,7 +275,7 @@ def draw_for_run(root: str | Path, report: bool = False, progress: bool = False)
     """
     root = Path(root)
     try:
-        return draw_all(root, report=report, progress=progress)
+        return draw_all(root, report=report, progress=progress, pictures=pictures)
     except Exception as exc:  # noqa: BLE001 - the tables are worth more than the pictures
         shutil.rmtree(root / "plots", ignore_errors=True)
         (root / "report.html").unlink(missing_ok=True)
@@ -230,8 +285,10 @@ def draw_for_run(root: str | Path, report: bool = False, progress: bool = False)
         return []
 
 
-def redraw(root: str | Path, report: bool = False, progress: bool = False) -> list[Path]:
-    """Redraw ``root/plots`` (and ``report.html``) from the tables, replacing them atomically."""
+def redraw(root: str | Path, report: bool = False, progress: bool = False,
+           pictures: Iterable[str] | None = None) -> list[Path]:
+    """Redraw ``root/plots`` (and ``report.html``) from the tables, replacing them atomically
+    (``pictures``: the kinds, as for :func:`draw_all`)."""
     root = Path(root)
     ResultsDir.open(root)  # a clear error for a folder that is not a results directory
     try:
@@ -239,7 +296,8 @@ def redraw(root: str | Path, report: bool = False, progress: bool = False) -> li
     except OSError as exc:
         raise OutputError(f"cannot write into {root}: {exc}") from exc
     try:
-        written = draw_all(root, report=report, plots_dir=staging, progress=progress)
+        written = draw_all(root, report=report, plots_dir=staging, progress=progress,
+                           pictures=pictures)
         target = root / "plots"
         old = None
         if target.exists():

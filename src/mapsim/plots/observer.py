@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,8 +32,11 @@ class PlotObserver(RunObserver):
     key: ClassVar[str] = "plots"
     needs_maps: ClassVar[bool] = True
 
-    def __init__(self, report: bool = False, n_images: int = 1, progress: bool = False) -> None:
+    def __init__(self, report: bool = False, n_images: int = 1, progress: bool = False,
+                 pictures: Sequence[str] | None = None) -> None:
         self.report = report
+        #: the kinds of pictures to draw (None: the spec's output.pictures in run.json)
+        self.pictures = None if pictures is None else list(pictures)
         self.progress = progress
         self.capture = PlotCapture(n_images)
         #: the pictures drawn by :meth:`finished`
@@ -60,7 +63,8 @@ class PlotObserver(RunObserver):
         """Draw the pictures, then record how long that took in run.json
         (``timings_s.draw``, seconds; ``timings_s.total`` stays the analysis alone)."""
         start = time.perf_counter()
-        self.drawn = draw_for_run(out_dir, report=self.report, progress=self.progress)
+        self.drawn = draw_for_run(out_dir, report=self.report, progress=self.progress,
+                                  pictures=self.pictures)
         record_draw_time(Path(out_dir), time.perf_counter() - start)
 
 
@@ -84,4 +88,4 @@ def observers_for(output: Any, plots: bool | None = None,
     if not wanted:
         return []
     return [PlotObserver(report=bool(output.report), n_images=output.plot_images,
-                         progress=progress)]
+                         progress=progress, pictures=getattr(output, "pictures", None))]

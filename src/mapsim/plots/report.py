@@ -40,6 +40,8 @@ PAGE_IMAGE_PX = (720, 1440)
 PAGE_IMAGE_QUALITY = 75
 #: at most this many of them per kind (histogram, matrix, groups); the rest are named
 MAX_PAGE_IMAGES = 24
+#: the kinds of pictures embedded under "More pictures" (the heat maps are tables)
+PAGE_KINDS = ("histogram", "matrix", "groups")
 
 
 def _colour(cmap: Any, value: float, vmin: float, vmax: float) -> tuple[str, str]:
@@ -52,9 +54,9 @@ def _colour(cmap: Any, value: float, vmin: float, vmax: float) -> tuple[str, str
     return matplotlib.colors.to_hex((r, g, b)), text
 
 
-def _page_image(path: Path) -> str:
-    """A PNG of plots/ as a JPEG data URI no larger than :data:`PAGE_IMAGE_PX`."""
-    with Image.open(path) as picture:
+def page_image(png: bytes) -> str:
+    """A PNG as a JPEG data URI no larger than :data:`PAGE_IMAGE_PX`."""
+    with Image.open(io.BytesIO(png)) as picture:
         picture = picture.convert("RGB")
         picture.thumbnail(PAGE_IMAGE_PX, Image.Resampling.LANCZOS)
         buffer = io.BytesIO()
@@ -236,8 +238,10 @@ def _summary_html(results: ResultsDir) -> str:
 
 
 def build_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
-                 figures: list[dict[str, str]]) -> str:
-    """The report's HTML text."""
+                 figures: list[dict[str, str]], pages: dict[str, str] | None = None) -> str:
+    """The report's HTML text; ``pages``: page-sized copies of pictures already made (file
+    name -> data URI), the others are made here from plots/."""
+    pages = pages or {}
     pairs = _PairIndex(results)
     groups: dict[tuple[str, str], list[HeatmapSet]] = {}
     for hs in sets:
@@ -258,16 +262,17 @@ def build_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
             f"{html.escape(statistic)}</h3><label>show <select class='setsel'>"
             f"{''.join(options)}</select></label>{''.join(bodies)}</div>")
     figure_html = []
-    for kind, title in (("histogram", "Best-partner distributions"),
-                        ("matrix", "Every map pair (first image(s))"),
-                        ("groups", "Well-correlated groups")):
+    for kind, title in zip(PAGE_KINDS, ("Best-partner distributions",
+                                        "Every map pair (first image(s))",
+                                        "Well-correlated groups")):
         chosen = [f for f in figures if f["kind"] == kind]
         if not chosen:
             continue
         shown, rest = chosen[:MAX_PAGE_IMAGES], chosen[MAX_PAGE_IMAGES:]
         imgs = "".join(
             f"<figure><img alt='{html.escape(f['caption'])}' src='"
-            f"{_page_image(plots_dir / f['file'])}'><figcaption>"
+            f"{pages.get(f['file']) or page_image((plots_dir / f['file']).read_bytes())}'>"
+            "<figcaption>"
             f"{html.escape(f['caption'])} (plots/{html.escape(f['file'])})</figcaption></figure>"
             for f in shown)
         if rest:
@@ -295,10 +300,11 @@ def build_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
 
 
 def write_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
-                 figures: list[dict[str, str]]) -> Path:
+                 figures: list[dict[str, str]], pages: dict[str, str] | None = None) -> Path:
     """Write ``report.html`` into the results directory atomically; returns its path."""
     path = results.root / "report.html"
-    atomic_write_bytes(path, build_report(results, sets, plots_dir, figures).encode("utf-8"))
+    atomic_write_bytes(path, build_report(results, sets, plots_dir, figures, pages)
+                       .encode("utf-8"))
     return path
 
 

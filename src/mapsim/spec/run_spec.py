@@ -225,14 +225,21 @@ class StatisticsSpec(StrictModel):
     null: bool = Field(
         True, description="Compute the spatial null in the same run (partner maps circularly "
         "shifted): baselines.csv (chance levels) and map_pvalues.csv; false: off.")
-    seed: int = Field(0, ge=0, description="Seed of the null's shifts, sign flips and "
-                      "permutations (drawn per image index, not per process).")
+    seed: int = Field(0, ge=0, description="Seed of the null's shifts (drawn per image "
+                      "index, not per process) and of the random sign flips.")
     fdr: float = Field(0.05, gt=0, lt=1, description="False-discovery rate of the "
                        "Benjamini-Hochberg decision in map_pvalues.csv (significant: q < fdr).")
     flips: int = Field(4999, ge=99, le=1_000_000, description="Random sign flips per map "
                        "p-value when 2**images exceeds it (else all flips are enumerated).")
-    permutations: int = Field(999, ge=0, le=100_000, description="Image-order permutations "
-                              "of the p-value of metrics over images (CKA); 0: none.")
+    untrained: int = Field(0, ge=0, le=1000, description="The untrained baseline: the "
+                           "comparisons again on this many random initialisations of the same "
+                           "architectures (built-in/pretrained models only); 0: off.")
+
+
+#: the kinds of pictures a run can draw (``output.pictures``), and those drawn by default
+PICTURE_KINDS = ("heatmaps", "image-heatmaps", "histograms", "matrices", "groups",
+                 "inter-groups")
+DEFAULT_PICTURES = ("heatmaps", "histograms", "matrices", "groups")
 
 
 class OutputSpec(StrictModel):
@@ -246,6 +253,12 @@ class OutputSpec(StrictModel):
                          "(implies plots).")
     plot_images: int = Field(1, ge=1, description="Images whose thumbnails and matrices are kept "
                              "for plots and the report.")
+    pictures: list[Literal[(*PICTURE_KINDS, "all")]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(DEFAULT_PICTURES),
+        description="Which pictures plots/ holds: heatmaps (the means over images, and "
+        "pooled), image-heatmaps (one set per image; the report shows them either way), "
+        "histograms, matrices, groups (each layer with itself), inter-groups (each layer with "
+        "its closest layer of another model), or all.")
 
 
 def _pair(value: Any) -> Any:
