@@ -1,8 +1,9 @@
 """A whole mapsim run, timed: images per second and peak memory.
 
-Run (GPU, the issue's target): ``python benchmarks/end_to_end.py --device cuda`` -- CNN10 (all
-10 modules), 60 images of 1376 x 1104 px, Pearson plus the metrics of ``--metrics`` that are
-installed, the study's tables (max, min, threshold, pivot) written as CSV.
+Run (GPU, the issue's target): ``python benchmarks/end_to_end.py --device cuda --precision fp16``
+(and ``--precision tf32``) -- CNN10 (all 10 modules), 60 images of 1376 x 1104 px, Pearson plus
+the metrics of ``--metrics`` that are installed, the study's tables (max, min, threshold, pivot)
+written as CSV.
 CPU: ``python benchmarks/end_to_end.py --device cpu --depth 6 --layers
 blocks.0,blocks.1,blocks.3,blocks.5 --size 256x256 --images 20`` (``--kernel-size 3`` for fcn's
 default kernels; the study's networks use 7).
@@ -74,6 +75,7 @@ def spec(args: argparse.Namespace, folder: Path, n: int) -> object:
         "comparisons": [["cnn", "cnn"]],
         "metrics": metrics,
         "aggregators": aggregators,
+        "engine": {"precision": args.precision} if args.precision else {},
         "device": args.device,
     })
 
@@ -175,6 +177,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--metrics", default="pearson,cosine,euclidean,cka")
     parser.add_argument("--aggregators", default="max,min,threshold,pivot")
+    parser.add_argument("--precision", default=None, choices=["exact", "tf32", "fp16", "bf16"],
+                        help="engine.precision of the forward pass (default: the spec default, "
+                        "tf32)")
     parser.add_argument("--memory", default=None, help="e.g. 1,10,100: peak memory per count")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
@@ -236,7 +241,7 @@ def main() -> None:
             write_profile(profiler, args.profile)
         n, seconds = info["n"], info["seconds"]
         lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}, conv {args.conv}), "
-                     f"layers {args.layers}, {height}x{width} px, "
+                     f"precision {args.precision or 'default'}, layers {args.layers}, {height}x{width} px, "
                      f"{n} images, metrics {', '.join(info['metrics'])}, aggregators "
                      f"{args.aggregators}: {seconds:.2f} s, {n / seconds:.2f} images/s, "
                      f"{seconds / n:.3f} s/image")
