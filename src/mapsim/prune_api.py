@@ -88,6 +88,10 @@ class PruneCriterion(Plugin):
 
     #: whether ``choose`` accepts ``n_remove=None`` (a threshold given in the params)
     supports_threshold: ClassVar[bool] = False
+    #: whether ``choose`` draws from ``rng``; a criterion that does not (the same choice for
+    #: every seed) is pruned and scored once for a model with weights, and only the
+    #: fine-tuning is repeated per seed
+    uses_rng: ClassVar[bool] = True
 
     @abstractmethod
     def choose(self, layer: PruneLayer, n_remove: int | None,

@@ -15,7 +15,7 @@
 - ``bn-gamma``: the maps with the smallest batch-norm ``|gamma|`` (Liu et al., 2017).
 - ``random``: maps drawn uniformly without replacement, reproducible per seed.
 - ``hrank``: the maps with the lowest average matrix rank over the calibration images
-  (Lin et al., 2020).
+  (Lin et al., 2020), each rank from a float32 SVD with numpy's default tolerance.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class Correlation(mapsim.PruneCriterion):
 
     name = "correlation"
     supports_threshold = True
+    uses_rng = False
     compensate = False
 
     class Params(mapsim.Params):
@@ -85,6 +86,7 @@ class L1(mapsim.PruneCriterion):
     """Remove the filters with the smallest L1 norm of their weights."""
 
     name = "l1"
+    uses_rng = False
 
     def choose(self, layer, n_remove, rng):
         return mapsim.PruneChoice.lowest(layer.weight.abs().sum(dim=(1, 2, 3)), n_remove)
@@ -94,6 +96,7 @@ class BNGamma(mapsim.PruneCriterion):
     """Remove the maps with the smallest batch-norm |gamma|."""
 
     name = "bn-gamma"
+    uses_rng = False
 
     def choose(self, layer, n_remove, rng):
         if layer.gamma is None:
@@ -116,9 +119,12 @@ class HRank(mapsim.PruneCriterion):
     """Remove the maps with the lowest average matrix rank over the calibration images."""
 
     name = "hrank"
+    uses_rng = False
 
     def choose(self, layer, n_remove, rng):
-        ranks = torch.linalg.matrix_rank(layer.maps.double()).double().mean(dim=0)
+        # float32 SVDs (fast on GPUs, where float64 is slow); default tolerance
+        # sigma_max * max(H, W) * eps(float32), as numpy's matrix_rank on float32 maps
+        ranks = torch.linalg.matrix_rank(layer.maps.float()).double().mean(dim=0)
         return mapsim.PruneChoice.lowest(ranks, n_remove)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -110,6 +111,11 @@ def run_prune(spec: Any, base_dir: Path, out_dir: str | Path, overwrite: bool = 
     images = torch.from_numpy(np.stack([s.image for s in calibration])).to(dev)
     example = images[:1]
     rows, records = [], []
+    started = time.perf_counter()
+    # with weights, the unpruned model is the same for every seed, and so is what a
+    # criterion without randomness removes: pruned and scored once (fine-tuned per seed)
+    reuse = spec.model.weights is not None
+    cache: dict[tuple, Any] = {}
     writer = ResultsWriter(out_dir, overwrite=overwrite)
     try:
         for seed in spec.seeds:
@@ -131,13 +137,21 @@ def run_prune(spec: Any, base_dir: Path, out_dir: str | Path, overwrite: bool = 
                 for layers in layer_sets(spec, base, example):
                     for level in levels:
                         if progress:
-                            print(f"  seed {seed} {choice.name} {layers or 'all'} "
+                            print(f"  [{time.perf_counter() - started:7.1f} s] seed {seed} "
+                                  f"{choice.name} {layers or 'all'} "
                                   f"{'threshold' if level is None else level}", flush=True)
-                        out = prune_model(base, criterion, images, layers=layers,
-                                          sparsity=level, seed=seed, backend=spec.backend)
-                        costs = {"parameters": parameter_count(out.model),
-                                 "macs": count_macs(out.model, example)}
-                        before, after = score(out.model), {"iou": np.nan, "cldice": np.nan}
+                        key = (choice.name, str(params), str(layers), level)
+                        if key in cache:
+                            out, costs, before = cache[key]
+                        else:
+                            out = prune_model(base, criterion, images, layers=layers,
+                                              sparsity=level, seed=seed, backend=spec.backend)
+                            costs = {"parameters": parameter_count(out.model),
+                                     "macs": count_macs(out.model, example)}
+                            before = score(out.model)
+                            if reuse and not criterion.uses_rng:  # same for every seed
+                                cache[key] = (out, costs, before)
+                        after = {"iou": np.nan, "cldice": np.nan}
                         final = out.model
                         if train is not None:
                             final = copy.deepcopy(out.model)
