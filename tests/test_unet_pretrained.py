@@ -14,7 +14,12 @@ import torch
 from skimage.morphology import skeletonize
 
 from mapsim.cli import main
-from mapsim.models.build import file_sha256, pretrained_card, pretrained_names, pretrained_path
+from mapsim.models.build import (
+    file_sha256,
+    pretrained_card,
+    pretrained_names,
+    pretrained_path,
+)
 from mapsim.registry import load_registry
 from mapsim.training import load_train_spec
 from mapsim.training.checkpoint import read_document

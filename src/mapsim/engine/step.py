@@ -269,7 +269,7 @@ class ImageStep:
             self._sync()
             self.timings["moments"] += time.perf_counter() - start
             if self.streamable:
-                self.layouts[(number, item.image.shape)] = Layout.of(stack)
+                self.layouts[(number, item.image.shape)] = Layout.of(stack, maps)
             group = GroupMoments(number, models, stack, moments, moments)
             self.values(item.id, group, result)
             result.groups.append(group)
@@ -291,15 +291,10 @@ class ImageStep:
     def streamable(self) -> bool:
         """Whether images can take the fast path (every metric reads plain moments and every
         extractor streams; see :mod:`mapsim.engine.streaming`)."""
-        # With engine.align the maps are resampled before they are stacked, which the hooks'
-        # moment builder does not do: such runs take the plain path (same values).
-        if getattr(self.engine, "align", None) is not None:
-            return False
-        # The spatial null shifts the maps themselves, which the fast path does not keep.
+        # engine.align and token maps stream too: the hooks reshape / resample each output
+        # (mapsim.engine.streaming). The spatial null shifts the maps themselves, which the
+        # fast path does not keep.
         if self.null is not None:
-            return False
-        # Token outputs are reshaped into maps after extraction: the plain path too.
-        if any(m.tokens is not None for m in self.models.values()):
             return False
         return can_stream([m.extractor for m in self.models.values()], self.metrics)
 
@@ -327,17 +322,24 @@ class ImageStep:
                 return model.extractor.stream(model.loaded.module,
                                               list(model.layers.values()), image, on_output)
 
+        def convert(name: str, path: str, output: torch.Tensor) -> torch.Tensor:
+            tokens = self.models[name].tokens  # transformer tokens, as extract() reads them
+            return output if tokens is None or output.dim() != 3 else token_maps(output,
+                                                                                 tokens, path)
+
+        align = getattr(self.engine, "align", None)
         groups = []
         for index, models in enumerate(self.groups):
             labels = {n: {p: lb for lb, p in self.models[n].layers.items()} for n in models}
             key = (index, item.image.shape)
             if key not in self.layouts:  # first image of this size: learn the layout
-                layout = probe_layout(models, run_model, labels)
+                layout = probe_layout(models, run_model, labels, convert, align)
                 if layout is None:
                     return None
                 self.layouts[key] = layout
             out = stream_group(self.layouts[key], run_model, labels, self.device, mask,
-                               self.engine.chunk_pixels, self.builders.get(index))
+                               self.engine.chunk_pixels, self.builders.get(index), convert,
+                               align)
             if out is None:
                 return None
             stack, moments, self.builders[index] = out

@@ -10,62 +10,99 @@ forward pass stops after the last requested layer. The result equals
 The layout (rows and map sizes of each layer) is learnt from the first image of a given input
 size by one extra forward pass that keeps only the output shapes (:func:`probe_layout`), so no
 image ever holds all its maps twice.
+
+Outputs that are not maps yet are made maps inside the hook, exactly as the plain path makes
+them: ``convert`` reads a transformer's (1, L, D) tokens as D maps on the patch grid
+(:func:`mapsim.models.tokens.token_maps`), and with ``engine.align`` each layer is resampled
+to the group's grid (:mod:`mapsim.engine.align`: the target size is decided from every layer's
+size when the layout is probed) before its rows are added, so aligned and token runs stream
+too; only one layer's resampled maps exist at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from mapsim.api import Extractor, Metric
 from mapsim.devices import to_device
+from mapsim.engine.align import mode_for, resample, target_size
 from mapsim.engine.moments import Moments, MomentsBuilder
 from mapsim.engine.similarity import Block, MapStack
-from mapsim.errors import ExtractionError
+from mapsim.errors import ExtractionError, MapsimError
+
+#: ``convert(model, path, output)``: a captured output as (1, C, H, W) maps where it can be
+#: (token outputs), else the output unchanged
+Convert = Callable[[str, str, torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class Layout:
-    """Where each (model, layer label) of a comparison group goes in the stacked rows."""
+    """Where each (model, layer label) of a comparison group goes in the stacked rows.
+
+    ``blocks`` hold the maps' size in the rows (the aligned grid with ``engine.align``);
+    ``sources`` the size each layer's output has before alignment (the same without it).
+    """
 
     blocks: list[Block]
+    sources: list[tuple[int, int]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sources is None:
+            self.sources = [b.shape for b in self.blocks]
 
     @classmethod
-    def of(cls, stack: MapStack) -> Layout:
-        """The layout of an ordinary stacked group."""
-        return cls(list(stack.blocks))
+    def of(cls, stack: MapStack, maps: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+           ) -> Layout:
+        """The layout of an ordinary stacked group; ``maps`` ({model: {label: (C, H, W)}},
+        before alignment) give the sources' sizes."""
+        sources = None if maps is None else [
+            (int(maps[b.model][b.layer].shape[-2]), int(maps[b.model][b.layer].shape[-1]))
+            for b in stack.blocks]
+        return cls(list(stack.blocks), sources)
 
 
 def probe_layout(
     models: Sequence[str],
     run_model: Callable[[str, Callable[[str, torch.Tensor], None]], bool],
     labels: Mapping[str, Mapping[str, str]],
+    convert: Convert | None = None,
+    align: Any = None,
 ) -> Layout | None:
     """The layout of a group from one streamed forward pass that keeps only output shapes.
 
-    None when a model cannot stream or an output is not one map tensor (the ordinary path
-    then reports the problem).
+    ``convert`` makes token outputs maps; with ``align`` (an ``AlignSpec``) the blocks get the
+    grid that :func:`mapsim.engine.align.target_size` picks from all layers' sizes. None when
+    a model cannot stream, an output is not one map tensor, or sizes differ without
+    ``align`` (the ordinary path then reports the problem).
     """
-    blocks: list[Block] = []
+    found: list[tuple[str, str, int, tuple[int, int]]] = []
     for model in models:
         def on_output(path: str, output: torch.Tensor, model: str = model) -> None:
+            output = _converted(convert, model, path, output)
             if output.dim() != 4 or output.shape[0] != 1:
                 raise _LayoutChanged
-            row = blocks[-1].stop if blocks else 0
             shape = (int(output.shape[2]), int(output.shape[3]))
-            if blocks and shape != blocks[0].shape:
+            if align is None and found and shape != found[0][3]:
                 raise _LayoutChanged
-            blocks.append(Block(model, labels[model][path], row, row + int(output.shape[1]),
-                                shape))
+            found.append((model, labels[model][path], int(output.shape[1]), shape))
 
         try:
             if not run_model(model, on_output):
                 return None
         except _LayoutChanged:
             return None
-    return Layout(blocks) if blocks else None
+    if not found:
+        return None
+    size = None if align is None else target_size(align, [f[3] for f in found])
+    blocks: list[Block] = []
+    for model, label, n_maps, shape in found:
+        row = blocks[-1].stop if blocks else 0
+        blocks.append(Block(model, label, row, row + n_maps, size or shape))
+    return Layout(blocks, [f[3] for f in found])
 
 
 def builder_settings(device: torch.device | str, chunk_pixels: int | None) -> dict:
@@ -89,6 +126,18 @@ class _LayoutChanged(Exception):
     pass
 
 
+def _converted(convert: Convert | None, model: str, path: str, output: torch.Tensor
+               ) -> torch.Tensor:
+    """``convert``'s maps; a refusal (e.g. tokens off the grid) leaves the image to the
+    ordinary path, which reports it."""
+    if convert is None:
+        return output
+    try:
+        return convert(model, path, output)
+    except MapsimError:
+        raise _LayoutChanged from None
+
+
 def stream_group(
     layout: Layout,
     run_model: Callable[[str, Callable[[str, torch.Tensor], None]], bool],
@@ -97,34 +146,45 @@ def stream_group(
     mask: torch.Tensor | None = None,
     chunk_pixels: int | None = None,
     builder: MomentsBuilder | None = None,
+    convert: Convert | None = None,
+    align: Any = None,
 ) -> tuple[MapStack, Moments, MomentsBuilder] | None:
     """Moments of one image's group, built in the hooks; None when streaming is not possible.
 
     ``run_model(model, on_output)`` runs one model's forward pass with ``on_output`` called
     per captured layer path (returns False if it cannot stream). ``labels[model]`` maps a
     layer path to its label. ``builder`` (from the previous image) is reused when it fits.
+    ``convert`` and ``align`` make each output the maps the plain path would stack (token
+    maps; resampled to the layout's grid as :func:`mapsim.engine.similarity.stack_maps`
+    does).
     """
     n_maps = layout.blocks[-1].stop
     height, width = layout.blocks[0].shape
+    if mask is not None and tuple(mask.shape) != (height, width):
+        return None  # the ordinary path says why the ROI does not fit the maps
     n_pixels = height * width if mask is None else int(mask.sum())
     if builder is None or builder.n_maps != n_maps or builder.n_pixels != n_pixels:
         builder = MomentsBuilder(n_maps, n_pixels, device, **builder_settings(device,
                                                                              chunk_pixels))
     builder.reset()
-    expected = iter(layout.blocks)
+    expected = iter(zip(layout.blocks, layout.sources))
     flat_mask = None if mask is None else to_device(mask.reshape(-1), torch.device(device))
 
     for model in dict.fromkeys(b.model for b in layout.blocks):
         by_path = labels[model]
 
         def on_output(path: str, output: torch.Tensor, model: str = model) -> None:
-            block = next(expected, None)
+            block, source = next(expected, (None, None))
             label = by_path[path]
+            output = _converted(convert, model, path, output)
             if (block is None or block.model != model or block.layer != label
                     or output.dim() != 4 or output.shape[0] != 1
-                    or (int(output.shape[1]), *block.shape) != tuple(output.shape[1:])):
+                    or (block.n_maps, *source) != tuple(output.shape[1:])):
                 raise _LayoutChanged
-            maps = output[0].reshape(output.shape[1], -1)
+            maps = output[0]
+            if align is not None and source != block.shape:
+                maps = resample(maps.float(), block.shape, mode_for(align, source, block.shape))
+            maps = maps.reshape(maps.shape[0], -1)
             if flat_mask is not None:
                 maps = maps[:, flat_mask]
             builder.add(maps.to(torch.float32))
