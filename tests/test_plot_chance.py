@@ -227,3 +227,39 @@ def test_data_json_and_report_carry_intervals_chance_and_p_values(with_chance) -
     assert {(b["statistic"], b["baseline"]) for b in pair["baselines"]} == {
         (s, b) for s in ("best_mean", "pct_well") for b in ("spatial-null", "untrained")}
     assert {"ci_low", "ci_high"} <= set(pair["summary"][0])
+
+
+def test_a_layer_level_metric_shows_the_intervals_of_its_summary(tmp_path) -> None:
+    """CKA-like values: the interval comes from layer_similarity_summary.csv; a symmetric
+    metric's missing direction (a y -> a x) is read from the other (a x -> a y)."""
+    root = tmp_path / "r"
+    root.mkdir()
+    per_image = [("i1", "a", "x", "a", "x", 1.0), ("i1", "a", "x", "a", "y", 0.4),
+                 ("i1", "a", "y", "a", "y", 1.0), ("i2", "a", "x", "a", "x", 1.0),
+                 ("i2", "a", "x", "a", "y", 0.6), ("i2", "a", "y", "a", "y", None),
+                 ("i1", "a", "x", "b", "z", 0.2), ("i2", "a", "x", "b", "z", 0.5)]
+    frame = pd.DataFrame(per_image, columns=["image", "model_a", "layer_a", "model_b",
+                                             "layer_b", "value"])
+    frame.insert(1, "metric", "cka")
+    frame.to_csv(root / "layer_similarity.csv", index=False)
+    (root / "run.json").write_text(json.dumps({
+        "spec": {"name": "syn"}, "comparisons": [["a", "a"], ["a", "b"]],
+        "models": {"a": {"layers": {"x": "x", "y": "y"}}, "b": {"layers": {"z": "z"}}},
+        "metrics": [{"name": "cka", "label": "cka", "granularity": "layer",
+                     "higher_is_more_similar": True, "symmetric": True,
+                     "value_range": [0.0, 1.0]}]}))
+    rows = [("a", "x", "a", "x", 1.0, 1.0), ("a", "x", "a", "y", 0.35, 0.65),
+            ("a", "x", "b", "z", 0.15, 0.55)]
+    pd.DataFrame([{"metric": "cka", "model_a": a, "layer_a": la, "model_b": b, "layer_b": lb,
+                   "statistic": "value", "mean": (lo + hi) / 2, "std": 0.1, "n_images": 2,
+                   "ci_low": lo, "ci_high": hi, "ci_method": "percentile"}
+                  for a, la, b, lb, lo, hi in rows]).to_csv(
+        root / "layer_similarity_summary.csv", index=False)
+    hs = {s.key: s for s in heatmaps.heatmap_sets(ResultsDir.open(root))}["heatmap-cka-value"]
+    intra, inter = hs.panels
+    texts = heatmaps.annotations(intra, hs.fmt)
+    assert texts[0, 1] == "0.50\n0.35–0.65"  # x with y: mean of 0.4 and 0.6
+    assert texts[1, 0] == "0.50\n0.35–0.65"  # y with x: from the other direction
+    assert texts[1, 1] == "1.00"  # one defined image: no interval, no std
+    assert heatmaps.annotations(inter, hs.fmt)[0, 0] == "0.35\n0.15–0.55"
+    assert "confidence interval" in hs.title and "chance" not in hs.title
