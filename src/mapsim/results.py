@@ -37,7 +37,8 @@ class Results(ResultsDir):
     run did not write is an empty DataFrame. Key columns (image, metric, model and layer
     names, statistic) are text. The tables: :attr:`max`, :attr:`min`, :attr:`pivot`,
     :attr:`summary`, :attr:`layer_similarity`, :attr:`layer_similarity_summary`,
-    :attr:`dead_maps` and :meth:`pooled`; :attr:`info` is run.json.
+    :attr:`dead_maps`, the chance tables :attr:`baselines` and :attr:`map_pvalues`, and
+    :meth:`pooled`; :attr:`info` is run.json.
     """
 
     @property
@@ -57,6 +58,23 @@ class Results(ResultsDir):
         top = {p.stem for p in self.root.glob("*.csv")}
         names = [t for t in TABLES if t in top] + sorted(top - set(TABLES))
         return names + [f"pooled/{t}" for t in self.pooled_tables()]
+
+    @property
+    def baselines(self) -> pd.DataFrame:
+        """baselines.csv: chance levels per layer pair, threshold, ``statistic``
+        (``best_mean``, ``pct_well``) and ``baseline`` (``spatial-null``, ``untrained``):
+        ``observed`` (the mean over images), the baseline's ``mean`` and ``p95`` over its ``n``
+        draws, and ``above`` (observed > p95). Empty when the run wrote none
+        (``statistics.spatial_null: false``). See the results contract, "Chance levels"."""
+        return self.frame("baselines")
+
+    @property
+    def map_pvalues(self) -> pd.DataFrame:
+        """map_pvalues.csv: per map of layer a and layer b, its most frequent best
+        ``partner``, ``observed`` (mean best value), the paired sign-flip p-value ``p``
+        against the spatial null, the Benjamini-Hochberg ``q`` (within the layer pair) and
+        ``significant`` (q below ``statistics.fdr``). Empty when the run wrote none."""
+        return self.frame("map_pvalues")
 
     def pooled_tables(self) -> list[str]:
         """The names of the pooled tables present (``pooled/<name>.csv``), sorted."""

@@ -35,7 +35,6 @@ from mapsim.engine.moments import (
     chunk_size,
     compute_moments,
     exact_float32_matmul,
-    gram,
 )
 from mapsim.engine.similarity import MapStack, map_similarity, stack_maps
 from mapsim.types import Block, SimilarityMatrix
@@ -91,38 +90,43 @@ def _renamed(blocks: list[Block], model: str) -> list[Block]:
 
 def null_group(maps: Mapping[str, Mapping[str, torch.Tensor]], stack: MapStack,
                moments: Moments, a: str, b: str, offset: tuple[int, int],
-               mask: torch.Tensor | None, settings: NullSettings
+               mask: torch.Tensor | None, settings: NullSettings,
+               centred: dict[str, torch.Tensor] | None = None, keep_z: bool = True
                ) -> tuple[MapStack, Moments, str]:
     """The stack ``[a; b shifted]`` and its moments; the shifted side's model name.
 
     Without a mask the moments of each side are read off the group's (a circular shift does
-    not change them) and only the cross block is computed; with a mask, the whole maps are
-    shifted, masked and their moments computed afresh.
+    not change them) and only the cross block is computed, from a's centred maps (kept in
+    ``centred`` for the next comparison of a) and b's, shifted; with a mask the whole maps
+    are shifted, masked and their moments computed afresh. ``keep_z``: the stack holds the
+    maps (metrics without a moments path read them), else no pixels.
     """
     partner = b + SHIFTED if a == b else b
     rows_a, rows_b = stack.rows(a), stack.rows(b)
     blocks_a = [x.shifted(rows_a.start) for x in stack.blocks if x.model == a]
-    n_a = rows_a.stop - rows_a.start
+    n_a, n_b = rows_a.stop - rows_a.start, rows_b.stop - rows_b.start
     blocks_b = [Block(partner, x.layer, x.start - rows_b.start + n_a, x.stop - rows_b.start + n_a,
                       x.shape) for x in stack.blocks if x.model == b]
     shape = stack.blocks[0].shape
     if mask is None:
-        shifted = shift_rows(stack.z[rows_b], shape, offset)
-        z = torch.cat([stack.z[rows_a], shifted])
+        centred = {} if centred is None else centred
+        if a not in centred:
+            centred[a] = stack.z[rows_a].to(torch.float32) - \
+                moments.mean[rows_a].to(torch.float32).unsqueeze(1)
         mean = torch.cat([moments.mean[rows_a], moments.mean[rows_b]])
-        n_b = shifted.shape[0]
-        centred = z.to(torch.float32) - mean.to(torch.float32).unsqueeze(1)
-        step = chunk_size(n_a + n_b, z.shape[1], settings.chunk_pixels)
-        with exact_float32_matmul():
-            cross = gram(centred, slice(0, n_a), slice(n_a, n_a + n_b), step)
-        # the float32 centring leaves a small residual mean per map: take its part out
-        res = centred.sum(dim=1, dtype=torch.float64) / z.shape[1]
-        cross = cross - z.shape[1] * torch.outer(res[:n_a], res[n_a:])
-        comoment = torch.empty(n_a + n_b, n_a + n_b, dtype=torch.float64, device=z.device)
+        shifted = shift_rows(stack.z[rows_b].to(torch.float32), shape, offset)
+        shifted -= moments.mean[rows_b].to(torch.float32).unsqueeze(1)
+        cross = cross_gram(centred[a], shifted, settings.chunk_pixels)
+        comoment = torch.empty(n_a + n_b, n_a + n_b, dtype=torch.float64,
+                               device=stack.z.device)
         comoment[:n_a, :n_a] = moments.comoment[rows_a, rows_a]
         comoment[n_a:, n_a:] = moments.comoment[rows_b, rows_b]
         comoment[:n_a, n_a:] = cross
         comoment[n_a:, :n_a] = cross.T
+        if keep_z:
+            z = torch.cat([stack.z[rows_a], shift_rows(stack.z[rows_b], shape, offset)])
+        else:
+            z = torch.empty(n_a + n_b, 0, device=stack.z.device)
         return MapStack(z, blocks_a + blocks_b), Moments(moments.n, mean, comoment), partner
     full = stack_maps(maps, list(dict.fromkeys(x.model for x in stack.blocks)), None,
                       align=settings.align).z  # the group's maps before the mask
@@ -130,6 +134,34 @@ def null_group(maps: Mapping[str, Mapping[str, torch.Tensor]], stack: MapStack,
     z = torch.cat([full[rows_a][:, keep], shift_rows(full[rows_b], shape, offset)[:, keep]])
     return (MapStack(z, blocks_a + blocks_b),
             compute_moments(z, chunk_pixels=settings.chunk_pixels), partner)
+
+
+def cross_gram(a: torch.Tensor, b: torch.Tensor, chunk_pixels: int | None) -> torch.Tensor:
+    """float64 ``a @ b.T`` of two centred float32 (maps x pixels) matrices, summed over
+    pixel chunks as :func:`mapsim.engine.moments.gram` does, with the small residual mean the
+    float32 centring leaves taken out (``- n r_a r_b^T``)."""
+    n = a.shape[1]
+    step = chunk_size(a.shape[0] + b.shape[0], n, chunk_pixels)
+    with exact_float32_matmul():
+        out = _gram2(a, b, step)
+    res_a = a.sum(dim=1, dtype=torch.float64) / n
+    res_b = b.sum(dim=1, dtype=torch.float64) / n
+    return out - n * torch.outer(res_a, res_b)
+
+
+def _gram2(a: torch.Tensor, b: torch.Tensor, step: int) -> torch.Tensor:
+    """float64 sum over chunks of ``step`` pixels of the float32 products a_chunk @ b_chunk.T."""
+    n = a.shape[1]
+    whole = (n // step) * step
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    if whole:
+        k = whole // step
+        x = a[:, :whole].unflatten(1, (k, step)).transpose(0, 1)
+        y = b[:, :whole].unflatten(1, (k, step)).transpose(0, 1)
+        out += torch.bmm(x, y.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
+    if whole < n:
+        out += (a[:, whole:] @ b[:, whole:].T).to(torch.float64)
+    return out
 
 
 def null_matrices(maps: Mapping[str, Mapping[str, torch.Tensor]], stack: MapStack,
@@ -146,10 +178,12 @@ def null_matrices(maps: Mapping[str, Mapping[str, torch.Tensor]], stack: MapStac
     out: list[SimilarityMatrix] = []
     if not chosen:
         return out
+    keep_z = not all(m.uses_moments for m in chosen)
+    centred: dict[str, torch.Tensor] = {}  # each model's centred maps, for all its comparisons
     for number, (a, b) in comparisons:
         offset = null_offset(settings.seed, image_index, number, stack.blocks[0].shape)
         null_stack, null_moments, partner = null_group(maps, stack, moments, a, b, offset,
-                                                       mask, settings)
+                                                       mask, settings, centred, keep_z)
         for metric in chosen:
             directions = [(a, partner)]
             if a != b and not metric.info.symmetric:

@@ -21,6 +21,7 @@ from mapsim.engine.step import ACROSS_IMAGES, POOLED_IMAGE, DeadCount, DeadKey
 from mapsim.runner.blocks import ImageBlock, PartialRun
 from mapsim.runner.distributed import World
 from mapsim.runner.setup import RunSetup
+from mapsim.runner.untrained import UntrainedRows, untrained_rows
 from mapsim.runner.sinks import WriterOutput, summary_accumulators, table_sink
 from mapsim.runner.writer import ResultsWriter
 from mapsim.engine.null import DEFINITION as NULL_DEFINITION, TABLE_PREFIX as NULL_PREFIX
@@ -73,10 +74,10 @@ def merge_and_publish(setup: RunSetup, world: World, partial: PartialRun,
                     frame = _with_intervals(frame, partial.rows.folder / f"{table}.csv",
                                             accumulator.keys, spec.statistics)
                 writer.write_table(name, frame)
-        if setup.step.null is not None:
-            _write_chance(setup, partial.rows.folder, writer)
+        untrained = _write_chance(setup, partial.rows.folder, writer)
         setup.timings["merge"] = time.perf_counter() - start
         info = run_info(setup, merged.dead_counts, merged.n_images, time.perf_counter() - started)
+        info["untrained"] = None if untrained is None else untrained.record()
         info["blocks"] = {
             "processes": world.size, "backend": world.backend or "none",
             "block_images": spec.engine.block_images, "blocks": len(blocks),
@@ -112,17 +113,28 @@ def _with_intervals(summary: pd.DataFrame, rows: Path, keys: list[str],
     return with_intervals(summary, intervals, keys)
 
 
-def _write_chance(setup: RunSetup, rows: Path, writer: ResultsWriter) -> None:
+def _write_chance(setup: RunSetup, rows: Path, writer: ResultsWriter) -> UntrainedRows | None:
     """``baselines.csv`` and ``map_pvalues.csv`` from the per-image rows (and the shifted
-    comparisons' rows under ``null/``) of the merged blocks."""
+    comparisons' rows under ``null/``) of the merged blocks, with the untrained baseline
+    when ``statistics.untrained`` asks for it (returned for run.json)."""
     statistics = setup.spec.statistics
+    untrained = None
+    if statistics.untrained:
+        start = time.perf_counter()
+        untrained = untrained_rows(setup.spec, setup.base_dir, str(setup.device),
+                                   setup.dataset(setup.base_dir), setup.registry)
+        setup.timings["untrained"] = time.perf_counter() - start
+    if setup.step.null is None and untrained is None:
+        return None
     higher = {m.label: m.info.higher_is_more_similar for m in setup.metrics}
     table, pvalues = chance_tables(rows, higher, statistics.flips, statistics.seed,
-                                   statistics.fdr, prefix=NULL_PREFIX)
+                                   statistics.fdr, prefix=NULL_PREFIX,
+                                   untrained=None if untrained is None else untrained.rows)
     if table is not None:
         writer.write_table("baselines", table)
     if pvalues is not None:
         writer.write_table("map_pvalues", pvalues)
+    return untrained
 
 
 def _null_info(setup: RunSetup, n_images: int) -> dict[str, Any] | None:

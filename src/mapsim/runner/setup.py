@@ -48,7 +48,7 @@ class RunSetup:
         self.timings: dict[str, float] = defaultdict(float)
         self.step = ImageStep({}, self.metrics, self.comparisons, spec.engine, self.device,
                               self.timings)
-        if spec.statistics.null and any(m.info.granularity == "map" and not m.accumulates
+        if spec.statistics.spatial_null and any(m.info.granularity == "map" and not m.accumulates
                                         for m in self.metrics):
             engine = spec.engine
             self.step.null = NullSettings(spec.statistics.seed, engine.dead_maps,

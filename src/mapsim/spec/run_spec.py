@@ -222,7 +222,7 @@ class StatisticsSpec(StrictModel):
     )
     resamples: int = Field(9999, ge=100, le=1_000_000,
                            description="Bootstrap resamples per interval.")
-    null: bool = Field(
+    spatial_null: bool = Field(
         True, description="Compute the spatial null in the same run (partner maps circularly "
         "shifted): baselines.csv (chance levels) and map_pvalues.csv; false: off.")
     seed: int = Field(0, ge=0, description="Seed of the null's shifts (drawn per image "

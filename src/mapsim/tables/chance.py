@@ -180,7 +180,18 @@ def chance_tables(folder: Path, higher_is_better: dict[str, bool], flips: int, s
         parts.append(baselines(pivot, null_pivot, SPATIAL_NULL))
     if pivot is not None and untrained is not None and not untrained.empty:
         parts.append(baselines(pivot, untrained, UNTRAINED))
-    table = pd.concat(parts, ignore_index=True) if parts else None
+    if parts:  # one row order whatever the baselines: by layer pair, statistic, baseline
+        order = {k: i for i, k in enumerate(dict.fromkeys(zip(*(parts[0][c] for c in _KEYS))))}
+        for part in parts[1:]:
+            for key in zip(*(part[c] for c in _KEYS)):
+                order.setdefault(key, len(order))
+    table = None
+    if parts:
+        table = pd.concat(parts, ignore_index=True)
+        rank = [order[k] for k in zip(*(table[c] for c in _KEYS))]
+        table = table.assign(_rank=rank).sort_values(["_rank", "statistic", "baseline"],
+                                                     kind="stable").drop(columns="_rank")
+        table = table.reset_index(drop=True)
     pvalues = None
     if best is not None and null_best is not None:
         pvalues = map_pvalues(best, null_best, higher_is_better, flips, seed, fdr)
