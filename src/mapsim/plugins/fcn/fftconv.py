@@ -68,14 +68,17 @@ def _spectrum(weight: Tensor, t: int) -> Tensor:
     with torch.no_grad():
         # in-place changes through ``weight.data`` bump no version counter: a cheap float64
         # fingerprint of the values catches them (~0.1 ms for a 64x64x7x7 kernel)
-        w64 = weight.detach().to(torch.float64)
-        fingerprint = (float(w64.sum()), float(w64.square().sum()))
+        # (float64 sums of the float32 values, without a float64 copy of the kernel)
+        w = weight.detach()
+        fingerprint = (float(w.sum(dtype=torch.float64)),
+                       float(torch.linalg.vector_norm(w, dtype=torch.float64)))
     version = -1 if weight.is_inference() else weight._version  # inference tensors have none
     key = (t, weight.device, weight.dtype, version, weight.data_ptr(), weight.shape, fingerprint)
     cached = _SPECTRA.get(id(weight))
     if cached is not None and cached[0]() is weight and cached[1] == key:
         return cached[2]
     with torch.no_grad():
+        w64 = weight.detach().to(torch.float64)
         spec = torch.fft.rfft2(w64, s=(t, t)).conj()  # (O, C, T, T//2+1)
         o, c = w64.shape[:2]
         spec = spec.reshape(o, c, -1).permute(2, 1, 0).to(torch.complex64).contiguous()
@@ -95,7 +98,8 @@ def fft_conv2d(
     :param bias: shape (O,) or None.
     :param padding: zero padding on each side, an int or (ph, pw); stride, dilation and groups
         are 1.
-    :returns: shape (N, O, H + 2 ph - kh + 1, W + 2 pw - kw + 1), dtype of ``x``.
+    :returns: shape (N, O, H + 2 ph - kh + 1, W + 2 pw - kw + 1), dtype of ``x`` (a
+        view, not necessarily contiguous).
     """
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
     if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
@@ -126,10 +130,13 @@ def fft_conv2d(
     # frequency bins first for the batched (tiles x C) @ (C x O) complex product
     spec_x = torch.fft.rfft2(tiles).view(m, c, t * fq).permute(2, 0, 1).contiguous()
     prod = torch.bmm(spec_x, _spectrum(weight, t))  # (bins, tiles, O)
+    if bias is not None:
+        # a constant added to every output pixel is the DC bin (bin 0) times T^2 (irfft2
+        # divides by T^2): no pass over the output maps
+        prod[0] += (bias.detach().to(torch.float32) * float(t * t)).to(prod.dtype)
     prod = prod.permute(1, 2, 0).reshape(m * o, t, fq)
     out = torch.fft.irfft2(prod, s=(t, t)).view(n, n_h, n_w, o, t, t)
     out = out[..., :vh, :vw]  # the rows and columns that no circular wrap-around reaches
-    out = out.permute(0, 3, 1, 4, 2, 5).reshape(n, o, n_h * vh, n_w * vw)[:, :, :out_h, :out_w]
-    if bias is not None:
-        out = out + bias.view(1, o, 1, 1)
-    return out.contiguous()
+    # one copy into (N, O, rows, cols) of whole tiles; the result is a view of its first
+    # out_h x out_w (not copied again: the next operation reads it as it is)
+    return out.permute(0, 3, 1, 4, 2, 5).reshape(n, o, n_h * vh, n_w * vw)[:, :, :out_h, :out_w]
