@@ -79,7 +79,7 @@ def spec(folder: Path, models, comparisons, engine, metrics=("pearson",)):
         "comparisons": comparisons, "metrics": list(metrics),
         "aggregators": ["max", "min", "pivot"], "engine": {"pooled": True, **engine},
         "output": {"pairs": True},
-        "statistics": {"null": False},  # the spatial null shifts kept maps: the plain path
+        "statistics": {"spatial_null": False},  # the spatial null shifts kept maps: the plain path
     })
 
 
