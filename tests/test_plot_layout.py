@@ -205,3 +205,26 @@ def test_report_pictures_are_sized_for_the_page(out: Path) -> None:
     assert text.count("<figure>") <= 3 * report.MAX_PAGE_IMAGES
     # heat-map cells: squares of CELL_CSS_PX with text of CELL_FONT_CSS_PX
     assert f"width:{report.CELL_CSS_PX}px;height:{report.CELL_CSS_PX}px" in text
+
+
+def test_every_picture_of_a_run_stays_inside_its_figure(out: Path) -> None:
+    """Fixed layouts (no constrained or tight layout): every axes with its labels, ticks and
+    colour bar, measured after rendering, lies inside the figure, for every kind."""
+    from mapsim.io.results import ResultsDir
+    from mapsim.plots.draw import _jobs
+    from mapsim.spec.run_spec import PICTURE_KINDS
+
+    results = ResultsDir.open(out)
+    jobs = _jobs(results, heatmaps.heatmap_sets(results), set(PICTURE_KINDS))
+    kinds = set()
+    for make, stem, kind, _ in jobs:
+        fig = make()
+        if fig is None:
+            continue
+        renderer = rendered(fig)
+        for ax in fig.axes:
+            box = ax.get_tightbbox(renderer)
+            assert box.x0 >= -1 and box.y0 >= -1, (stem, box)
+            assert box.x1 <= fig.bbox.x1 + 1 and box.y1 <= fig.bbox.y1 + 1, (stem, box)
+        kinds.add(kind)
+    assert {"heatmap", "histogram", "matrix"} <= kinds

@@ -112,16 +112,20 @@ def matrix_figure(matrices: dict, key: str, image: str, view: MetricView) -> Fig
     _, model_a, model_b = key.split(KEY_SEP)
     blocks_a, blocks_b = meta.get("blocks_a", []), meta.get("blocks_b", [])
     size = min(10.0, 3.0 + values.shape[1] / 25)
-    fig = Figure(figsize=(size + 1.5, size * values.shape[0] / max(values.shape[1], 1) + 1.5),
-                 dpi=100, layout="constrained")
-    ax = fig.add_subplot()
+    width, height = size + 2.0, size * values.shape[0] / max(values.shape[1], 1) + 1.5
+    fig = Figure(figsize=(width, height), dpi=100)
+    # a fixed layout, margins in inches (no constrained-layout solver): room for the layer
+    # names left and below (rotated), the title above and the colour bar right
+    ax = fig.add_axes((0.95 / width, 0.85 / height, size / width, (height - 1.3) / height))
     ax.set_facecolor("#d9d9d9")
     bounded = view.bounded_range()
     kwargs = {"vmin": bounded[0], "vmax": bounded[1]} if bounded else {}
     image_artist = ax.imshow(np.ma.masked_invalid(values), interpolation="nearest",
                              cmap="viridis" if view.higher_is_more_similar else "viridis_r",
                              aspect="auto", **kwargs)
-    fig.colorbar(image_artist, ax=ax, label=view.label, shrink=0.8)
+    cax = fig.add_axes(((0.95 + size + 0.12) / width, 0.85 / height, 0.15 / width,
+                        (height - 1.3) / height))
+    fig.colorbar(image_artist, cax=cax, label=view.label)
     for blocks, axis in ((blocks_a, "y"), (blocks_b, "x")):
         edges = np.cumsum([n for _, n in blocks])
         centres = edges - np.array([n for _, n in blocks]) / 2 - 0.5
