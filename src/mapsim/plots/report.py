@@ -387,9 +387,8 @@ _TEMPLATE = """<!DOCTYPE html>
 <title>{title}</title><style>{css}</style></head>
 <body><h1>{title}</h1>
 <h2>Run</h2>{summary}
-<h2>Findings</h2>{findings}
+<h2>Findings</h2>{reading}{findings}
 <h2>Heat maps</h2>
-{reading}
 <p>Click a cell to see that layer pair's statistics and its top map pairs (right).
 Grey cells are undefined.</p>
 <div class="main"><div class="maps">{heatmaps}</div>

@@ -36,14 +36,15 @@ READING = (
     "random initialisation, before any learning. Per map, the best partner's empirical "
     "p-value against the null is corrected for the number of maps (Benjamini-Hochberg, "
     "<code>map_pvalues.csv</code>); <i>significant maps</i> counts the maps whose best "
-    "partner stays significant (q &lt; 0.05).</p>")
+    "partner stays significant (q &lt; {fdr:g}).</p>")
 
 
 def reading(results: ResultsDir) -> str:
     """:data:`READING` with the run's interval level."""
     level = (results.info.get("intervals") or {}).get("level")
     text = f"{100 * float(level):g}% " if level else ""
-    return READING.format(level=text, below=html.escape(chance.BELOW_CHANCE))
+    fdr = ((results.info.get("null") or {}).get("pvalues") or {}).get("fdr", 0.05)
+    return READING.format(level=text, below=html.escape(chance.BELOW_CHANCE), fdr=float(fdr))
 
 
 def _cell(value: Any, fmt: str) -> str:
