@@ -76,6 +76,12 @@ def merge_and_publish(setup: RunSetup, world: World, partial: PartialRun,
                 writer.write_table(name, frame)
         untrained = _write_chance(setup, partial.rows.folder, writer)
         setup.timings["merge"] = time.perf_counter() - start
+        start = time.perf_counter()
+        for observer in observers:
+            observer.write(writer.staging)
+        tables = writer.tables()
+        # what is left after this is writing run.json and renaming the staged folder
+        setup.timings["publish"] = time.perf_counter() - start
         info = run_info(setup, merged.dead_counts, merged.n_images, time.perf_counter() - started)
         info["untrained"] = None if untrained is None else untrained.record()
         info["blocks"] = {
@@ -85,9 +91,6 @@ def merge_and_publish(setup: RunSetup, world: World, partial: PartialRun,
             "images_per_rank": {str(r): n for r, n in sorted(merged.images_per_rank.items())},
         }
         writer.write_json("run.json", info)
-        for observer in observers:
-            observer.write(writer.staging)
-        tables = writer.tables()
         out = writer.publish()
     except BaseException:
         writer.discard()

@@ -276,11 +276,11 @@ def _blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: Path,
         sink = table_sink(runner.setup.aggregators, spec.output.pairs, output, n_mine,
                           runner.timings)
         try:
-            start = time.perf_counter()
             runner.setup.prepare_models()
             if world.main and spec.engine.precision_probe:
                 runner.setup.probe_precision(dataset)
-            runner.timings["setup"] = time.perf_counter() - started
+            start = time.perf_counter()
+            runner.timings["setup"] = start - started
             ids: set[str] = set()
             label = spec.name if not world.distributed else f"{spec.name} [{world.rank}]"
             bar = tqdm(total=n_mine, desc=label, unit="image",
@@ -307,14 +307,18 @@ def _blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: Path,
                 runner.flush(sink)
             raise
         finally:
-            sink.close()
+            closing = time.perf_counter()
+            sink.close()  # the table workers finish what is queued
+            runner.timings["wait_for_workers"] += time.perf_counter() - closing
         output.finish()
         runner.timings["images"] = time.perf_counter() - start
         if not world.main:
             world.shared("finished")
             return RunResult(target.resolve(), n_total, [], {})
         if inbox is not None:
+            waiting = time.perf_counter()
             inbox.wait()
+            runner.timings["wait_for_ranks"] = time.perf_counter() - waiting
         return merge_and_publish(runner.setup, world, partial, blocks, done, overwrite,
                                  started, runner.observers)
     except BaseException as exc:
