@@ -121,10 +121,16 @@ class HRank(mapsim.PruneCriterion):
     name = "hrank"
     uses_rng = False
 
+    class Params(mapsim.Params):
+        images: int | None = Field(None, ge=1, description="Calibration images whose ranks "
+                                   "are averaged (the first ones; default: all). HRank finds "
+                                   "the average rank stable with few images; SVDs are slow.")
+
     def choose(self, layer, n_remove, rng):
-        # float32 SVDs (fast on GPUs, where float64 is slow); default tolerance
+        # float32 SVDs (float64 ones are slow on GPUs); default tolerance
         # sigma_max * max(H, W) * eps(float32), as numpy's matrix_rank on float32 maps
-        ranks = torch.linalg.matrix_rank(layer.maps.float()).double().mean(dim=0)
+        maps = layer.maps if self.params.images is None else layer.maps[:self.params.images]
+        ranks = torch.linalg.matrix_rank(maps.float()).double().mean(dim=0)
         return mapsim.PruneChoice.lowest(ranks, n_remove)
 
 
