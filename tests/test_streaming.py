@@ -127,6 +127,7 @@ def spec(**overrides):
         "aggregators": ["max", "min", "pivot"],
         "engine": {"pooled": True},
         "output": {"pairs": True},
+        "statistics": {"spatial_null": False},  # the spatial null takes the plain path
     }
     data.update(overrides)
     return validate_spec(data)
