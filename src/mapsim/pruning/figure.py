@@ -1,9 +1,9 @@
 """The prune results' figure (``prune.png``) and page (``prune.html``).
 
-``prune.png`` has two panels, IoU right after pruning and after fine-tuning, each with mean IoU
-(over seeds; error bars: one standard deviation) against the parameters left, one line per
-criterion (and per layer set when layers are pruned one at a time, in the legend as
-``criterion @ layer``), and a dashed line at the unpruned model's IoU. ``prune.html`` is a
+``prune.png`` has, for each layer set (all the pruned layers together, or with ``per_layer``
+each layer), two panels, IoU right after pruning and after fine-tuning: mean IoU over seeds
+(error bars: one standard deviation) against the parameters left, one line per criterion (the
+same colour in every panel), and a dashed line at the unpruned model's IoU. ``prune.html`` is a
 standalone page: the figure (inlined) and the answer and summary tables.
 """
 
@@ -20,37 +20,47 @@ from mapsim.io.atomic import atomic_path
 
 
 def write_figure(summary: pd.DataFrame, path: Path, title: str) -> None:
-    """Draw ``prune.png`` from ``prune_summary.csv``'s table."""
+    """Draw ``prune.png`` from ``prune_summary.csv``'s table: a row of two panels (right
+    after pruning, after fine-tuning) per layer set, one line per criterion."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 5), dpi=110)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2, sharey=True)
     none = summary[summary.criterion == "none"]
     pruned = summary[(summary.criterion != "none") & summary.sparsity.notna()]
-    several = pruned.layers.nunique() > 1
-    for ax, stage in zip(axes, ("pruned", "finetuned")):
-        for (criterion, layers), group in pruned.groupby(["criterion", "layers"], sort=False):
-            group = group.sort_values("parameters")
-            if group[f"iou_{stage}"].isna().all():
-                continue
-            label = f"{criterion} @ {layers}" if several else criterion
-            std = group[f"iou_{stage}_std"].fillna(0.0).to_numpy(dtype=float)
-            ax.errorbar(group.parameters, group[f"iou_{stage}"], yerr=std, marker="o",
-                        markersize=3, capsize=2, linewidth=1, label=label)
-        if len(none):
-            ax.axhline(float(none.iou_pruned.iloc[0]), color="0.3", linestyle="--",
-                       linewidth=1, label="unpruned")
-        ax.set_xlabel("parameters")
-        ax.set_title("right after pruning" if stage == "pruned" else "after fine-tuning")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("IoU (mean over seeds, ± 1 sd)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
-    fig.suptitle(title)
-    fig.subplots_adjust(right=0.78 if not several else 0.7, wspace=0.08)
-    with atomic_path(Path(path)) as tmp:
+    sets = list(dict.fromkeys(pruned.layers)) or [""]
+    criteria = list(dict.fromkeys(pruned.criterion))
+    colours = {c: f"C{k % 10}" for k, c in enumerate(criteria)}
+    fig = Figure(figsize=(11, 1.0 + 2.6 * len(sets)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_2d(fig.subplots(len(sets), 2, sharey=True, squeeze=False))
+    for row, layers in enumerate(sets):
+        for col, stage in enumerate(("pruned", "finetuned")):
+            ax = axes[row, col]
+            for criterion in criteria:
+                group = pruned[(pruned.layers == layers) & (pruned.criterion == criterion)]
+                group = group.sort_values("parameters")
+                if group.empty or group[f"iou_{stage}"].isna().all():
+                    continue
+                std = group[f"iou_{stage}_std"].fillna(0.0).to_numpy(dtype=float)
+                ax.errorbar(group.parameters, group[f"iou_{stage}"], yerr=std, marker="o",
+                            markersize=3, capsize=2, linewidth=1, color=colours[criterion],
+                            label=criterion)
+            if len(none):
+                ax.axhline(float(none.iou_pruned.iloc[0]), color="0.3", linestyle="--",
+                           linewidth=1, label="unpruned")
+            stage_name = "right after pruning" if stage == "pruned" else "after fine-tuning"
+            ax.set_title(f"{layers}: {stage_name}" if layers else stage_name, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+        axes[row, 0].set_ylabel("IoU", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("parameters (mean over seeds; error bars: ± 1 sd)", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(7, len(labels) or 1),
+               fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(title, y=0.995 - 0.35 / (1.0 + 2.6 * len(sets)), fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / (1.0 + 2.6 * len(sets))))
+    with atomic_path(Path(path), suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
 
 
