@@ -116,7 +116,11 @@ def validate_prune_spec(data: dict[str, Any], source: str = "<prune spec>",
 
     :raises SpecError: one line per problem, each naming the field's path.
     """
-    spec = validate_document(prune_spec_model(registry), data, source, "prune")
+    try:
+        spec = validate_document(prune_spec_model(registry), data, source, "prune")
+    except SpecError as exc:
+        raise SpecError(str(exc).replace("`mapsim schema`", "`mapsim schema --kind prune`")) \
+            from None
     if spec.finetune.epochs and spec.finetune.data is None:
         raise SpecError(f"{source}: finetune.data is required when finetune.epochs > 0")
     return spec
