@@ -57,8 +57,11 @@ def test_run_returns_the_results_opened(quick: Results) -> None:
     assert quick.dir.name == "quick" and (quick.dir / "run.json").is_file()
     assert quick.info == json.loads((quick.dir / "run.json").read_text(encoding="utf-8"))
     assert quick.n_images == 3 and quick.name == "quickstart"
-    assert quick.tables == ["max", "min", "pivot", "summary", "dead_maps",
-                            "pooled/max", "pooled/min", "pooled/pivot"]
+    assert quick.tables == ["max", "min", "pivot", "summary", "dead_maps", "baselines",
+                            "map_pvalues", "pooled/max", "pooled/min", "pooled/pivot"]
+    assert set(quick.baselines.statistic) == {"best_mean", "pct_well"}
+    assert len(quick.map_pvalues) == quick.max.groupby(
+        ["metric", "model_a", "layer_a", "map_a", "model_b", "layer_b"]).ngroups
     text = repr(quick)
     assert "quickstart" in text and "3 image(s)" in text and len(text) < 300
     assert not (quick.dir / "plots").exists()  # the spec asks for no pictures

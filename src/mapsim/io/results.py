@@ -36,7 +36,7 @@ KEY_COLUMNS = ("image", "metric", "model_a", "layer_a", "model_b", "layer_b", "m
 PAIR_KEYS = ["metric", "model_a", "layer_a", "model_b", "layer_b"]
 #: the tables a run may write at the top of its results directory, in the order listed
 TABLES = ("max", "min", "pivot", "summary", "layer_similarity", "layer_similarity_summary",
-          "dead_maps")
+          "dead_maps", "baselines", "map_pvalues")
 
 _R = TypeVar("_R", bound="ResultsDir")
 
