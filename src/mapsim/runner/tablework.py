@@ -25,6 +25,9 @@ from mapsim.runner.writer import TablePart, format_part
 from mapsim.engine.null import TABLE_PREFIX as NULL_PREFIX, TABLES as NULL_TABLES
 from mapsim.engine.similarity import SimilarityMatrix
 
+#: the aggregators whose tables the spatial null's chance tables read (max, pivot)
+NULL_AGGREGATORS = ("max", "threshold", "pivot")
+
 
 @dataclass
 class FrameJob:
@@ -91,6 +94,8 @@ class TableWork:
     def __init__(self, aggregators: Sequence[Aggregator], pairs: bool,
                  summarised: Mapping[str, Sequence[str]]) -> None:
         self.aggregators = list(aggregators)
+        #: what the spatial null's matrices need: the best partners, threshold and pivot
+        self.null_aggregators = [a for a in self.aggregators if a.name in NULL_AGGREGATORS]
         self.pairs = pairs
         #: table -> key columns of its summary across images
         self.summarised = dict(summarised)
@@ -104,7 +109,8 @@ class TableWork:
         else:
             start = time.perf_counter()
             null = job.prefix.startswith(NULL_PREFIX)  # the spatial null: max and pivot only
-            tables = aggregate_tables(self.aggregators, job.sim, self.pairs and not null)
+            aggregators = self.null_aggregators if null else self.aggregators
+            tables = aggregate_tables(aggregators, job.sim, self.pairs and not null)
             if null:
                 tables = {k: v for k, v in tables.items() if k in NULL_TABLES}
             frames = [(job.prefix + name, with_image(frame, job.image_id, job.sim.aligned))
