@@ -255,3 +255,26 @@ def test_baselines_rows_are_numpy_mean_and_percentile():
         assert row["mean"] == pytest.approx(values.mean())
         assert row["p95"] == pytest.approx(np.percentile(values, 95))
         assert row["above"] == (row["observed"] > row["p95"])
+
+
+def test_the_study_reread_spec_is_valid_and_its_table_script_reads_a_run(tmp_path):
+    import importlib.util
+
+    import mapsim
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    spec = mapsim.load_spec(root / "study-reread.yaml")
+    assert spec.images.count >= 30 and spec.images.seed == 2026
+    assert spec.statistics.spatial_null and spec.statistics.untrained >= 1
+    loaded = importlib.util.spec_from_file_location("study_reread", root / "study_reread.py")
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    out = _run(tmp_path, SPEC | {"statistics": {"untrained": 1}})
+    text = module.table(mapsim.open_results(out), "pct_well", [("a", "blocks.0", "a", "blocks.0")])
+    row = text.splitlines()[-1]
+    summary = pd.read_csv(out / "summary.csv")
+    want = summary[(summary.model_a == "a") & (summary.layer_a == "blocks.0")
+                   & (summary.model_b == "a") & (summary.layer_b == "blocks.0")
+                   & (summary.statistic == "pct_well")].iloc[0]
+    assert row.startswith(f"| a blocks.0 → a blocks.0 | {want['mean']:.1f} [")
+    assert " / " in row.split("|")[4]  # the untrained mean / p95
