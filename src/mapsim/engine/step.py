@@ -17,6 +17,7 @@ Two paths give the same result:
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -168,6 +169,7 @@ class ImageStep:
         self.timings = timings
         self.layouts: dict[tuple, Layout] = {}  # (group, image shape) -> layout, fast path
         self.builders: dict[int, Any] = {}
+        self.meta_modules: dict[str, torch.nn.Module] = {}  # shapes-only copies (layouts)
         self.aligned_sizes: dict[tuple[str, ...], set[tuple[int, int]]] = {}  # engine.align
         #: the spatial null's settings (None: off); set by the runner from the spec
         self.null: NullSettings | None = None
@@ -333,7 +335,7 @@ class ImageStep:
             labels = {n: {p: lb for lb, p in self.models[n].layers.items()} for n in models}
             key = (index, item.image.shape)
             if key not in self.layouts:  # first image of this size: learn the layout
-                layout = probe_layout(models, run_model, labels, convert, align)
+                layout = self._probe(models, run_model, labels, convert, align, image)
                 if layout is None:
                     return None
                 self.layouts[key] = layout
@@ -355,6 +357,42 @@ class ImageStep:
         self.timings["forward_and_moments"] += seconds
         self.timings["launch"] += seconds
         return LaunchedImage(item.id, groups, began, ended)
+
+    def _probe(self, models: list[str], run_model: Any, labels: Any, convert: Any, align: Any,
+               image: torch.Tensor) -> Layout | None:
+        """A group's layout at ``image``'s size: from the output shapes alone, the models run
+        on PyTorch's ``meta`` device (no arithmetic, no memory for maps: no extra forward
+        pass); for a model that cannot run there (it reads values on the way), from one
+        streamed forward pass that keeps only the shapes."""
+        start = time.perf_counter()
+        meta_image = torch.empty(image.shape, dtype=image.dtype, device="meta")
+
+        def run_meta(name: str, on_output: Any) -> bool:
+            model = self.models[name]
+            return model.extractor.stream(self._meta_module(name), list(model.layers.values()),
+                                          meta_image, on_output)
+
+        try:
+            layout = probe_layout(models, run_meta, labels, convert, align)
+        except Exception:  # noqa: BLE001 - any failure on meta tensors: probe for real
+            layout = None
+        if layout is None:
+            layout = probe_layout(models, run_model, labels, convert, align)
+            self.timings["layout_forward"] += time.perf_counter() - start
+        return layout
+
+    def _meta_module(self, name: str) -> torch.nn.Module:
+        """A copy of model ``name`` whose parameters and buffers are on the ``meta`` device
+        (made once; the weights themselves are not copied)."""
+        if name not in self.meta_modules:
+            module = self.models[name].loaded.module
+            memo: dict[int, Any] = {}
+            for tensor in [*module.parameters(), *module.buffers()]:
+                meta = torch.empty_like(tensor, device="meta")
+                memo[id(tensor)] = (torch.nn.Parameter(meta, requires_grad=False)
+                                    if isinstance(tensor, torch.nn.Parameter) else meta)
+            self.meta_modules[name] = copy.deepcopy(module, memo)
+        return self.meta_modules[name]
 
     def complete(self, launched: LaunchedImage) -> ImageResult:
         """Wait for a launched image's values and compute its tables' inputs."""

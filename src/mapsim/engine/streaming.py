@@ -7,9 +7,11 @@ preallocated buffer and multiplied with the rows before it while the forward pas
 forward pass stops after the last requested layer. The result equals
 ``compute_moments(stack_maps(...).z)`` to float32 rounding (tests/test_streaming.py).
 
-The layout (rows and map sizes of each layer) is learnt from the first image of a given input
-size by one extra forward pass that keeps only the output shapes (:func:`probe_layout`), so no
-image ever holds all its maps twice.
+The layout (rows and map sizes of each layer) is learnt for each input size by
+:func:`probe_layout`, which keeps only the output shapes. The image step runs it on a copy of
+the models on PyTorch's ``meta`` device (shapes without arithmetic: no extra forward pass), and
+only for a model that cannot run there on the real device (one extra forward pass for the first
+image of the size); either way no image ever holds all its maps twice.
 
 Outputs that are not maps yet are made maps inside the hook, exactly as the plain path makes
 them: ``convert`` reads a transformer's (1, L, D) tokens as D maps on the patch grid
