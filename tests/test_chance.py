@@ -67,13 +67,21 @@ def _best_abs_r(x: np.ndarray, y: np.ndarray, same: bool) -> np.ndarray:
     return np.where(np.isfinite(best), best, np.nan)
 
 
-def test_null_values_equal_a_float64_numpy_recomputation(tmp_path):
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+#: the same with an ROI (the shifted maps are masked and their moments computed afresh)
+ROI_SPEC = SPEC | {"images": {"name": "files", "paths": str(DATA / "vessels-*.png"),
+                              "labels": str(DATA / "labels")},
+                   "engine": {"roi": {"dilate": 2}}}
+
+
+@pytest.mark.parametrize("data", [SPEC, ROI_SPEC], ids=["whole-maps", "roi"])
+def test_null_values_equal_a_float64_numpy_recomputation(tmp_path, data):
     import mapsim
     from mapsim.runner.setup import RunSetup
 
-    out = _run(tmp_path, SPEC)
-    null = pd.read_csv(out / "null" / "max.csv")
-    spec = mapsim.load_spec(SPEC)
+    out = _run(tmp_path, data)
+    null = pd.read_csv(out / "null" / "max.csv", dtype={"image": str})
+    spec = mapsim.load_spec(data)
     setup = RunSetup(spec, tmp_path)
     setup.prepare_models()
     dataset = setup.dataset(tmp_path)
@@ -81,9 +89,12 @@ def test_null_values_equal_a_float64_numpy_recomputation(tmp_path):
     for index, item in enumerate(dataset):
         maps = {m: {k: v.double().numpy() for k, v in layers.items()}
                 for m, layers in setup.step.extract(item).items()}
+        mask = setup.step.mask_for(item)
+        keep = slice(None) if mask is None else mask.numpy().reshape(-1)
+        shape = item.image.shape[1:]
         for number, (a, b) in enumerate(spec.pairs()):
             directions = [(a, b)] if a == b else [(a, b), (b, a)]
-            offset = null_offset(11, index, number, (32, 40))
+            offset = null_offset(11, index, number, shape)
             for x, y in directions:
                 for la, xa in maps[x].items():
                     for lb, yb in maps[y].items():
@@ -93,7 +104,8 @@ def test_null_values_equal_a_float64_numpy_recomputation(tmp_path):
                             xs, ys = xa, np.roll(yb, offset, axis=(1, 2))
                         else:
                             xs, ys = np.roll(xa, offset, axis=(1, 2)), yb
-                        want = _best_abs_r(xs.reshape(len(xs), -1), ys.reshape(len(ys), -1),
+                        want = _best_abs_r(xs.reshape(len(xs), -1)[:, keep],
+                                           ys.reshape(len(ys), -1)[:, keep],
                                            same=(x == y and la == lb))
                         rows = null[(null.image == item.id) & (null.model_a == x)
                                      & (null.layer_a == la) & (null.model_b == y)
