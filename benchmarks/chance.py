@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import append  # noqa: E402
+from _report import append
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,10 +62,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         times, null_seconds = study_times(Path(tmp), args.images, args.repeats, args.device)
-    lines = [f"study spec, {args.images} images, pictures off, {args.device}, best of "
-             f"{args.repeats} after a warm-up: null off {times[False]:.2f} s, on "
-             f"{times[True]:.2f} s, ratio {times[True] / times[False]:.2f} (the null's own "
-             f"timing in run.json: {null_seconds:.2f} s)"]
+    lines = [(f"study spec, {args.images} images, pictures off, {args.device}, best of "
+              f"{args.repeats} after a warm-up: null off {times[False]:.2f} s, on "
+              f"{times[True]:.2f} s, ratio {times[True] / times[False]:.2f} (the null's own "
+              f"timing in run.json: {null_seconds:.2f} s)")]
     append("spatial null: run time on against off (issue 15)", args.device, lines,
            args.results)
 

@@ -42,8 +42,8 @@ def table(res: mapsim.Results, statistic: str, pairs: list[tuple[str, str, str, 
     """One Markdown table of ``statistic`` (best_mean or pct_well) for ``pairs``."""
     digits = 3 if statistic == "best_mean" else 1
     summary, base, pv = res.summary, res.baselines, res.map_pvalues
-    lines = ["| layer pair | observed [95 % CI] | spatial null mean / p95 | untrained mean / p95 "
-             "| above null p95 | maps significant |", "|---|---|---|---|---|---|"]
+    lines = [("| layer pair | observed [95 % CI] | spatial null mean / p95 | untrained mean / p95 "
+              "| above null p95 | maps significant |"), "|---|---|---|---|---|---|"]
     for a, la, b, lb in pairs:
         key = ((summary.model_a == a) & (summary.layer_a == la) & (summary.model_b == b)
                & (summary.layer_b == lb) & (summary.statistic == statistic))

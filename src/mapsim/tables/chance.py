@@ -145,7 +145,7 @@ def map_pvalues(observed: pd.DataFrame, null: pd.DataFrame, higher_is_better: di
     frame["observed"] = summary["observed"].to_numpy()
     frame["p"] = p
     frame["q"] = np.nan
-    for _, index in frame.groupby(list(PIVOT_KEYS), sort=False).groups.items():
+    for index in frame.groupby(list(PIVOT_KEYS), sort=False).groups.values():
         values = frame.loc[index, "p"].to_numpy()
         ok = np.isfinite(values)
         if ok.any():
