@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from mapsim.cli import main
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "prune.yaml"
@@ -41,3 +42,71 @@ def test_bad_sparsity_is_refused(tmp_path, capsys):
     assert main(["prune", str(bad), "--out", str(tmp_path / "o")]) != 0
     assert "outside [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_validate_and_schema_cover_prune_specs(tmp_path, capsys):
+    assert main(["validate", str(EXAMPLE)]) == 0
+    assert "is a valid prune spec: criteria correlation" in capsys.readouterr().out
+    assert main(["validate", str(EXAMPLE), "--deep"]) == 0
+    assert "layers: blocks.0, blocks.1, blocks.2" in capsys.readouterr().out
+    schema_file = tmp_path / "schema.json"
+    assert main(["schema", "--kind", "prune", "--out", str(schema_file)]) == 0
+    capsys.readouterr()
+    schema = json.loads(schema_file.read_text())
+    assert {"criteria", "sparsity", "per_layer", "save_models", "finetune"} <= \
+        set(schema["properties"])
+    import jsonschema
+    import yaml
+
+    jsonschema.validate(yaml.safe_load(EXAMPLE.read_text()), schema)
+    assert main(["schema"]) == 0
+    assert "criteria" not in json.loads(capsys.readouterr().out)["properties"]
+
+
+BAD = [
+    ("[0.25, 0.5]", "[1.0]", "sparsity: sparsity [1.0] outside [0, 1): give "
+     "fractions of the maps of each layer, e.g. [0.25, 0.5]"),
+    ("criteria: [", "criterion: [", "criterion: unknown field; did you mean 'criteria'?"),
+    ("hrank]", "hrnak]", "'hrnak'"),
+]
+
+
+@pytest.mark.parametrize("old, new, message", BAD)
+def test_bad_prune_specs_have_pinned_messages(tmp_path, capsys, old, new, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(EXAMPLE.read_text().replace(old, new, 1))
+    assert main(["validate", str(bad)]) != 0
+    err = capsys.readouterr().err
+    assert "the prune spec is not valid" in err and message in err, err
+
+
+def test_validate_deep_unknown_layer(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(EXAMPLE.read_text() + "layers: [blocks.1, block.2]\n")
+    assert main(["validate", str(bad)]) == 0  # the fields are fine
+    capsys.readouterr()
+    assert main(["validate", str(bad), "--deep"]) != 0
+    err = capsys.readouterr().err
+    assert "layers: 'block.2' is not a prunable layer of the model (did you mean " \
+        "'blocks.2'?); the prunable layers are blocks.0, blocks.1, blocks.2" in err
+    assert main(["prune", str(bad), "--out", str(tmp_path / "o")]) != 0
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_experiment_script_tiny(tmp_path):
+    import importlib.util
+
+    script = EXAMPLE.parent / "pruning" / "run_experiment.py"
+    module_spec = importlib.util.spec_from_file_location("run_experiment", script)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path / "x"), "--tiny", "--device", "cpu",
+                        "--networks", "cnn6"]) == 0
+    table = pd.read_csv(tmp_path / "x" / "cnn6" / "prune.csv")
+    assert set(table.criterion) == {"none", "correlation-compensated", "l1"}
+    assert set(table.layers.dropna()) == {"blocks.0", "blocks.1"}
+    assert (table[table.criterion != "none"].maps_removed == 16).all()
+    assert table[["iou_pruned"]].notna().all().all()
+    assert table[table.criterion != "none"].iou_finetuned.notna().all()
+    answer = (tmp_path / "x" / "answer.md").read_text()
+    assert "| correlation-compensated | blocks.0 |" in answer

@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the first one (with its label); prune specs: build the model and "
                    "resolve the layers to prune")
     p.add_argument("--kind", choices=["run", "prune"],
-                   help="the spec's kind (default: prune when it has 'criteria', else run)")
+                   help="the spec's kind (default: prune when it has prune fields such as "
+                   "criteria, else run)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("schema", help="print (or write) the JSON Schema of run specs "

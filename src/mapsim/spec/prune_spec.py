@@ -136,13 +136,17 @@ def prune_json_schema(registry: Registry | None = None) -> dict[str, Any]:
     return prune_spec_model(registry).model_json_schema()
 
 
+#: fields only a prune spec has: a document with one of them (and no ``models``) is one
+PRUNE_FIELDS = {"criteria", "calibration", "sparsity", "per_layer", "finetune", "evaluation"}
+
+
 def spec_kind(path: str | Path) -> str:
-    """``prune`` for a document with ``criteria`` (and no ``models``), else ``run``; a file
-    that cannot be read is left to the run spec's reader to report."""
+    """``prune`` for a document with a field of :data:`PRUNE_FIELDS` and no ``models``, else
+    ``run``; a file that cannot be read is left to the run spec's reader to report."""
     try:
         data = read_document(path)
     except Exception:
         return "run"
-    if isinstance(data, dict) and "criteria" in data and "models" not in data:
+    if isinstance(data, dict) and "models" not in data and PRUNE_FIELDS & set(data):
         return "prune"
     return "run"
