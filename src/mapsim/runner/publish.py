@@ -21,6 +21,7 @@ from mapsim.engine.step import ACROSS_IMAGES, POOLED_IMAGE, DeadCount, DeadKey
 from mapsim.runner.blocks import ImageBlock, PartialRun
 from mapsim.runner.distributed import World
 from mapsim.runner.setup import RunSetup
+from mapsim.runner.pairs import PARQUET, is_pairs_table, write_parquet
 from mapsim.runner.untrained import UntrainedRows, untrained_rows
 from mapsim.runner.sinks import WriterOutput, summary_accumulators, table_sink
 from mapsim.runner.writer import ResultsWriter
@@ -77,6 +78,11 @@ def merge_and_publish(setup: RunSetup, world: World, partial: PartialRun,
         untrained = _write_chance(setup, partial.rows.folder, writer)
         setup.timings["merge"] = time.perf_counter() - start
         start = time.perf_counter()
+        if spec.output.pairs == PARQUET:  # the staged chunks become pairs.parquet
+            for table in [t for t in writer.files.headers if is_pairs_table(t)]:
+                staged = writer.staging / f"{table}.csv"
+                write_parquet(staged, staged.with_suffix(".parquet"))
+                staged.unlink()
         for observer in observers:
             observer.write(writer.staging)
         tables = writer.tables()

@@ -35,6 +35,7 @@ from mapsim.runner.blocks import (
 )
 from mapsim.runner.distributed import STOP_WAIT_S, Inbox, RemoteBlocks, World
 from mapsim.runner.lock import RunLock, results_target
+from mapsim.runner.pairs import require_pyarrow
 from mapsim.runner.pipeline import prefetch
 from mapsim.runner.publish import RunResult, merge_and_publish
 from mapsim.runner.setup import RunSetup
@@ -191,6 +192,7 @@ def run(spec: Any, *, base_dir: str | Path = ".", out_dir: str | Path | None = N
     are told the published directory when the run is done (rank 0 only).
     """
     started = time.perf_counter()
+    require_pyarrow(spec.output.pairs)  # output.pairs: parquet, refused before any work
     base_dir = Path(base_dir)
     target = Path(out_dir) if out_dir is not None else (
         base_dir / spec.output.dir if spec.output.dir else Path("results") / spec.name

@@ -100,7 +100,8 @@ def summary_accumulators(aggregators: list[Aggregator]) -> dict[str, Any]:
     return summaries
 
 
-def table_sink(aggregators: list[Aggregator], pairs: bool, output: BlockOutput | PartOutput,
+def table_sink(aggregators: list[Aggregator], pairs: bool | str,
+               output: BlockOutput | PartOutput,
                n_images: int, timings: dict[str, float]) -> RunSink:
     """The sink of a rank's per-image tables: they are built and formatted in worker
     processes (or a thread) and go to ``output`` in the order they were queued (a

@@ -21,6 +21,7 @@ import pandas as pd
 from mapsim.tables import aggregation
 from mapsim.tables.aggregation import SummaryRows, summary_rows
 from mapsim.api import Aggregator
+from mapsim.runner.pairs import PARQUET, arrow_part, is_pairs_table, unordered_rows
 from mapsim.runner.writer import TablePart, format_part
 from mapsim.engine.null import TABLE_PREFIX as NULL_PREFIX, TABLES as NULL_TABLES
 from mapsim.engine.similarity import SimilarityMatrix
@@ -91,7 +92,7 @@ def with_image(frame: pd.DataFrame, image_id: str, aligned: str | None = None
 class TableWork:
     """Turns jobs into table parts (see the module docstring)."""
 
-    def __init__(self, aggregators: Sequence[Aggregator], pairs: bool,
+    def __init__(self, aggregators: Sequence[Aggregator], pairs: bool | str,
                  summarised: Mapping[str, Sequence[str]]) -> None:
         self.aggregators = list(aggregators)
         #: what the spatial null's matrices need: the best partners, threshold and pivot
@@ -110,7 +111,11 @@ class TableWork:
             start = time.perf_counter()
             null = job.prefix.startswith(NULL_PREFIX)  # the spatial null: max and pivot only
             aggregators = self.null_aggregators if null else self.aggregators
-            tables = aggregate_tables(aggregators, job.sim, self.pairs and not null)
+            tables = aggregate_tables(aggregators, job.sim, bool(self.pairs) and not null)
+            if self.pairs == PARQUET and "pairs" in tables:  # each unordered pair once
+                keep = unordered_rows(job.sim)
+                if keep is not None:
+                    tables["pairs"] = tables["pairs"][keep]
             if null:
                 tables = {k: v for k, v in tables.items() if k in NULL_TABLES}
             frames = [(job.prefix + name, with_image(frame, job.image_id, job.sim.aligned))
@@ -120,7 +125,8 @@ class TableWork:
         summarised = [(name, summary_rows(frame, self.summarised[name], skip=("image",)))
                       for name, frame in frames if name in self.summarised]
         return WorkResult(
-            parts=[format_part(name, frame) for name, frame in frames],
+            parts=[arrow_part(name, frame) if self.pairs == PARQUET and is_pairs_table(name)
+                   else format_part(name, frame) for name, frame in frames],
             summarised=[(name, rows) for name, rows in summarised if rows is not None],
             seconds=seconds,
         )

@@ -246,7 +246,11 @@ class OutputSpec(StrictModel):
     """Where and what to write."""
 
     dir: str | None = Field(None, description="Results directory (default: results/<name>).")
-    pairs: bool = Field(False, description="Also write every map pair (pairs.csv; large).")
+    pairs: bool | Literal["csv", "parquet"] = Field(
+        False, description="Also write every map pair: true or csv (pairs.csv: every ordered "
+        "pair, self pairs included; large), parquet (pairs.parquet: columnar, zstd-compressed, "
+        "each unordered pair once within a network; needs pyarrow, pip install "
+        "'mapsim[parquet]').")
     plots: bool = Field(False, description="Draw pictures under plots/ (keeps map thumbnails "
                         "and similarity matrices of the first plot_images images).")
     report: bool = Field(False, description="Write report.html, one self-contained page "
