@@ -110,3 +110,25 @@ def test_experiment_script_tiny(tmp_path):
     assert table[table.criterion != "none"].iou_finetuned.notna().all()
     answer = (tmp_path / "x" / "answer.md").read_text()
     assert "| correlation-compensated | blocks.0 |" in answer
+
+
+def test_prune_specs_in_the_docs_validate(tmp_path):
+    """Every ```yaml block of docs/pruning.md whose first line is '# prune spec'."""
+    import re
+
+    page = (EXAMPLE.parents[1] / "docs" / "pruning.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", page, re.DOTALL)
+              if b.startswith("# prune spec")]
+    assert blocks
+    for k, block in enumerate(blocks):
+        path = tmp_path / f"block-{k}.yaml"
+        path.write_text(block)
+        assert main(["validate", str(path)]) == 0
+    assert yaml_equal(blocks[0], EXAMPLE)
+
+
+def yaml_equal(block: str, path: Path) -> bool:
+    import yaml
+
+    doc, example = yaml.safe_load(block), yaml.safe_load(path.read_text())
+    return all(example.get(k) == v for k, v in doc.items() if k != "save_models")
