@@ -6,8 +6,9 @@ once folded), followed by ``model.head`` (an ``nn.Conv2d``). Removing output map
 removes row j of its convolution's weights and bias, entry j of its batch norm (scale, shift,
 running mean and variance) and input channel j of the next convolution (module L + 1's, or the
 head's after the last module). Tensors are sliced in place, so the modules keep their classes,
-hooks and state-dict keys. Models of other shapes (skips, concatenations) are refused: they
-need a dependency graph (Torch-Pruning), which this version does not use.
+hooks and state-dict keys. Models of other shapes (skips, concatenations) are refused here:
+:mod:`mapsim.pruning.graph` prunes them through Torch-Pruning's dependency graph; this module
+is its fallback for fcn chains when Torch-Pruning is not installed.
 """
 
 from __future__ import annotations
