@@ -250,7 +250,7 @@ def build_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
     for n, ((metric, statistic), members) in enumerate(groups.items()):
         options, bodies = [], []
         for k, hs in enumerate(members):
-            name = ("mean ± std over images" if hs.image is None else
+            name = ("mean over images" if hs.image is None else
                     "pooled over images" if hs.image == POOLED_IMAGE else f"image {hs.image}")
             options.append(f"<option value='{k}'>{html.escape(name)}</option>")
             hidden = "" if k == 0 else " hidden"
