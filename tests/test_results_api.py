@@ -109,11 +109,13 @@ def test_heatmap_of_the_summary(quick: Results) -> None:
     assert panel.get_title() == "cnn4 × cnn4 (intra)"  # the first comparison
     title = fig.get_suptitle()
     assert "mean over maps of the best partner's value" in title
-    assert "mean ± std over 3 image(s)" in title
-    # cells: mean ± std of summary.csv (3 x 3 layers of cnn4)
+    assert "mean over 3 image(s)" in title
+    # cells: the mean of summary.csv (3 x 3 layers of cnn4), below it its interval
+    from mapsim.plots.heatmaps import VALUE_PT
+
     s = quick.summary
     rows = s[(s.model_a == "cnn4") & (s.model_b == "cnn4") & (s.statistic == "best_mean")]
-    assert sorted(t.get_text().split("\n")[0] for t in panel.texts) == sorted(
+    assert sorted(t.get_text() for t in panel.texts if t.get_fontsize() == VALUE_PT) == sorted(
         format(v, ".2f") for v in rows["mean"])
 
 
@@ -121,7 +123,10 @@ def test_heatmap_of_an_inter_comparison(quick: Results) -> None:
     fig = quick.heatmap("pearson", "pct_well", model_a="cnn6", model_b="cnn4")
     (panel,) = panel_axes(fig)
     assert panel.get_title() == "cnn6 → cnn4 (inter)"
-    assert len(panel.texts) == 4 * 3
+    from mapsim.plots.heatmaps import VALUE_PT
+
+    values = [t for t in panel.texts if t.get_fontsize() == VALUE_PT]
+    assert len(values) == 4 * 3  # one value per cell (below it, its interval)
     assert "% of maps well correlated" in fig.get_suptitle()
     assert panel_axes(quick.heatmap(model_a="cnn6"))[0].get_title() == "cnn6 × cnn6 (intra)"
 
@@ -139,11 +144,16 @@ def test_heatmap_of_one_image_and_of_a_layer_metric(small: Results) -> None:
 def test_histogram(quick: Results) -> None:
     fig = quick.histogram("pearson", model_a="cnn6")
     assert isinstance(fig, Figure)
-    assert len(fig.axes) == 4 * 4  # layers of cnn6 x layers of cnn6
-    assert [ax.get_title() for ax in fig.axes[:4]] == [f"cnn6: {x}" for x in
-                                                       ("L1", "L2", "L4", "L6")]
+    (ax,) = fig.axes  # every layer pair's panel drawn in one axes
+    texts = [t.get_text() for t in ax.texts]
+    layers = ("L1", "L2", "L4", "L6")
+    assert [t for t in texts if t.startswith("cnn6: ") and "\n" not in t] == [
+        f"cnn6: {x}" for x in layers]  # the columns
+    assert [t for t in texts if t.endswith("\nmaps")] == [f"cnn6: {x}\nmaps" for x in layers]
+    assert sum(t.startswith("n=") or t == "no values" for t in texts) == 4 * 4
     fig = quick.histogram(model_a="cnn4", model_b="cnn6")
-    assert len(fig.axes) == 3 * 4
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert sum(t.startswith("n=") or t == "no values" for t in texts) == 3 * 4
     assert "threshold 0.8" in fig.get_suptitle()
 
 
