@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds[net] = time.perf_counter() - started
         answers[net] = pd.read_csv(target / "prune_answer.csv")
         print(f"{net}: {seconds[net]:.1f} s -> {target}", flush=True)
-    with atomic_path(out / "answer.md") as tmp:
-        tmp.write_text(answer_markdown(answers, seconds), encoding="utf-8")
+        with atomic_path(out / "answer.md") as tmp:  # after each network: a cut run keeps it
+            tmp.write_text(answer_markdown(answers, seconds), encoding="utf-8")
     print(f"wrote {out / 'answer.md'}")
     return 0
 
