@@ -120,3 +120,48 @@ def test_summary_and_answer_by_hand():
     assert got.sparsity_pruned == 0.25 and got.maps_removed_pruned == 2
     # fine-tuned: 0.25 (0.0) and 0.5 (0.008) pass, 0.75 (0.03) fails
     assert got.sparsity_finetuned == 0.5 and got.parameters_finetuned == 80
+
+
+NET = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, width=6):
+        super().__init__()
+        self.a = nn.Conv2d(1, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.b = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Conv2d(width, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)))
+        return self.head(torch.relu(self.b(y)) + y)  # a residual sum couples a and b
+
+
+def build(width=6):
+    return Net(width)
+'''
+
+
+def test_python_model_end_to_end(tmp_path):
+    (tmp_path / "net.py").write_text(NET)
+    spec = {"name": "py-prune", "model": {"python": "net:build", "kwargs": {"width": 6}},
+            "criteria": ["random"], "sparsity": [0.5], "layers": ["a"],
+            "calibration": {**DATA, "seed": 1}, "evaluation": {**DATA, "seed": 2},
+            "seeds": [3], "save_models": True}
+    path = tmp_path / "prune.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["prune", str(path), "--out", str(tmp_path / "out")]) == 0
+    folder = next((tmp_path / "out" / "models").iterdir())
+    card = json.loads((folder / "model.json").read_text())
+    assert card["model"]["python"] == "net:build"
+    # a's maps are summed with b's: both lose the same 3 channels, and the head's inputs too
+    channels = card["pruned"]["channels"]
+    assert channels["a"]["out"] == channels["b"]["out"] == channels["head"]["in"]
+    assert len(channels["a"]["out"]) == 3
+    loaded = build_model("p", python="net:build", kwargs={"width": 6},
+                         weights=folder / "model.safetensors", base_dir=tmp_path)
+    assert loaded.module.b.out_channels == 3 and loaded.module.bn.num_features == 3
+    assert sum(p.numel() for p in loaded.module.parameters()) == card["parameters"]
