@@ -419,3 +419,28 @@ def test_a_drawing_failure_keeps_the_run(tmp_path, monkeypatch):
     assert (result.out_dir / "thumbnails" / "vessels-1.npz").is_file()
     assert not (result.out_dir / "plots").exists()
     assert not (result.out_dir / "report.html").exists()
+
+
+def test_forked_drawing_gives_the_same_files_as_one_process(out, tmp_path, monkeypatch):
+    """The pictures (and the report, whose heat-map part is made while they are drawn) are
+    the same bytes whether drawn by forked processes or in this one."""
+    import os
+
+    from mapsim.plots.draw import redraw
+
+    copies = {}
+    for name, cores in (("forked", {0, 1}), ("alone", {0})):
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: cores,
+                            raising=False)
+        redraw(copy, report=True)
+        copies[name] = copy
+    files = sorted(p.name for p in (copies["forked"] / "plots").iterdir())
+    assert files == sorted(p.name for p in (copies["alone"] / "plots").iterdir())
+    assert len(files) > 4  # enough pictures for the drawing processes
+    for name in files:
+        assert (copies["forked"] / "plots" / name).read_bytes() == (
+            copies["alone"] / "plots" / name).read_bytes(), name
+    assert (copies["forked"] / "report.html").read_bytes() == (
+        copies["alone"] / "report.html").read_bytes()

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -115,15 +116,21 @@ def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | Non
     from tqdm.auto import tqdm
 
     wanted = _page_jobs(jobs) if report else set()
-    drawn = tqdm(_draw_jobs(jobs, folder, wanted), total=len(jobs), desc="pictures",
-                 unit="fig", disable=not progress, leave=False)
-    for (_, _, kind, caption), (path, page) in zip(jobs, drawn):
-        if path is None:
-            continue
-        written.append(path)
-        figures.append({"file": path.name, "kind": kind, "caption": caption})
-        if page is not None:
-            pages[path.name] = page
+    prepared = None
+    with _drawing(jobs, folder, wanted) as drawing:
+        if report:  # while the drawing processes draw, the parts that need no picture
+            from mapsim.plots.report import prepare_report
+
+            prepared = prepare_report(results, sets)
+        drawn = tqdm(drawing, total=len(jobs), desc="pictures", unit="fig",
+                     disable=not progress, leave=False)
+        for (_, _, kind, caption), (path, page) in zip(jobs, drawn):
+            if path is None:
+                continue
+            written.append(path)
+            figures.append({"file": path.name, "kind": kind, "caption": caption})
+            if page is not None:
+                pages[path.name] = page
     data = {"heatmaps": heatmap_data(sets), "figures": figures}
     atomic_write_bytes(folder / "data.json",
                        (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
@@ -131,7 +138,7 @@ def draw_all(root: str | Path, report: bool = False, plots_dir: str | Path | Non
     if report:
         from mapsim.plots.report import write_report
 
-        written.append(write_report(results, sets, folder, figures, pages))
+        written.append(write_report(results, sets, folder, figures, pages, prepared))
     return written
 
 
@@ -173,11 +180,13 @@ def _draw_one(index: int) -> tuple[Path | None, str | None]:
     return path, page_image(png)
 
 
-def _draw_jobs(jobs: list[Job], folder: Path, pages: set[int] = frozenset()
-               ) -> Iterator[tuple[Path | None, str | None]]:
+@contextmanager
+def _drawing(jobs: list[Job], folder: Path, pages: set[int] = frozenset()
+             ) -> Iterator[Iterator[tuple[Path | None, str | None]]]:
     """Each job's picture (or None) and page copy (or None), in job order. Drawn in forked
-    processes, one per core (at most 4), when there is more than one core and enough jobs;
-    the processes end with this one, however it ends."""
+    processes, one per core (at most 4), when there is more than one core and enough jobs:
+    they start drawing on entry, so the caller can work meanwhile, and end with the block
+    (or with this process), however it ends. Otherwise drawn here, as the caller iterates."""
     global _WORK
     _WORK = (jobs, folder, set(pages))
     workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -187,8 +196,7 @@ def _draw_jobs(jobs: list[Job], folder: Path, pages: set[int] = frozenset()
     except ValueError:  # no fork on this platform: draw here
         context = None
     if context is None or workers < 2 or len(jobs) < 4:
-        for index in range(len(jobs)):
-            yield _draw_one(index)
+        yield (_draw_one(index) for index in range(len(jobs)))
         return
     from mapsim.runner.lifetime import die_with_parent
 
@@ -196,7 +204,7 @@ def _draw_jobs(jobs: list[Job], folder: Path, pages: set[int] = frozenset()
         warnings.simplefilter("ignore", DeprecationWarning)  # fork beside torch's threads
         pool = context.Pool(workers, initializer=die_with_parent, initargs=(os.getpid(),))
     try:
-        yield from pool.imap(_draw_one, range(len(jobs)))
+        yield pool.imap(_draw_one, range(len(jobs)))
     finally:
         pool.terminate()
         pool.join()

@@ -237,11 +237,9 @@ def _summary_html(results: ResultsDir) -> str:
     return f"<table class='info'>{body}</table>"
 
 
-def build_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
-                 figures: list[dict[str, str]], pages: dict[str, str] | None = None) -> str:
-    """The report's HTML text; ``pages``: page-sized copies of pictures already made (file
-    name -> data URI), the others are made here from plots/."""
-    pages = pages or {}
+def prepare_report(results: ResultsDir, sets: list[HeatmapSet]) -> dict[str, str]:
+    """Every part of the report that the pictures' files do not change (the heat maps as
+    tables, findings, data), so it can be made while the pictures are drawn."""
     pairs = _PairIndex(results)
     groups: dict[tuple[str, str], list[HeatmapSet]] = {}
     for hs in sets:
@@ -261,6 +259,34 @@ def build_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
             f"<div class='group' id='hm-{n}'><h3>{html.escape(metric)}: "
             f"{html.escape(statistic)}</h3><label>show <select class='setsel'>"
             f"{''.join(options)}</select></label>{''.join(bodies)}</div>")
+    extras = pair_extras(results)
+    for pair in pairs.pairs:
+        pair.update(extras.get(tuple(pair[k] for k in ("metric", "model_a", "layer_a",
+                                                          "model_b", "layer_b")), {}))
+    data = {"pairs": pairs.pairs, "thumbs": pairs.thumbs}
+    if pairs.thumb_image is not None and "__input__" in pairs.thumb_arrays:
+        data["input"] = _thumb_uri(pairs.thumb_arrays["__input__"])
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    return dict(
+        title=html.escape(f"mapsim report: {results.name}"),
+        summary=_summary_html(results),
+        findings=findings_html(results) + significance_html(results), reading=reading(results),
+        heatmaps="".join(sections) or "<p>No heat maps: the run wrote no pivot or layer "
+        "similarity tables.</p>",
+        data=payload,
+        css=_CSS.replace("{thumb}", str(THUMB_CSS_PX)).replace("{cell}", str(CELL_CSS_PX))
+        .replace("{cell_font}", str(CELL_FONT_CSS_PX))
+        .replace("{value_font}", str(VALUE_FONT_CSS_PX)), js=_JS)
+
+
+def build_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
+                 figures: list[dict[str, str]], pages: dict[str, str] | None = None,
+                 prepared: dict[str, str] | None = None) -> str:
+    """The report's HTML text; ``pages``: page-sized copies of pictures already made (file
+    name -> data URI), the others are made here from plots/; ``prepared``: what
+    :func:`prepare_report` returned for these results (made here when None)."""
+    pages = pages or {}
+    prepared = prepared if prepared is not None else prepare_report(results, sets)
     figure_html = []
     for kind, title in zip(PAGE_KINDS, ("Best-partner distributions",
                                         "Every map pair (first image(s))",
@@ -279,31 +305,15 @@ def build_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
             imgs += ("<p>Not embedded (see plots/): "
                      + ", ".join(html.escape(f["file"]) for f in rest) + "</p>")
         figure_html.append(f"<details><summary>{title} ({len(chosen)})</summary>{imgs}</details>")
-    extras = pair_extras(results)
-    for pair in pairs.pairs:
-        pair.update(extras.get(tuple(pair[k] for k in ("metric", "model_a", "layer_a",
-                                                          "model_b", "layer_b")), {}))
-    data = {"pairs": pairs.pairs, "thumbs": pairs.thumbs}
-    if pairs.thumb_image is not None and "__input__" in pairs.thumb_arrays:
-        data["input"] = _thumb_uri(pairs.thumb_arrays["__input__"])
-    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
-    return _TEMPLATE.format(
-        title=html.escape(f"mapsim report: {results.name}"),
-        summary=_summary_html(results),
-        findings=findings_html(results) + significance_html(results), reading=reading(results),
-        heatmaps="".join(sections) or "<p>No heat maps: the run wrote no pivot or layer "
-        "similarity tables.</p>",
-        figures="".join(figure_html), data=payload,
-        css=_CSS.replace("{thumb}", str(THUMB_CSS_PX)).replace("{cell}", str(CELL_CSS_PX))
-        .replace("{cell_font}", str(CELL_FONT_CSS_PX))
-        .replace("{value_font}", str(VALUE_FONT_CSS_PX)), js=_JS)
+    return _TEMPLATE.format(figures="".join(figure_html), **prepared)
 
 
 def write_report(results: ResultsDir, sets: list[HeatmapSet], plots_dir: Path,
-                 figures: list[dict[str, str]], pages: dict[str, str] | None = None) -> Path:
+                 figures: list[dict[str, str]], pages: dict[str, str] | None = None,
+                 prepared: dict[str, str] | None = None) -> Path:
     """Write ``report.html`` into the results directory atomically; returns its path."""
     path = results.root / "report.html"
-    atomic_write_bytes(path, build_report(results, sets, plots_dir, figures, pages)
+    atomic_write_bytes(path, build_report(results, sets, plots_dir, figures, pages, prepared)
                        .encode("utf-8"))
     return path
 
