@@ -229,3 +229,20 @@ def test_bad_shapes_get_a_clear_error() -> None:
         fft_conv2d(torch.randn(1, 3, 8, 8), torch.randn(2, 4, 3, 3), None, 1)
     with pytest.raises(ShapeMismatchError, match="no output"):
         fft_conv2d(torch.randn(1, 3, 2, 2), torch.randn(2, 3, 5, 5), None, 0)
+
+
+def test_rows_of_tiles_give_the_whole_pass(monkeypatch):
+    """A small TILE_BYTES makes fft_conv2d go through the tiles in rows (bounded memory): the
+    same values as one pass and as F.conv2d."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 61, 47, generator=generator)
+    weight = torch.randn(4, 5, 7, 7, generator=generator)
+    bias = torch.randn(4, generator=generator)
+    whole = fftconv.fft_conv2d(x, weight, bias, 3)
+    monkeypatch.setattr(fftconv, "TILE_BYTES", 1)  # one row of tiles per pass
+    rows = fftconv.fft_conv2d(x, weight, bias, 3)
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), padding=3)
+    assert rows.shape == expected.shape and rows.is_contiguous()
+    scale = float(expected.abs().max())
+    assert float((rows.double() - expected).abs().max()) <= 1e-5 * scale
+    assert float((rows - whole).abs().max()) <= 1e-6 * scale

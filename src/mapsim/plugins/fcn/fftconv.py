@@ -33,6 +33,9 @@ from torch import Tensor
 from mapsim import ShapeMismatchError
 
 # id(weight) -> (weak reference to the weight, cache key, spectrum); entries go with the weight
+#: bytes of the float32 tiles of one pass of :func:`fft_conv2d` (its spectra and products are
+#: about as large again, twice); larger images go through in rows of tiles
+TILE_BYTES = 64 << 20
 _SPECTRA: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
 
 # Tile (FFT) sizes are powers of two, on which the FFTs measured fastest here (sizes such as 28
@@ -98,8 +101,9 @@ def fft_conv2d(
     :param bias: shape (O,) or None.
     :param padding: zero padding on each side, an int or (ph, pw); stride, dilation and groups
         are 1.
-    :returns: shape (N, O, H + 2 ph - kh + 1, W + 2 pw - kw + 1), dtype of ``x`` (a
-        view, not necessarily contiguous).
+    :returns: shape (N, O, H + 2 ph - kh + 1, W + 2 pw - kw + 1), dtype of ``x``; the
+        tiles go through in rows, so that one pass holds at most about 4 x
+        :data:`TILE_BYTES` beside the input and output.
     """
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
     if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
@@ -123,20 +127,35 @@ def fft_conv2d(
     x = torch.nn.functional.pad(
         x, (pw, n_w * vw + kw - 1 - w - pw, ph, n_h * vh + kh - 1 - h - ph)
     )
-    m = n * n_h * n_w  # tiles
     fq = t // 2 + 1
-    tiles = x.unfold(2, t, vh).unfold(3, t, vw).permute(0, 2, 3, 1, 4, 5).reshape(m * c, t, t)
-    # FFTs over the last two axes of contiguous tiles (fastest), then one copy to put the
-    # frequency bins first for the batched (tiles x C) @ (C x O) complex product
-    spec_x = torch.fft.rfft2(tiles).view(m, c, t * fq).permute(2, 0, 1).contiguous()
-    prod = torch.bmm(spec_x, _spectrum(weight, t))  # (bins, tiles, O)
+    spectrum = _spectrum(weight, t)
+    shift = None
     if bias is not None:
         # a constant added to every output pixel is the DC bin (bin 0) times T^2 (irfft2
         # divides by T^2): no pass over the output maps
-        prod[0] += (bias.detach().to(torch.float32) * float(t * t)).to(prod.dtype)
-    prod = prod.permute(1, 2, 0).reshape(m * o, t, fq)
-    out = torch.fft.irfft2(prod, s=(t, t)).view(n, n_h, n_w, o, t, t)
-    out = out[..., :vh, :vw]  # the rows and columns that no circular wrap-around reaches
-    # one copy into (N, O, rows, cols) of whole tiles; the result is a view of its first
-    # out_h x out_w (not copied again: the next operation reads it as it is)
-    return out.permute(0, 3, 1, 4, 2, 5).reshape(n, o, n_h * vh, n_w * vw)[:, :, :out_h, :out_w]
+        shift = (bias.detach().to(torch.float32) * float(t * t)).to(spectrum.dtype)
+    views = x.unfold(2, t, vh).unfold(3, t, vw)  # (N, C, n_h, n_w, T, T), no copy
+    out = torch.empty(n, o, out_h, out_w, dtype=x.dtype, device=x.device)
+    # rows of tiles at a time, so that the tiles, spectra and products of one pass stay
+    # within TILE_BYTES (memory bounded whatever the image size)
+    rows = max(1, min(n_h, TILE_BYTES // max(1, 4 * n * n_w * c * t * t)))
+    for r0 in range(0, n_h, rows):
+        r1 = min(n_h, r0 + rows)
+        m = n * (r1 - r0) * n_w  # tiles of this pass
+        tiles = views[:, :, r0:r1].permute(0, 2, 3, 1, 4, 5).reshape(m * c, t, t)
+        # FFTs over the last two axes of contiguous tiles (fastest), then one copy to put the
+        # frequency bins first for the batched (tiles x C) @ (C x O) complex product
+        spec_x = torch.fft.rfft2(tiles).view(m, c, t * fq).permute(2, 0, 1).contiguous()
+        del tiles
+        prod = torch.bmm(spec_x, spectrum)  # (bins, tiles, O)
+        del spec_x
+        if shift is not None:
+            prod[0] += shift
+        prod = prod.permute(1, 2, 0).reshape(m * o, t, fq)
+        part = torch.fft.irfft2(prod, s=(t, t)).view(n, r1 - r0, n_w, o, t, t)
+        del prod
+        part = part[..., :vh, :vw]  # the rows and columns no circular wrap-around reaches
+        part = part.permute(0, 3, 1, 4, 2, 5).reshape(n, o, (r1 - r0) * vh, n_w * vw)
+        top, bottom = r0 * vh, min(out_h, r1 * vh)
+        out[:, :, top:bottom] = part[:, :, :bottom - top, :out_w]
+    return out
