@@ -65,9 +65,12 @@ MODELS = {
     "f": {"architecture": {"name": "fcn", "depth": 2, "width": 5}, "seed": 2},
     "v": {"python": "patch_tokens:build", "kwargs": {"patch": 4}, "tokens": "auto"},
     "w": {"python": "patch_tokens:build", "kwargs": {"patch": 1}, "tokens": {"drop": 1}},
+    "d": {"architecture": {"name": "unet", "depth": 2, "width": 4}, "seed": 3},
 }
 LAYERS = {"u": {"E0": "encoder.0", "B": "bottleneck", "D1": "decoder.1"},
-          "f": ["blocks.0", "blocks.1"], "v": {"T": "mix"}, "w": {"T": "mix"}}
+          "f": ["blocks.0", "blocks.1"], "v": {"T": "mix"}, "w": {"T": "mix"},
+          # the hooks see decoder.1 before decoder.0: rows must still be in the labels' order
+          "d": {"D0": "decoder.0", "B": "bottleneck", "D1": "decoder.1", "E1": "encoder.1"}}
 
 
 def spec(folder: Path, models, comparisons, engine, metrics=("pearson",)):
@@ -92,6 +95,7 @@ CASES = {
     "tokens and align": (["v", "f", "u"], [["v", "v"], ["v", "f"], ["u", "v"]],
                          {"align": "smaller"}),
     "align and roi": (["u", "f"], [["u", "f"]], {"align": "larger", "roi": {"dilate": 1}}),
+    "hook order": (["d", "f"], [["d", "d"], ["d", "f"]], {"align": "smaller"}),
 }
 
 

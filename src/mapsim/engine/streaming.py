@@ -45,16 +45,22 @@ Convert = Callable[[str, str, torch.Tensor], torch.Tensor]
 class Layout:
     """Where each (model, layer label) of a comparison group goes in the stacked rows.
 
-    ``blocks`` hold the maps' size in the rows (the aligned grid with ``engine.align``);
-    ``sources`` the size each layer's output has before alignment (the same without it).
+    ``blocks`` are in the order of the models' layer labels, as the plain path stacks them,
+    and hold the maps' size in the rows (the aligned grid with ``engine.align``); ``sources``
+    the size each layer's output has before alignment (the same without it); ``fired`` the
+    index in ``blocks`` of each output in the order the hooks see them (a U-Net runs
+    ``decoder.1`` before ``decoder.0``).
     """
 
     blocks: list[Block]
     sources: list[tuple[int, int]] | None = None
+    fired: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.sources is None:
             self.sources = [b.shape for b in self.blocks]
+        if self.fired is None:
+            self.fired = list(range(len(self.blocks)))
 
     @classmethod
     def of(cls, stack: MapStack, maps: Mapping[str, Mapping[str, torch.Tensor]] | None = None
@@ -100,11 +106,16 @@ def probe_layout(
     if not found:
         return None
     size = None if align is None else target_size(align, [f[3] for f in found])
+    rank = {(m, label): (i, j) for i, m in enumerate(models)
+            for j, label in enumerate(labels[m].values())}
+    order = sorted(range(len(found)), key=lambda k: rank[found[k][:2]])
     blocks: list[Block] = []
-    for model, label, n_maps, shape in found:
+    for k in order:
+        model, label, n_maps, shape = found[k]
         row = blocks[-1].stop if blocks else 0
         blocks.append(Block(model, label, row, row + n_maps, size or shape))
-    return Layout(blocks, [f[3] for f in found])
+    fired = [order.index(k) for k in range(len(found))]
+    return Layout(blocks, [found[k][3] for k in order], fired)
 
 
 def builder_settings(device: torch.device | str, chunk_pixels: int | None) -> dict:
@@ -169,10 +180,10 @@ def stream_group(
         builder = MomentsBuilder(n_maps, n_pixels, device, **builder_settings(device,
                                                                              chunk_pixels))
     builder.reset()
-    expected = iter(zip(layout.blocks, layout.sources))
+    expected = iter([(layout.blocks[i], layout.sources[i]) for i in layout.fired])
     flat_mask = None if mask is None else to_device(mask.reshape(-1), torch.device(device))
 
-    for model in dict.fromkeys(b.model for b in layout.blocks):
+    for model in dict.fromkeys(layout.blocks[i].model for i in layout.fired):
         by_path = labels[model]
 
         def on_output(path: str, output: torch.Tensor, model: str = model) -> None:
@@ -199,4 +210,17 @@ def stream_group(
     if builder.filled != n_maps:
         raise ExtractionError("a requested layer did not run during the forward pass")
     stack = MapStack(torch.empty(n_maps, 0, device=device), list(layout.blocks))
-    return stack, builder.finish(), builder
+    return stack, _in_block_order(builder.finish(), layout), builder
+
+
+def _in_block_order(moments: Moments, layout: Layout) -> Moments:
+    """The builder's rows (in hook order) put in the layout's block order."""
+    if layout.fired == sorted(layout.fired):
+        return moments
+    start, rows = 0, {}
+    for i in layout.fired:
+        rows[i] = range(start, start + layout.blocks[i].n_maps)
+        start += layout.blocks[i].n_maps
+    perm = torch.tensor([r for i in range(len(layout.blocks)) for r in rows[i]],
+                        device=moments.mean.device)
+    return Moments(moments.n, moments.mean[perm], moments.comoment[perm][:, perm])
