@@ -51,6 +51,10 @@ def batch_gram(rows: Sequence[torch.Tensor],
     Computed where the vectors are, in chunks of features, so that at most
     ``chunk_elements`` float64 values of the batch exist at once beside the vectors
     themselves (a batch of whole layer outputs is never stacked or copied to float64 whole).
+    The products of the float32 values are exact in float64 and summed in float64, and the
+    sum is centred afterwards (H G H, H = I - 11^T/n, which equals the Gram matrix of the
+    centred vectors): one pass over the features instead of three, at a relative error of
+    about 1e-16 x (mean^2 / variance) of the features.
     """
     n = len(rows)
     length = rows[0].numel()
@@ -59,10 +63,12 @@ def batch_gram(rows: Sequence[torch.Tensor],
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
     same = torch.ones((), dtype=torch.bool, device=device)
     for start in range(0, length, step):
-        x = torch.stack([r.reshape(-1)[start:start + step] for r in rows]).to(torch.float64)
+        x = torch.stack([r.reshape(-1)[start:start + step] for r in rows])
         same &= (x == x[:1]).all()
-        x -= x.mean(dim=0, keepdim=True)
+        x = x.to(torch.float64)
         gram += x @ x.T
+    gram -= gram.mean(dim=0, keepdim=True)
+    gram -= gram.mean(dim=1, keepdim=True)
     return gram, bool(same)  # one wait for the device per layer and batch
 
 
