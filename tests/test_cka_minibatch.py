@@ -262,3 +262,48 @@ def test_variance_moments_equal_float64_numpy(rng):
     np.testing.assert_allclose(torch.diagonal(moments.comoment).numpy(), expected,
                                rtol=1e-6, atol=1e-9)
     assert moments.variance()[2] == 0.0  # a constant map is dead, exactly
+
+
+def test_variances_without_stacking_equal_the_stacked_moments(rng):
+    from mapsim.engine.moments import compute_moments
+    from mapsim.engine.similarity import stack_maps, variances_only
+
+    maps = {"a": {"x": torch.from_numpy(rng.standard_normal((3, 9, 7)) + 40).float(),
+                  "y": torch.zeros(2, 9, 7)},  # dead maps
+            "b": {"z": torch.from_numpy(rng.standard_normal((4, 9, 7)) ** 2).float()}}
+    stack, moments = variances_only(maps, ["a", "b"])
+    reference = compute_moments(stack_maps(maps, ["a", "b"]).z)
+    assert stack.blocks == stack_maps(maps, ["a", "b"]).blocks and moments.n == 63
+    np.testing.assert_allclose(moments.mean.numpy(), reference.mean.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(moments.variance().numpy(), reference.variance().numpy(),
+                               rtol=1e-6, atol=1e-12)
+    assert (moments.variance()[3:5] == 0).all()
+    maps["b"]["z"] = torch.ones(4, 5, 5)  # another size: the stacking path says why
+    assert variances_only(maps, ["a", "b"]) is None
+
+
+def test_a_run_of_metrics_over_images_counts_dead_maps_as_before(tmp_path):
+    from mapsim.runner.run import run
+    from mapsim.spec.run_spec import validate_spec
+
+    def spec(metrics):
+        return validate_spec({
+            "name": "dead", "models": {"a": {"architecture": {"name": "fcn", "depth": 2,
+                                                               "width": 8}, "seed": 3}},
+            "layers": {"a": ["blocks.0", "blocks.1"]},
+            "images": {"name": "synthetic-vessels", "count": 5, "size": [24, 24], "seed": 1},
+            "comparisons": [["a", "a"]], "metrics": metrics, "aggregators": ["max"],
+            "statistics": {"spatial_null": False}, "device": "cpu"})
+
+    import pandas as pd
+
+    cka = {"name": "cka", "samples": "images", "pool": "none", "batch_size": 4}
+    alone = run(spec([cka]), out_dir=tmp_path / "alone", progress=False).out_dir
+    beside = run(spec([cka, "pearson"]), out_dir=tmp_path / "beside", progress=False).out_dir
+    a = pd.read_csv(alone / "dead_maps.csv")
+    b = pd.read_csv(beside / "dead_maps.csv")
+    b = b[b.metric == "cka"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(pd.read_csv(alone / "layer_similarity.csv"),
+                                  pd.read_csv(beside / "layer_similarity.csv").query(
+                                      "metric == 'cka'").reset_index(drop=True))

@@ -74,6 +74,36 @@ def comparison_groups(comparisons: Sequence[tuple[str, str]]) -> list[list[str]]
     return list(groups.values())
 
 
+def variances_only(activations: Mapping[str, Mapping[str, torch.Tensor]],
+                   models: Sequence[str]) -> tuple[MapStack, Moments] | None:
+    """The layout of ``models``' maps and moments with only each map's variance (the
+    diagonal of the co-moments), computed layer by layer without stacking the maps: what the
+    dead-map counts need when every metric works across images. None when the layers differ
+    in size (or are not maps): :func:`stack_maps` then says why."""
+    blocks: list[Block] = []
+    means, squares = [], []
+    for model in models:
+        for layer, maps in activations[model].items():
+            if maps.dim() != 3 or (blocks and tuple(maps.shape[1:]) != blocks[0].shape):
+                return None
+            row = blocks[-1].stop if blocks else 0
+            blocks.append(Block(model, layer, row, row + int(maps.shape[0]),
+                                (int(maps.shape[1]), int(maps.shape[2]))))
+            maps = maps.to(torch.float32)
+            n = maps.shape[1] * maps.shape[2]
+            mean = maps.sum(dim=(1, 2), dtype=torch.float64) / n
+            centred = maps - mean.to(torch.float32)[:, None, None]
+            residual = centred.sum(dim=(1, 2), dtype=torch.float64) / n
+            squares.append(centred.square_().sum(dim=(1, 2), dtype=torch.float64)
+                           - n * residual * residual)
+            means.append(mean)
+    if not blocks:
+        return None
+    n = blocks[0].shape[0] * blocks[0].shape[1]
+    z = torch.empty(blocks[-1].stop, 0, device=means[0].device)  # no pixels kept
+    return MapStack(z, blocks), Moments(n, torch.cat(means), torch.diag(torch.cat(squares)))
+
+
 def stack_maps(
     activations: Mapping[str, Mapping[str, torch.Tensor]],
     models: Sequence[str],

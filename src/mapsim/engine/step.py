@@ -41,6 +41,7 @@ from mapsim.engine.similarity import (
     map_similarity,
     prepared_values,
     stack_maps,
+    variances_only,
 )
 from mapsim.engine.null import NullSettings, null_matrices
 from mapsim.engine.streaming import Layout, can_stream, probe_layout, stream_group
@@ -260,14 +261,20 @@ class ImageStep:
         result = ImageResult(item.id, maps=maps if keep_maps else None)
         for number, models in enumerate(self.groups):
             start = time.perf_counter()
-            stack = stack_maps(maps, models, None if mask is None else mask.to(self.device),
-                               align=self.engine.align)
-            if any(not m.accumulates for m in self.metrics):
+            # metrics over images only: the dead-map flags need the variances alone
+            alone = (mask is None and self.null is None and all(m.accumulates for m in
+                                                                self.metrics)
+                     and getattr(self.engine, "align", None) is None)
+            done = variances_only(maps, models) if alone else None
+            if done is not None:
+                stack, moments = done
+            else:
+                stack = stack_maps(maps, models, None if mask is None else mask.to(self.device),
+                                   align=self.engine.align)
                 moments = compute_moments(
                     stack.z, chunk_pixels=self.engine.chunk_pixels,
-                    layers=[(b.start, b.stop) for b in stack.blocks] if norms else None)
-            else:  # metrics over images only: the dead-map flags need the variances alone
-                moments = variance_moments(stack.z)
+                    layers=[(b.start, b.stop) for b in stack.blocks] if norms else None
+                ) if not alone else variance_moments(stack.z)
             self._sync()
             self.timings["moments"] += time.perf_counter() - start
             if self.streamable:
