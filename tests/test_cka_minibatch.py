@@ -293,7 +293,7 @@ def test_a_run_of_metrics_over_images_counts_dead_maps_as_before(tmp_path):
             "layers": {"a": ["blocks.0", "blocks.1"]},
             "images": {"name": "synthetic-vessels", "count": 5, "size": [24, 24], "seed": 1},
             "comparisons": [["a", "a"]], "metrics": metrics, "aggregators": ["max"],
-            "statistics": {"spatial_null": False}, "device": "cpu"})
+            "device": "cpu"})  # the spatial null on: it has nothing to do without map metrics
 
     import pandas as pd
 

@@ -261,9 +261,9 @@ class ImageStep:
         result = ImageResult(item.id, maps=maps if keep_maps else None)
         for number, models in enumerate(self.groups):
             start = time.perf_counter()
-            # metrics over images only: the dead-map flags need the variances alone
-            alone = (mask is None and self.null is None and all(m.accumulates for m in
-                                                                self.metrics)
+            # metrics over images only: the dead-map flags need the variances alone (and the
+            # spatial null, which shifts map metrics' partners, has nothing to do)
+            alone = (mask is None and all(m.accumulates for m in self.metrics)
                      and getattr(self.engine, "align", None) is None)
             done = variances_only(maps, models) if alone else None
             if done is not None:
