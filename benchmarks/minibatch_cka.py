@@ -178,7 +178,11 @@ def main() -> None:
         f"engine.block_images {args.block_images or args.images}, precision {args.precision}, "
         f"device {args.device}"),
         f"mapsim run: {run_s:.2f} s wall, forward {run_timings.get('forward', 0.0):.2f} s, "
-        f"beyond the forward pass {beyond_run:.2f} s; run.json timings (s): "
+        f"beyond the forward pass {beyond_run:.2f} s (of which setup, merge and publish "
+        f"{sum(run_timings.get(k, 0.0) for k in ('setup', 'merge', 'publish')):.2f} s; the "
+        f"image loop beyond the forward pass "
+        f"{run_timings.get('images', 0.0) - run_timings.get('forward', 0.0):.2f} s); run.json "
+        f"timings (s): "
         + ", ".join(f"{k} {v:.2f}" for k, v in run_timings.items() if v),
         (f"plain PyTorch reference (same run): {ref_s:.2f} s wall, forward {ref_fwd:.2f} s, "
         f"beyond the forward pass {ref_s - ref_fwd:.2f} s"),
