@@ -76,6 +76,7 @@ def spec(args: argparse.Namespace, folder: Path, n: int) -> object:
         "metrics": metrics,
         "aggregators": aggregators,
         "engine": {"precision": args.precision} if args.precision else {},
+        "statistics": {"spatial_null": args.spatial_null == "on"},
         "device": args.device,
     })
 
@@ -180,6 +181,9 @@ def main() -> None:
     parser.add_argument("--precision", default=None, choices=["exact", "tf32", "fp16", "bf16"],
                         help="engine.precision of the forward pass (default: the spec default, "
                         "tf32)")
+    parser.add_argument("--spatial-null", default="off", choices=["on", "off"],
+                        help="statistics.spatial_null (default off here: the chance levels "
+                        "take the ordinary path; issue 21's figures are without them)")
     parser.add_argument("--memory", default=None, help="e.g. 1,10,100: peak memory per count")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
@@ -241,7 +245,8 @@ def main() -> None:
             write_profile(profiler, args.profile)
         n, seconds = info["n"], info["seconds"]
         lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}, conv {args.conv}), "
-                     f"precision {args.precision or 'default'}, layers {args.layers}, {height}x{width} px, "
+                     f"precision {args.precision or 'default'}, spatial null "
+                     f"{args.spatial_null}, layers {args.layers}, {height}x{width} px, "
                      f"{n} images, metrics {', '.join(info['metrics'])}, aggregators "
                      f"{args.aggregators}: {seconds:.2f} s, {n / seconds:.2f} images/s, "
                      f"{seconds / n:.3f} s/image")

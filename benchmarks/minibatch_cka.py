@@ -52,6 +52,7 @@ def run_spec(args: argparse.Namespace, paths: list[str]) -> object:
         "metrics": [{"name": "cka", "samples": "images", "pool": "none",
                      "batch_size": args.batch_size}],
         "aggregators": ["max"],
+        "statistics": {"spatial_null": False},  # nothing to shift without map metrics
         "engine": {"block_images": args.block_images or args.images,
                    "precision": args.precision, "precision_probe": False},
         "device": args.device,
