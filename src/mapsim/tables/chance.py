@@ -128,21 +128,18 @@ def map_pvalues(observed: pd.DataFrame, null: pd.DataFrame, higher_is_better: di
     left = observed[["image", *keys, "map_b", "value"]]
     right = null[["image", *keys, "value"]].rename(columns={"value": "null"})
     both = left.merge(right, on=["image", *keys], how="inner", validate="one_to_one")
-    both["_key"] = pd.MultiIndex.from_frame(both[keys]).to_flat_index()
+    both["_code"] = both.groupby(keys, sort=False, dropna=False).ngroup()  # first-seen order
     images = list(dict.fromkeys(both["image"]))
-    order = list(dict.fromkeys(both["_key"]))
     sign = np.where(both["metric"].map(lambda m: higher_is_better.get(m, True)), 1.0, -1.0)
     both["d"] = sign * (both["value"].to_numpy(float) - both["null"].to_numpy(float))
-    grid = both.pivot(index="_key", columns="image", values="d").reindex(
-        index=order, columns=images)
+    n_keys = int(both["_code"].max()) + 1
+    grid = both.pivot(index="_code", columns="image", values="d").reindex(
+        index=range(n_keys), columns=images)
     p = sign_flip_pvalues(grid.to_numpy(dtype=float), flips, seed)
-    summary = both.groupby("_key", sort=False).agg(
-        observed=("value", "mean"),
-        partner=("map_b", lambda s: _mode(s)))
-    summary = summary.reindex(order)
-    frame = pd.DataFrame(list(order), columns=keys)
-    frame["partner"] = summary["partner"].to_numpy()
-    frame["observed"] = summary["observed"].to_numpy()
+    frame = both.drop_duplicates("_code")[keys].reset_index(drop=True)
+    frame["partner"] = _modes(both, n_keys)
+    frame["observed"] = both.groupby("_code", sort=True)["value"].mean().reindex(
+        range(n_keys)).to_numpy()
     frame["p"] = p
     frame["q"] = np.nan
     for index in frame.groupby(list(PIVOT_KEYS), sort=False).groups.values():
@@ -156,14 +153,19 @@ def map_pvalues(observed: pd.DataFrame, null: pd.DataFrame, higher_is_better: di
     return frame.rename(columns={"map_a": "map"})[PVALUE_COLUMNS]
 
 
-def _mode(values: pd.Series) -> str:
-    """The most frequent value (the first seen among equals); empty when none is left."""
-    values = values.dropna().astype(str)
-    values = values[values != ""]
-    if values.empty:
-        return ""
-    counts = values.value_counts(sort=False)
-    return str(counts.index[int(np.argmax(counts.to_numpy()))])
+def _modes(both: pd.DataFrame, n_keys: int) -> np.ndarray:
+    """Each key's most frequent best partner over images (the first seen among equals);
+    empty where no image gave one."""
+    partners = both["map_b"].astype(str)
+    valid = both[both["map_b"].notna() & (partners != "") & (partners != "nan")]
+    out = np.full(n_keys, "", dtype=object)
+    if valid.empty:
+        return out
+    counts = valid.groupby(["_code", "map_b"], sort=False).size().reset_index(name="n")
+    counts = counts.sort_values(["_code", "n"], ascending=[True, False], kind="stable")
+    first = counts.drop_duplicates("_code")
+    out[first["_code"].to_numpy()] = first["map_b"].astype(str).to_numpy()
+    return out
 
 
 def chance_tables(folder: Path, higher_is_better: dict[str, bool], flips: int, seed: int,
