@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
+
+# A shell that starts the tests in the background (`pytest ... &` in a script) ignores SIGINT,
+# and an ignored signal stays ignored in every process it starts: the tests that interrupt a
+# `mapsim run` with SIGINT would see it ignored. Python's own handler makes the children start
+# with the default disposition again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
