@@ -9,10 +9,9 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any, Literal
-
-from abc import abstractmethod
 
 import numpy as np
 import torch
