@@ -143,7 +143,7 @@ def test_layer_similarity_per_image_pooled_across_images_and_summary(multi):
     table = pd.read_csv(out / "layer_similarity.csv", keep_default_na=False,
                         na_values=[""])
     assert list(table.columns) == ["image", "metric", "model_a", "layer_a", "model_b",
-                                   "layer_b", "value", "reason"]
+                                   "layer_b", "value", "reason", "p"]
     per_image = table[table.image != "all-images"]
     assert set(per_image.metric) == {"cka-linear", "cka-debiased"}
     assert set(per_image.image) == {"vessels-1", "vessels-2", "vessels-3"}

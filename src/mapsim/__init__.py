@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mapsim.results import Results, open_results
     from mapsim.session import load_spec, run
     from mapsim.tables.aggregation import PIVOT_KEYS
-    from mapsim.types import Block, LayerValue, Moments, SimilarityMatrix
+    from mapsim.types import Block, LayerValue, Moments, PValued, SimilarityMatrix
 
 #: public name -> (module, attribute): imported on first use, so that ``import mapsim`` (and
 #: ``mapsim --version``) loads neither torch nor pandas until a name that needs them is used
@@ -69,7 +69,7 @@ _LAZY = {
         "ImagesMetric", "LayerMetric", "MapMetric", "Metric", "MetricInfo", "MetricPathError",
         "Params", "Undefined")},
     **{name: ("mapsim.types", name) for name in (
-        "Block", "LayerValue", "Moments", "SimilarityMatrix")},
+        "Block", "LayerValue", "Moments", "PValued", "SimilarityMatrix")},
     "hookimpl": ("mapsim.hookspecs", "hookimpl"),
     **{name: ("mapsim.prune_api", name) for name in ("PruneChoice", "PruneCriterion", "PruneLayer")},
     "RunObserver": ("mapsim.observers", "RunObserver"),
@@ -183,6 +183,7 @@ __all__ = [
     "Moments",
     "normalise_image",
     "OutputError",
+    "PValued",
     "parse_layer",
     "passes_threshold",
     "PIVOT_KEYS",

@@ -180,3 +180,18 @@ class LayerValue:
     layer_b: str
     value: float
     reason: str = ""
+    #: the value's permutation p-value (``cka`` over images); NaN where there is none
+    p: float = float("nan")
+
+
+class PValued(float):
+    """A layer metric's value (a float) that carries its permutation p-value in ``p``: a
+    metric returns it where it tests its value (``cka`` over images); it is the plain float
+    everywhere else, and its ``p`` goes to the ``p`` column of ``layer_similarity.csv``."""
+
+    p: float
+
+    def __new__(cls, value: float, p: float) -> PValued:
+        self = super().__new__(cls, value)
+        self.p = float(p)
+        return self

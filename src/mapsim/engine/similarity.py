@@ -35,7 +35,8 @@ def layer_value(metric: Metric, model_a: str, layer_a: str, model_b: str, layer_
             f"{model_b}.{layer_b} without a reason; a layer metric returns mapsim.Undefined("
             "reason) for undefined values. This is a bug in the metric plugin."
         )
-    return LayerValue(metric.label, model_a, layer_a, model_b, layer_b, value)
+    return LayerValue(metric.label, model_a, layer_a, model_b, layer_b, value,
+                      p=float(getattr(result, "p", float("nan"))))
 
 
 @dataclass

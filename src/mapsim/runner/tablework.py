@@ -29,6 +29,10 @@ from mapsim.engine.similarity import SimilarityMatrix
 #: the aggregators whose tables the spatial null's chance tables read (max, pivot)
 NULL_AGGREGATORS = ("max", "threshold", "pivot")
 
+#: columns of a table that are not summarised across images (besides the keys): the image,
+#: and layer_similarity.csv's permutation p-value (``cka`` over images only)
+SKIP = {"layer_similarity": ("image", "p")}
+
 
 @dataclass
 class FrameJob:
@@ -122,8 +126,8 @@ class TableWork:
                       for name, frame in tables.items()]
             seconds = time.perf_counter() - start
         frames = [(name, frame) for name, frame in frames if not frame.empty]
-        summarised = [(name, summary_rows(frame, self.summarised[name], skip=("image",)))
-                      for name, frame in frames if name in self.summarised]
+        summarised = [(name, summary_rows(frame, self.summarised[name], skip=SKIP.get(
+            name, ("image",)))) for name, frame in frames if name in self.summarised]
         return WorkResult(
             parts=[arrow_part(name, frame) if self.pairs == PARQUET and is_pairs_table(name)
                    else format_part(name, frame) for name, frame in frames],

@@ -18,12 +18,14 @@ _APPLIES = {
     "median": (lambda p: p.kernel == "rbf", "kernel: rbf"),
     "subsample": (lambda p: p.kernel == "rbf" and p.samples == "pixels",
                   "kernel: rbf with samples: pixels"),
-    "seed": (lambda p: p.kernel == "rbf" and p.samples == "pixels",
-             "kernel: rbf with samples: pixels"),
+    "seed": (lambda p: (p.kernel == "rbf" and p.samples == "pixels")
+             or (p.samples == "images" and p.permutations > 0),
+             "kernel: rbf with samples: pixels, or samples: images with permutations > 0"),
     "pool": (lambda p: p.samples == "images", "samples: images"),
     "size": (lambda p: p.samples == "images" and p.pool != "none",
              "samples: images with pool: avg or max"),
     "batch_size": (lambda p: p.samples == "images", "samples: images"),
+    "permutations": (lambda p: p.samples == "images", "samples: images"),
 }
 
 
@@ -45,13 +47,16 @@ class CKAParams(Params):
     subsample: int = Field(1024, ge=4)
     """rbf with pixels: pixels drawn per image (Gram matrices are subsample^2)."""
     seed: int = 0
-    """rbf with pixels: seed of the pixel subsample."""
+    """rbf with pixels: seed of the pixel subsample; images: seed of the permutations."""
     pool: Literal["avg", "max", "none"] = "avg"
     """images: pool each map to size x size (avg, max) or flatten it whole (none)."""
     size: int = Field(8, ge=1)
     """images: output size of the adaptive pooling."""
     batch_size: int = Field(32, ge=4)
     """images: images per minibatch (memory: one batch of features)."""
+    permutations: int = Field(999, ge=0, le=100_000)
+    """images: permutations of the images (within each batch) for the p-value of each CKA
+    value (column ``p`` of layer_similarity.csv); 0: no p-value."""
 
     @model_validator(mode="after")
     def _consistent(self) -> CKAParams:
@@ -59,6 +64,8 @@ class CKAParams(Params):
             # given at all (even at its default value) but meaningless here: a mistake
             if name in self.model_fields_set and not applies(self):
                 raise ValueError(f"'{name}' only applies to {where}")
+        if self.samples == "images" and self.permutations > 0 and self.seed < 0:
+            raise ValueError(f"'seed' of the permutations must be >= 0, got {self.seed}")
         if self.samples == "images" and self.debiased is False:
             raise ValueError(
                 "samples: images is computed as minibatch CKA, which needs the unbiased HSIC "

@@ -8,11 +8,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mapsim import ImagesMetric, MapsimError, ShapeMismatchError, SpecError, Undefined
+from mapsim import (
+    ImagesMetric,
+    MapsimError,
+    PValued,
+    ShapeMismatchError,
+    SpecError,
+    Undefined,
+)
 from mapsim.plugins.metrics import hsic
 from mapsim.plugins.metrics._cka_common import CKAParams, _CKAFamily
 
@@ -29,6 +38,15 @@ def batch_bounds(place: int, n_images: int, batch_size: int) -> tuple[int, int] 
     k = min(place // batch_size, n_batches - 1)
     lo = k * batch_size
     return lo, (n_images if k == n_batches - 1 else lo + batch_size)
+
+
+def batch_permutations(seed: int, batch: int, n: int, count: int) -> np.ndarray:
+    """The ``count`` permutations (count, n) of the ``n`` images of batch number ``batch``
+    (images ``[batch B, ...)``): drawn by numpy's default generator seeded with
+    ``[seed, batch]``, row r being ``Generator.permuted`` of 0..n-1 along the row, so they
+    depend on the seed and the batch's place in the run only (never on blocks or processes)."""
+    rng = np.random.default_rng([seed, batch])
+    return rng.permuted(np.tile(np.arange(n, dtype=np.int64), (count, 1)), axis=1)
 
 
 class CKAImages(_CKAFamily, ImagesMetric):
@@ -51,7 +69,9 @@ class CKAImages(_CKAFamily, ImagesMetric):
 
     Declared state (merged by blocks, ``--resume`` and torchrun): ``hsic`` (sum of the
     batches' weighted HSIC matrices), ``weight`` (images in them), ``images`` (images taken
-    in), ``zero_bandwidth`` (per layer, batches with a zero RBF bandwidth), ``edges`` and
+    in), ``zero_bandwidth`` (per layer, batches with a zero RBF bandwidth), ``permuted``
+    (with ``permutations`` R > 0: (R, L, L), the weighted HSIC sums with the images of each
+    batch permuted by :func:`batch_permutations`), ``edges`` and
     ``edge_index`` (features and places of images whose batch a block end cut) and ``firsts``
     (per block, each layer's first features, or an empty array where the layer varied in the
     block: a layer that never varies over all images is undefined).
@@ -60,7 +80,7 @@ class CKAImages(_CKAFamily, ImagesMetric):
     def __init__(self, params: CKAParams | None = None) -> None:
         super().__init__(params)
         self._settle()
-        for name in ("hsic", "weight", "images", "zero_bandwidth"):
+        for name in ("hsic", "weight", "images", "zero_bandwidth", "permuted"):
             self.add_state(name, "sum")
         for name in ("edges", "edge_index", "firsts"):
             self.add_state(name, "cat")
@@ -129,7 +149,7 @@ class CKAImages(_CKAFamily, ImagesMetric):
             count = sum(1 for p, _ in self._buffer if p < hi)
             part, self._buffer = self._buffer[:count], self._buffer[count:]
             if part[0][0] == lo and len(part) == hi - lo:
-                self._add_batch([features for _, features in part])
+                self._add_batch([features for _, features in part], lo)
             else:
                 self._spill(part)
 
@@ -189,7 +209,7 @@ class CKAImages(_CKAFamily, ImagesMetric):
                 batches.setdefault(bounds, []).append(place)
         for (lo, hi), places in batches.items():
             if len(places) == hi - lo:
-                self._add_batch([self._pending.pop(p) for p in places])
+                self._add_batch([self._pending.pop(p) for p in places], lo)
             elif final:
                 missing = sorted(set(range(lo, hi)) - set(places))
                 raise MapsimError(
@@ -197,7 +217,10 @@ class CKAImages(_CKAFamily, ImagesMetric):
                     "merge the states of all blocks in image order before compute()")
 
     def compute(self, model_a: str, model_b: str) -> dict[tuple[str, str], Any]:
-        """CKA of every layer pair of two models from the HSIC sums of all batches."""
+        """CKA of every layer pair of two models from the HSIC sums of all batches; with
+        ``permutations`` R > 0 each value is a :class:`~mapsim.types.PValued` whose ``p`` is
+        (1 + #{r: CKA_r >= CKA}) / (1 + R), CKA_r the CKA with the images of every batch
+        permuted by permutation r of the batch."""
         if not self._done:
             self._done = True
             n_images = round(float(np.sum(self.images)))  # 0-d or (1,) when stored
@@ -225,8 +248,20 @@ class CKAImages(_CKAFamily, ImagesMetric):
                 if self._n_images < 4:
                     out[key] = Undefined(hsic.TOO_FEW.format(n=self._n_images))
                 else:
-                    out[key] = hsic.cka_value(estimate, a, b, reasons, True)
+                    out[key] = self._tested(hsic.cka_value(estimate, a, b, reasons, True),
+                                            estimate, a, b)
         return out
+
+    def _tested(self, value: Any, estimate: torch.Tensor, a: int, b: int) -> Any:
+        """``value`` with its permutation p-value (a defined value, permutations on)."""
+        if isinstance(value, Undefined) or self.params.permutations == 0:
+            return value
+        scale = math.sqrt(float(estimate[a, a]) * float(estimate[b, b]))
+        weight = float(np.sum(self.weight))
+        permuted = np.asarray(self.permuted)[:, a, b] / weight / scale
+        observed = float(estimate[a, b]) / scale
+        return PValued(value, (1.0 + np.count_nonzero(permuted >= observed))
+                      / (1.0 + self.params.permutations))
 
     # ------------------------------------------------------------------ features, batches
     def _check_keys(self, keys: list[str], where: str) -> None:
@@ -259,9 +294,10 @@ class CKAImages(_CKAFamily, ImagesMetric):
             )
         return maps.reshape(-1)
 
-    def _add_batch(self, batch: list[list[torch.Tensor]]) -> None:
-        """Add the unbiased HSIC of every layer pair over one batch of images, computed on
-        the device of the batch's features."""
+    def _add_batch(self, batch: list[list[torch.Tensor]], lo: int) -> None:
+        """Add the unbiased HSIC of every layer pair over one batch of images (its first
+        image: ``lo``), and with the images permuted, computed on the device of the batch's
+        features."""
         device = next((f.device for image in batch for f in image if f.device.type != "cpu"),
                       torch.device("cpu"))
         grams = []
@@ -279,7 +315,13 @@ class CKAImages(_CKAFamily, ImagesMetric):
                 else:
                     gram = kernel
             grams.append(gram)
-        estimate = hsic.hsic_unbiased(torch.stack(grams)) * len(batch)
+        stacked = torch.stack(grams)
+        estimate = hsic.hsic_unbiased(stacked) * len(batch)
         self.hsic = self.hsic + estimate.cpu().numpy()
+        if self.params.permutations > 0:
+            perms = batch_permutations(self.params.seed, lo // self.params.batch_size,
+                                       len(batch), self.params.permutations)
+            permuted = hsic.hsic_unbiased_permuted(stacked, torch.from_numpy(perms))
+            self.permuted = self.permuted + (permuted * len(batch)).cpu().numpy()
         self.weight = self.weight + float(len(batch))
         self.zero_bandwidth = self.zero_bandwidth + zero_bandwidth

@@ -152,6 +152,36 @@ def hsic_unbiased(grams: torch.Tensor) -> torch.Tensor:
     return value / (n * (n - 3))
 
 
+def hsic_unbiased_permuted(grams: torch.Tensor, perms: torch.Tensor,
+                           chunk: int = 64) -> torch.Tensor:
+    """(R, L, L) unbiased HSIC of every layer's Gram matrix against every layer's Gram matrix
+    with the samples permuted: entry ``[r, l, k]`` is HSIC(K_l, P_r K_k P_r^T), with
+    ``perms`` (R, n) the R permutations (row r: sample i of the permuted side is sample
+    ``perms[r, i]``).
+
+    Only the cross terms change under a permutation (the zero-diagonal sums 1^T K0 1 do not),
+    so this costs R x L^2 n^2 multiply-adds, in chunks of ``chunk`` permutations.
+    """
+    n = grams.shape[-1]
+    if n < 4:
+        raise ValueError(f"the unbiased HSIC estimator needs n >= 4 samples, got {n}")
+    k0 = grams.clone()
+    k0.diagonal(dim1=1, dim2=2).zero_()
+    rows = k0.sum(dim=2)  # (L, n)
+    totals = rows.sum(dim=1)
+    constant = torch.outer(totals, totals) / ((n - 1) * (n - 2))
+    flat = k0.reshape(k0.shape[0], -1)
+    out = []
+    perms = perms.to(device=grams.device, dtype=torch.long)
+    for start in range(0, perms.shape[0], chunk):
+        p = perms[start:start + chunk]  # (r, n)
+        permuted = k0[:, p[:, :, None], p[:, None, :]]  # (L, r, n, n)
+        trace = torch.einsum("li,kri->rlk", flat, permuted.reshape(k0.shape[0], len(p), -1))
+        cross = torch.einsum("li,kri->rlk", rows, rows[:, p])  # sum_i K0_l 1 (i) P(L0_k 1)(i)
+        out.append((trace + constant - 2.0 / (n - 2) * cross) / (n * (n - 3)))
+    return torch.cat(out) if out else grams.new_zeros(0, grams.shape[0], grams.shape[0])
+
+
 def cka_value(hsic: torch.Tensor, a: int, b: int, reasons: list[str | None],
               unbiased: bool) -> float | Undefined:
     """CKA of layers ``a`` and ``b`` from an HSIC matrix, or why it is undefined.
