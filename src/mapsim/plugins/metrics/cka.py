@@ -23,6 +23,10 @@ Variants, chosen by parameters (Kornblith et al. 2019; Nguyen et al. 2021):
   kept, so memory does not grow with the number of images. Batches are weighted by their
   number of images and do not depend on where a run's blocks were cut, nor on the number of
   processes. This needs the unbiased estimator, so ``debiased`` must not be false.
+  With ``permutations`` R > 0 (default 999) each value also gets a permutation p-value
+  (:meth:`CKAImages.compute`): the cross HSIC is summed again with the images of every batch
+  permuted R times (:func:`~mapsim.plugins.metrics.cka_images.batch_permutations`, seeded by
+  ``seed`` and the batch's place in the run), and p = (1 + #{CKA_r >= CKA}) / (1 + R).
 
 RBF bandwidth: sigma = ``bandwidth`` x the median pairwise Euclidean distance; by default
 (``median: all``) sigma^2 = bandwidth^2 x the median of all n^2 squared distances, zero
