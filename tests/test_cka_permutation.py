@@ -159,3 +159,31 @@ def test_the_p_column_of_layer_similarity(tmp_path):
     assert ((across.p * 100).round(9) % 1 == 0).all() and (across.p <= 1).all()
     summary = pd.read_csv(out / "layer_similarity_summary.csv")
     assert set(summary.statistic) == {"value"}
+
+
+def test_a_killed_then_resumed_run_gives_the_p_of_one_run(tmp_path):
+    """A run killed in its third block (blocks of 2 images, batches of 4: batches cut by
+    block ends) and resumed writes the bytes of one uninterrupted run, p included."""
+    from test_blocks import _interrupted_run, _workdir
+
+    from mapsim.cli import main
+    from mapsim.runner.run import run
+    from mapsim.spec.run_spec import load_spec
+
+    images = tmp_path / "made" / "imgs"
+    assert main(["data", "synth", "--count", "8", "--size", "48", "56", "--out", str(images),
+                 "--quiet"]) == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    metrics = [{"name": "cka", "samples": "images", "size": 2, "batch_size": 4,
+                "permutations": 199, "seed": 3}]
+    spec = load_spec(_workdir(work, images, metrics))
+    _interrupted_run(work, spec)
+    run(spec, base_dir=work, out_dir=work / "out", progress=False, resume=True)
+    run(spec, base_dir=work, out_dir=work / "fresh", progress=False)
+    got = (work / "out" / "layer_similarity.csv").read_bytes()
+    assert got == (work / "fresh" / "layer_similarity.csv").read_bytes()
+    table = pd.read_csv(work / "out" / "layer_similarity.csv")
+    across = table[table.image == "all-images"]
+    assert len(across) == 2 * 2 + 2 * 2 and across.p.between(1 / 200, 1).all()
+    assert ((across.p * 200).round(9) % 1 == 0).all()
