@@ -152,15 +152,20 @@ def hsic_unbiased(grams: torch.Tensor) -> torch.Tensor:
     return value / (n * (n - 3))
 
 
+#: float64 elements of the permuted Gram matrices held at once by hsic_unbiased_permuted (128 MB)
+PERMUTED_CHUNK_ELEMENTS = 1 << 24
+
+
 def hsic_unbiased_permuted(grams: torch.Tensor, perms: torch.Tensor,
-                           chunk: int = 64) -> torch.Tensor:
+                           chunk: int | None = None) -> torch.Tensor:
     """(R, L, L) unbiased HSIC of every layer's Gram matrix against every layer's Gram matrix
     with the samples permuted: entry ``[r, l, k]`` is HSIC(K_l, P_r K_k P_r^T), with
     ``perms`` (R, n) the R permutations (row r: sample i of the permuted side is sample
     ``perms[r, i]``).
 
     Only the cross terms change under a permutation (the zero-diagonal sums 1^T K0 1 do not),
-    so this costs R x L^2 n^2 multiply-adds, in chunks of ``chunk`` permutations.
+    so this costs R x L^2 n^2 multiply-adds, in chunks of ``chunk`` permutations (default:
+    as many as keep :data:`PERMUTED_CHUNK_ELEMENTS` permuted values at once).
     """
     n = grams.shape[-1]
     if n < 4:
@@ -171,6 +176,8 @@ def hsic_unbiased_permuted(grams: torch.Tensor, perms: torch.Tensor,
     totals = rows.sum(dim=1)
     constant = torch.outer(totals, totals) / ((n - 1) * (n - 2))
     flat = k0.reshape(k0.shape[0], -1)
+    if chunk is None:
+        chunk = max(1, PERMUTED_CHUNK_ELEMENTS // max(1, k0.numel()))
     out = []
     perms = perms.to(device=grams.device, dtype=torch.long)
     for start in range(0, perms.shape[0], chunk):
