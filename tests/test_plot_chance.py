@@ -263,3 +263,34 @@ def test_a_layer_level_metric_shows_the_intervals_of_its_summary(tmp_path) -> No
     assert texts[1, 1] == "1.00"  # one defined image: no interval, no std
     assert heatmaps.annotations(inter, hs.fmt)[0, 0] == "0.35\n0.15–0.55"
     assert "confidence interval" in hs.title and "chance" not in hs.title
+
+
+def test_a_layer_level_metric_is_marked_by_its_permutation_p_value(tmp_path) -> None:
+    """CKA over images: one all-images row per layer pair with its permutation p; a cell is
+    marked not above chance exactly where p >= 0.05 (rule in docs/pictures-and-report.md),
+    a symmetric metric's other direction read from the row it has; no p, no mark."""
+    root = tmp_path / "r"
+    root.mkdir()
+    rows = [("a", "x", "a", "x", 1.0, 0.001), ("a", "x", "a", "y", 0.3, 0.05),
+            ("a", "y", "a", "y", 1.0, 0.001), ("a", "x", "b", "z", 0.6, 0.01),
+            ("a", "y", "b", "z", 0.2, 0.4), ("a", "x", "b", "w", 0.7, None)]
+    pd.DataFrame([{"image": "all-images", "metric": "cka", "model_a": a, "layer_a": la,
+                   "model_b": b, "layer_b": lb, "value": v, "reason": None, "p": p}
+                  for a, la, b, lb, v, p in rows]).to_csv(root / "layer_similarity.csv",
+                                                          index=False)
+    (root / "run.json").write_text(json.dumps({
+        "spec": {"name": "syn"}, "comparisons": [["a", "a"], ["a", "b"]],
+        "models": {"a": {"layers": {"x": "x", "y": "y"}},
+                   "b": {"layers": {"z": "z", "w": "w"}}},
+        "metrics": [{"name": "cka", "label": "cka", "granularity": "layer",
+                     "higher_is_more_similar": True, "symmetric": True,
+                     "value_range": [0.0, 1.0]}]}))
+    hs = {s.key: s for s in heatmaps.heatmap_sets(ResultsDir.open(root))}["heatmap-cka-value"]
+    intra, inter = hs.panels
+    marked = lambda panel: [[chance.BELOW_CHANCE in t for t in row]  # noqa: E731
+                            for row in heatmaps.annotations(panel, hs.fmt)]
+    # x-y has p = 0.05 (not below alpha), in both directions of the symmetric metric
+    assert marked(intra) == [[False, True], [True, False]]
+    # columns z, w: y-z p = 0.4 is marked; x-w has no p, so it is not
+    assert marked(inter) == [[False, False], [True, False]]
+    assert "permutation p >= 0.05" in hs.title

@@ -10,7 +10,9 @@ Reads, when the run wrote them (nothing is marked when they are absent):
   percentile); ``untrained`` rows are what the statistic reads before any learning;
 - ``map_pvalues.csv`` (``metric, model_a, layer_a, model_b, layer_b, map, partner,
   observed, p, q, significant``): per map, its best partner's empirical p-value and the
-  Benjamini-Hochberg decision.
+  Benjamini-Hochberg decision;
+- ``layer_similarity.csv``'s ``p`` (CKA with images as samples): the permutation p-value of
+  a layer pair's value; such a cell is *not above chance* when ``p >= ALPHA``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ UNTRAINED = "untrained"
 INTERVAL_CHARS = 10
 #: the third line of a cell that is not above chance
 BELOW_CHANCE = "≤ chance"
+#: a layer metric's permutation p-value at or above this is not above chance
+ALPHA = 0.05
 
 
 def _truth(values: pd.Series) -> pd.Series:
@@ -99,6 +103,20 @@ def chance_grids(table: pd.DataFrame | None, metric: str, a: str, b: str, statis
     if sel.empty:
         return None
     return _grid(sel, "above", rows, cols), _grid(sel, "p95", rows, cols)
+
+
+def permutation_grid(table: pd.DataFrame | None, metric: str, a: str, b: str,
+                     rows: list[str], cols: list[str]) -> pd.DataFrame | None:
+    """``above`` (1.0 where ``p < ALPHA``, 0.0 where not, NaN where no p), layer_a x layer_b,
+    from ``layer_similarity.csv``'s permutation p-values; None when the metric gave none."""
+    if table is None or table.empty or "p" not in table.columns:
+        return None
+    sel = _select(table, metric, a, b)
+    sel = sel[pd.to_numeric(sel["p"], errors="coerce").notna()]
+    if sel.empty:
+        return None
+    p = _grid(sel, "p", rows, cols)
+    return (p < ALPHA).astype(float).where(p.notna())
 
 
 def significance(results: ResultsDir) -> pd.DataFrame | None:

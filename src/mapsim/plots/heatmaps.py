@@ -280,6 +280,7 @@ def _layer_sets(results: ResultsDir, view: MetricView,
         ci = _layer_intervals(results, view, a, b, rows, cols)
         if ci is not None:
             panel.low, panel.high = ci
+        panel.above = _layer_marks(results, view, a, b, rows, cols)
         mean_panels.append(panel)
         for image, grid in images.items():
             per_image.setdefault(image, []).append(Panel(a, b, grid))
@@ -290,7 +291,8 @@ def _layer_sets(results: ResultsDir, view: MetricView,
     cmap = _cmap(view, "value")
     n = sum(1 for i in per_image if i != POOLED_IMAGE)
     stem = f"heatmap-{view.label}-value"
-    out = [HeatmapSet(stem, view.label, "value", None, f"{title}\n{_mean_line(results, n, mean_panels)}",
+    line = _mean_line(results, n, mean_panels, f"permutation p >= {chance_levels.ALPHA:g}")
+    out = [HeatmapSet(stem, view.label, "value", None, f"{title}\n{line}",
                       cbar, vmin, vmax, cmap, ".2f", mean_panels)]
     for image, panels in per_image.items():
         suffix = "pooled" if image == POOLED_IMAGE else f"image-{image}"
@@ -314,8 +316,23 @@ def _layer_intervals(results: ResultsDir, view: MetricView, a: str, b: str, rows
     return ci
 
 
-def _mean_line(results: ResultsDir, n: int, panels: list[Panel]) -> str:
-    """The second title line of a mean set: what the cells show."""
+def _layer_marks(results: ResultsDir, view: MetricView, a: str, b: str, rows: list[str],
+                 cols: list[str]) -> pd.DataFrame | None:
+    """A layer-level metric's chance marks from its permutation p-values (either direction
+    for a symmetric one); None when it has none."""
+    table = results.layer_similarity
+    above = chance_levels.permutation_grid(table, view.label, a, b, rows, cols)
+    if view.symmetric:
+        back = chance_levels.permutation_grid(table, view.label, b, a, cols, rows)
+        if back is not None:
+            above = back.T if above is None else above.fillna(back.T)
+    return above
+
+
+def _mean_line(results: ResultsDir, n: int, panels: list[Panel],
+               rule: str = "not above the spatial null's p95") -> str:
+    """The second title line of a mean set: what the cells show (``rule``: when a cell is
+    marked not above chance)."""
     has_ci = any(p.low is not None and np.isfinite(p.low.to_numpy()).any() for p in panels)
     has_chance = any(p.above is not None and np.isfinite(p.above.to_numpy()).any()
                      for p in panels)
@@ -326,7 +343,7 @@ def _mean_line(results: ResultsDir, n: int, panels: list[Panel]) -> str:
         pct = f"{100 * float(level):g}% " if level else ""
         line = f"mean over {n} image(s), below it its {pct}confidence interval"
     if has_chance:
-        line += f"; '{chance_levels.BELOW_CHANCE}', dashed: not above the spatial null's p95"
+        line += f"; '{chance_levels.BELOW_CHANCE}', dashed: {rule}"
     return line
 
 
