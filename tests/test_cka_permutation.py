@@ -11,20 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_cka_minibatch import _unbiased  # Song et al.'s unbiased HSIC in float64
 
 from mapsim.plugins.metrics.cka import CKA, CKAParams
 from mapsim.types import PValued
-
-
-def _unbiased(k: np.ndarray, l: np.ndarray) -> float:
-    """Song et al.'s unbiased HSIC, term by term in float64."""
-    n = len(k)
-    k, l = k.copy(), l.copy()
-    np.fill_diagonal(k, 0.0)
-    np.fill_diagonal(l, 0.0)
-    ones = np.ones(n)
-    return float((np.trace(k @ l) + (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2))
-                  - 2.0 / (n - 2) * ones @ k @ l @ ones) / (n * (n - 3)))
 
 
 def _perms(seed: int, batch: int, n: int, count: int) -> np.ndarray:

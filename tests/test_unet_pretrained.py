@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from skimage.morphology import skeletonize
+from test_pretrained import scores  # IoU and clDice from scratch (numpy + skimage)
 
 from mapsim.cli import main
 from mapsim.models.build import (
@@ -26,18 +25,6 @@ from mapsim.training.checkpoint import read_document
 from mapsim.training.models import load_segmentation_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def scores(module, item):
-    """IoU and clDice from scratch (numpy + skimage), independent of mapsim's metrics."""
-    with torch.inference_mode():
-        out = module(torch.from_numpy(item.image)[None])[0]
-    pred = (out[1] > out[0]).numpy()
-    label = item.label
-    iou = np.sum(pred & label) / np.sum(pred | label)
-    sp, sl = skeletonize(pred), skeletonize(label)
-    tprec, tsens = np.sum(sp & label) / np.sum(sp), np.sum(sl & pred) / np.sum(sl)
-    return iou, 2 * tprec * tsens / (tprec + tsens)
 
 
 def images(card, **params):
