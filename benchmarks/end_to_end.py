@@ -75,7 +75,8 @@ def spec(args: argparse.Namespace, folder: Path, n: int) -> object:
         "comparisons": [["cnn", "cnn"]],
         "metrics": metrics,
         "aggregators": aggregators,
-        "engine": {"precision": args.precision} if args.precision else {},
+        "engine": {**({"precision": args.precision} if args.precision else {}),
+                   "precision_probe": args.probe == "on"},
         "statistics": {"spatial_null": args.spatial_null == "on"},
         "device": args.device,
     })
@@ -184,6 +185,9 @@ def main() -> None:
     parser.add_argument("--spatial-null", default="off", choices=["on", "off"],
                         help="statistics.spatial_null (default off here: the chance levels "
                         "take the ordinary path; issue 21's figures are without them)")
+    parser.add_argument("--probe", default="on", choices=["on", "off"],
+                        help="engine.precision_probe (default on, as in a run): one more "
+                        "forward pass of the first image, strict FP32")
     parser.add_argument("--memory", default=None, help="e.g. 1,10,100: peak memory per count")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
@@ -246,7 +250,7 @@ def main() -> None:
         n, seconds = info["n"], info["seconds"]
         lines.append(f"CNN depth {args.depth} (kernel {args.kernel_size}, conv {args.conv}), "
                      f"precision {args.precision or 'default'}, spatial null "
-                     f"{args.spatial_null}, layers {args.layers}, {height}x{width} px, "
+                     f"{args.spatial_null}, precision probe {args.probe}, layers {args.layers}, {height}x{width} px, "
                      f"{n} images, metrics {', '.join(info['metrics'])}, aggregators "
                      f"{args.aggregators}: {seconds:.2f} s, {n / seconds:.2f} images/s, "
                      f"{seconds / n:.3f} s/image")

@@ -186,6 +186,23 @@ def test_chunked_gram_equals_the_whole_product(rng):
     assert constant
 
 
+def test_products_split_into_pieces_equal_the_whole_product(rng):
+    """The GPU's way of multiplying (a batch of short pieces, hsic._split_products), forced
+    on the CPU: the same float64 Gram matrix, with whole pieces, a partial last piece and
+    chunks shorter than a piece."""
+    length = 2 * hsic.PIECE + 1234
+    rows = [torch.from_numpy(rng.standard_normal(length) + 3).float() for _ in range(5)]
+    x = torch.stack(rows).double().numpy()
+    x -= x.mean(0)
+    scale = float((torch.stack(rows).double() ** 2).sum(1).max())
+    for chunk in (5 * 1000, 5 * hsic.PIECE, 5 * length):
+        gram, constant = hsic.batch_gram(rows, chunk_elements=chunk, split_products=True)
+        np.testing.assert_allclose(gram.numpy(), x @ x.T, rtol=0, atol=1e-14 * scale)
+        plain, _ = hsic.batch_gram(rows, chunk_elements=chunk, split_products=False)
+        np.testing.assert_allclose(gram.numpy(), plain.numpy(), rtol=0, atol=1e-14 * scale)
+        assert not constant
+
+
 def test_a_layer_that_never_varies_is_undefined_across_blocks(rng):
     xs, ys = _maps(rng, 12)
     ys[:] = ys[0]  # the same maps in every image

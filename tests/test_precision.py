@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from mapsim.errors import MapsimWarning
 from mapsim.models.build import build_model
 from mapsim.plugins.vessels import SyntheticVessels
 from mapsim.registry import load_registry
@@ -61,6 +62,7 @@ def _r(maps: np.ndarray) -> np.ndarray:
     return r
 
 
+@pytest.mark.filterwarnings("ignore:engine.precision 'fp16' on the CPU")
 @pytest.mark.parametrize("policy, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_the_probe_equals_an_independent_recomputation(tmp_path, policy, dtype):
     out = run(_spec(policy), out_dir=tmp_path / "o", progress=False).out_dir
@@ -100,6 +102,11 @@ def test_tf32_on_a_cpu_is_exact_and_says_so(tmp_path):
     assert (a / "max.csv").read_bytes() == (b / "max.csv").read_bytes()
     probe = json.loads((a / "run.json").read_text())["precision"]["forward_probe"]
     assert probe == {"skipped": "tf32 on cpu computes as exact does"}
+
+
+def test_fp16_on_a_cpu_warns_that_it_is_slow(tmp_path):
+    with pytest.warns(MapsimWarning, match="'fp16' on the CPU.*'bf16'"):
+        run(_spec("fp16", precision_probe=False), out_dir=tmp_path / "o", progress=False)
 
 
 def test_the_probe_can_be_switched_off(tmp_path):

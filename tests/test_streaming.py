@@ -87,6 +87,28 @@ def test_builder_matches_float64_and_is_reusable(rng, block_rows, f64, pixel_maj
         builder.finish()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pixel_major", [False, True])
+def test_builder_takes_half_precision_maps_as_their_float32_values(rng, dtype, pixel_major):
+    """Maps of an fp16/bf16 forward pass: written (widened in the kernels, pixel-major) or
+    cast first (map-major), the moments are those of the maps' float32 values, and match
+    float64 of the same values."""
+    z = torch.from_numpy(maps(rng)).to(dtype)
+    widened = z.to(torch.float32)
+    got = MomentsBuilder(37, 1600, "cpu", chunk_pixels=500, pixel_major=pixel_major)
+    cast = MomentsBuilder(37, 1600, "cpu", chunk_pixels=500, pixel_major=pixel_major)
+    for start, stop in [(0, 10), (10, 37)]:
+        got.add(z[start:stop])
+        cast.add(widened[start:stop])
+    m, expected = got.finish(), cast.finish()
+    np.testing.assert_allclose(m.comoment.numpy(), expected.comoment.numpy(), rtol=1e-12,
+                               atol=1e-9)
+    np.testing.assert_allclose(m.mean.numpy(), expected.mean.numpy(), rtol=1e-12, atol=1e-12)
+    mean, ref = centred64(widened.numpy())
+    assert np.abs(m.comoment.numpy() - ref).max() <= RELATIVE * np.abs(ref).max()
+    np.testing.assert_allclose(m.mean.numpy(), mean, rtol=1e-12, atol=2e-8)
+
+
 def fcn(depth=4, width=6):
     arch = load_registry().create("architecture", "fcn", {"depth": depth, "width": width})
     return build_model("m", architecture=arch, seed=3).module.eval()

@@ -244,6 +244,10 @@ def _finish(n_pixels: int, mean: torch.Tensor, comoment: torch.Tensor,
     return Moments(n_pixels, mean, comoment)
 
 
+#: map dtypes that :meth:`MomentsBuilder.add` writes into a pixel-major buffer as they are
+_WIDENED_ON_WRITE = (torch.float16, torch.bfloat16)
+
+
 class MomentsBuilder:
     """Moments of maps that arrive one layer at a time (e.g. from forward hooks).
 
@@ -320,8 +324,12 @@ class MomentsBuilder:
         return out
 
     def add(self, maps: torch.Tensor) -> slice:
-        """Add the next ``maps`` (C, P), in row order; returns their rows."""
-        maps = maps.reshape(maps.shape[0], -1).to(torch.float32)
+        """Add the next ``maps`` (C, P), in row order; returns their rows. Half-precision
+        maps (an fp16 or bf16 forward pass) are widened to float32 as they are written into
+        the pixel-major buffer, without a float32 copy of the layer first."""
+        maps = maps.reshape(maps.shape[0], -1)
+        if not (self.pixel_major and maps.dtype in _WIDENED_ON_WRITE):
+            maps = maps.to(torch.float32)
         rows = slice(self.filled, self.filled + int(maps.shape[0]))
         if rows.stop > self.n_maps or maps.shape[1] != self.n_pixels:
             raise ValueError(
@@ -382,16 +390,17 @@ class MomentsBuilder:
                              device=maps.device)
         written = torch.empty_like(centre)
         pixels = maps.T  # (P, C): a view, contiguous for channels-last maps
+        # half-precision maps are widened inside the kernels (float32 sums and differences)
         if whole:
             source = pixels[:whole * self.step].unflatten(0, (whole, self.step))
             target = self.buffer[:whole, :, rows]
-            torch.mean(source, dim=1, out=centre[:whole])
+            torch.mean(source, dim=1, dtype=torch.float32, out=centre[:whole])
             torch.sub(source, centre[:whole].unsqueeze(1), out=target)
             torch.sum(target, dim=1, out=written[:whole])
         if whole < self.n_chunks:
             tail = pixels[whole * self.step:]
             target = self.buffer[whole, :tail.shape[0], rows]
-            torch.mean(tail, dim=0, out=centre[whole])
+            torch.mean(tail, dim=0, dtype=torch.float32, out=centre[whole])
             torch.sub(tail, centre[whole], out=target)
             torch.sum(target, dim=0, out=written[whole])
         centre64, written64 = centre.to(torch.float64), written.to(torch.float64)

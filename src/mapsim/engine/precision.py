@@ -7,7 +7,8 @@ mode: centred float32 chunks, TF32 off, accumulated in float64):
   in PyTorch's default settings, which mapsim keeps);
 * ``tf32`` (default): convolutions in TF32 on GPUs that have it (Ampere and later), which is
   PyTorch's own default. On a CPU it is the same as ``exact``;
-* ``fp16`` / ``bf16``: autocast to half precision / bfloat16 (on CUDA; bf16 also on the CPU).
+* ``fp16`` / ``bf16``: autocast to half precision / bfloat16 (on CUDA; bf16 also on the CPU;
+  ``fp16`` on a CPU is slow and warned about, see :func:`check_precision`).
 
 Maps always reach the engine as float32. The probe runs the first image once more with the
 ``exact`` forward pass and records, per captured layer, the largest |delta r| between the two
@@ -18,12 +19,14 @@ costs in the numbers a run reports, measured on the run's own data and networks.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 from mapsim.engine.moments import compute_moments
+from mapsim.errors import MapsimWarning
 
 PRECISIONS = ("exact", "tf32", "fp16", "bf16")
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -61,6 +64,18 @@ def _set_conv_tf32(on: bool) -> None:
         conv.fp32_precision = "tf32" if on else "ieee"
     else:  # pragma: no cover - older torch
         torch.backends.cudnn.allow_tf32 = on
+
+
+def check_precision(policy: str, device: torch.device) -> None:
+    """Warn about ``fp16`` on a CPU: PyTorch runs float16 convolutions there without fast
+    kernels (a 7x7 convolution of 64 maps took 260x as long as in float32 on a 2-core Xeon),
+    so a spec written for a GPU would seem to hang."""
+    if policy == "fp16" and device.type == "cpu":
+        warnings.warn(
+            "engine.precision 'fp16' on the CPU: float16 convolutions have no fast CPU "
+            "kernels and can take hundreds of times as long as float32. Use 'exact' (or "
+            "'tf32', the same on a CPU) or 'bf16', or run on a GPU (device: cuda).",
+            MapsimWarning, stacklevel=3)
 
 
 def differs_from_exact(policy: str, device: torch.device) -> bool:

@@ -200,7 +200,7 @@ def stream_group(
             maps = maps.reshape(maps.shape[0], -1)
             if flat_mask is not None:
                 maps = maps[:, flat_mask]
-            builder.add(maps.to(torch.float32))
+            builder.add(maps)  # float32, or half precision that the builder widens
 
         try:
             if not run_model(model, on_output):

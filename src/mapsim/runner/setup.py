@@ -12,6 +12,7 @@ import torch
 
 from mapsim.api import Aggregator, Metric
 from mapsim.devices import resolve_device
+from mapsim.engine.precision import check_precision
 from mapsim.engine.null import NullSettings
 from mapsim.engine.step import ImageStep
 from mapsim.errors import MapsimWarning, SpecError
@@ -34,6 +35,7 @@ class RunSetup:
         self.base_dir = Path(base_dir)
         self.registry = registry or load_registry()
         self.device: torch.device = resolve_device(device or spec.device)
+        check_precision(spec.engine.precision, self.device)
         self.comparisons: list[tuple[str, str]] = spec.pairs()
         self.metrics: list[Metric] = [self._metric(m) for m in spec.metrics]
         self.added_aggregators: list[str] = []

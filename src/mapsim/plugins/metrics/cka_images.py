@@ -91,7 +91,9 @@ class CKAImages(_CKAFamily, ImagesMetric):
         self._next = 0  # the place of the next image given to update()
         self._n: int | None = None  # the run's number of images, once the runner said it
         self._first: list[torch.Tensor] | None = None  # this block's first features
-        self._varies: list[bool] = []
+        #: per layer, whether its features differ from the first ones: a flag on the features'
+        #: device, read once per block (no wait for the device per image)
+        self._varies: list[torch.Tensor] = []
         self._pending: dict[int, list[torch.Tensor]] = {}  # merged edges, by place
         self._merged_first: list[torch.Tensor | None] = []
         self._merged_varies: list[bool] = []
@@ -122,11 +124,11 @@ class CKAImages(_CKAFamily, ImagesMetric):
         self._check_keys(list(entry), f"image {image_id}")
         features = list(entry.values())
         if self._first is None:
-            self._first, self._varies = list(features), [False] * len(features)
+            self._first = list(features)
+            self._varies = [torch.zeros((), dtype=torch.bool, device=f.device) for f in features]
         else:
             for index, vector in enumerate(features):
-                if not self._varies[index] and not torch.equal(vector, self._first[index]):
-                    self._varies[index] = True
+                self._varies[index] |= torch.ne(vector, self._first[index]).any()
         self.images = self.images + 1.0
         place, self._next = self._next, self._next + 1
         self._buffer.append((place, features))
@@ -166,7 +168,7 @@ class CKAImages(_CKAFamily, ImagesMetric):
             self._spill(self._buffer)
             self._buffer = []
         if self._first is not None:
-            self.firsts.append({k: (v.new_zeros(0) if varied else v) for k, v, varied
+            self.firsts.append({k: (v.new_zeros(0) if bool(varied) else v) for k, v, varied
                                 in zip(self._keys, self._first, self._varies)})
         self._first, self._varies = None, []
         return super().block_state()
@@ -228,7 +230,8 @@ class CKAImages(_CKAFamily, ImagesMetric):
                 self._pending[place] = features
             self._buffer = []
             if self._first is not None:
-                self._merge_first([None if v else f for f, v in zip(self._first, self._varies)])
+                self._merge_first([None if bool(v) else f
+                                   for f, v in zip(self._first, self._varies)])
                 self._first = None
             if n_images >= 4:
                 self._settle_pending(n_images, final=True)
