@@ -122,6 +122,42 @@ def test_summary_and_answer_by_hand():
     assert got.sparsity_finetuned == 0.5 and got.parameters_finetuned == 80
 
 
+def test_answer_reports_the_threshold_rows():
+    def row(seed, criterion, sparsity, maps, parameters, iou, tuned):
+        return {"seed": seed, "criterion": criterion, "layers": "blocks.0",
+                "sparsity": sparsity, "maps_removed": maps, "parameters": parameters,
+                "macs": 1000, "iou_pruned": iou, "cldice_pruned": 1.0, "iou_finetuned": tuned,
+                "cldice_finetuned": 1.0}
+
+    rows = []
+    for seed in (0, 1):
+        rows.append({**row(seed, "none", 0.0, 0, 100, 0.90, np.nan), "layers": ""})
+        # a level beyond the tolerance, then the threshold (3 maps) within it
+        rows.append(row(seed, "correlation-compensated", 0.25, 2, 90, 0.85, 0.88))
+        rows.append(row(seed, "correlation-compensated", np.nan, 3, 85, 0.896,
+                        0.89 + 0.004 * seed))
+        rows.append(row(seed, "l1", 0.25, 2, 90, 0.895, 0.90))  # no threshold rows
+        rows.append(row(seed, "correlation", np.nan, 3, 85, 0.70, 0.86))  # threshold only
+    got = answer(summarise(pd.DataFrame(rows)), 0.01).set_index("criterion")
+    assert list(got.index) == ["correlation-compensated", "l1", "correlation"]
+    comp = got.loc["correlation-compensated"]
+    # the threshold rows do not count as a level: 0.25 fails, so no sparsity is within it
+    assert comp.sparsity_pruned == 0 and comp.maps_removed_pruned == 0
+    assert comp.maps_removed_threshold == 3 and comp.parameters_threshold == 85
+    assert comp.iou_drop_threshold_pruned == pytest.approx(0.004)
+    assert comp.iou_drop_threshold_finetuned == pytest.approx(0.90 - 0.892)  # mean of seeds
+    l1 = got.loc["l1"]
+    assert l1.sparsity_pruned == 0.25 and l1.iou_drop_finetuned == pytest.approx(0.0)
+    assert np.isnan(l1.maps_removed_threshold) and np.isnan(l1.iou_drop_threshold_pruned)
+    only = got.loc["correlation"]
+    assert only.sparsity_pruned == 0 and only.sparsity_finetuned == 0
+    assert only.iou_drop_threshold_pruned == pytest.approx(0.20)
+    assert only.iou_drop_threshold_finetuned == pytest.approx(0.04)
+    # no pruned rows at all: the columns are still there
+    empty = answer(summarise(pd.DataFrame(rows[:1])), 0.01)
+    assert len(empty) == 0 and "iou_drop_threshold_finetuned" in empty.columns
+
+
 NET = '''
 import torch
 from torch import nn
