@@ -291,12 +291,42 @@ def test_variances_without_stacking_equal_the_stacked_moments(rng):
     stack, moments = variances_only(maps, ["a", "b"])
     reference = compute_moments(stack_maps(maps, ["a", "b"]).z)
     assert stack.blocks == stack_maps(maps, ["a", "b"]).blocks and moments.n == 63
-    np.testing.assert_allclose(moments.mean.numpy(), reference.mean.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(moments.mean.numpy(), reference.mean.numpy(), rtol=1e-7)
     np.testing.assert_allclose(moments.variance().numpy(), reference.variance().numpy(),
                                rtol=1e-6, atol=1e-12)
     assert (moments.variance()[3:5] == 0).all()
     maps["b"]["z"] = torch.ones(4, 5, 5)  # another size: the stacking path says why
     assert variances_only(maps, ["a", "b"]) is None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_variances_in_chunks_match_float64(rng, channels_last):
+    """Maps of several chunks and a partial last one, in either memory order, with a large
+    mean and a constant map: float64 numpy's means and centred sums of squares."""
+    from mapsim.engine.similarity import VARIANCE_CHUNK, variances_only
+
+    side = int((2.5 * VARIANCE_CHUNK) ** 0.5) + 1
+    spread = np.array([1.0, 1e-3, 3.0, 1.0, 2.0])[:, None, None]
+    values = rng.standard_normal((5, side, side + 3)) * spread
+    values[1] += 500.0  # a large mean beside a small spread
+    values[3] = 7.25  # a constant map
+    maps = torch.from_numpy(values).float()
+    if channels_last:
+        maps = maps[None].contiguous(memory_format=torch.channels_last)[0]
+        assert not maps.is_contiguous()
+    _, moments = variances_only({"m": {"x": maps}}, ["m"])
+    exact = maps.double().numpy().reshape(5, -1)
+    mean = exact.mean(axis=1)
+    squares = ((exact - mean[:, None]) ** 2).sum(axis=1)
+    # float32 chunk means: exact to ~1e-7 of the values' magnitude
+    np.testing.assert_allclose(moments.mean.numpy(), mean, rtol=1e-6, atol=1e-6)
+    # float32 chunk means: the merge's between-chunk term costs a relative error of about
+    # 1e-7 x (mean / spread) in the sums of squares (6.5e-5 for map 1, mean 5e5 x spread)
+    np.testing.assert_allclose(np.diag(moments.comoment.numpy()), squares, rtol=1e-4)
+    ordinary = [0, 2, 4]
+    np.testing.assert_allclose(np.diag(moments.comoment.numpy())[ordinary], squares[ordinary],
+                               rtol=1e-6)
+    assert moments.comoment[3, 3] == 0.0  # dead, exactly
 
 
 def test_a_run_of_metrics_over_images_counts_dead_maps_as_before(tmp_path):
@@ -324,3 +354,25 @@ def test_a_run_of_metrics_over_images_counts_dead_maps_as_before(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(alone / "layer_similarity.csv"),
                                   pd.read_csv(beside / "layer_similarity.csv").query(
                                       "metric == 'cka'").reset_index(drop=True))
+
+
+def test_channels_last_features_give_the_same_cka(rng):
+    """On a GPU the maps are channels-last and taken without a copy, in pixel-major order:
+    the same CKA as the maps in channel-major order."""
+    def cka_of(channels_last: bool) -> dict:
+        metric = CKA.create(CKAParams(samples="images", pool="none", batch_size=5,
+                                      permutations=0))
+        gen = np.random.default_rng(7)
+        for i in range(10):
+            a = torch.from_numpy(np.maximum(gen.standard_normal((1, 4, 6, 7)), 0)).float()
+            b = a[:, :3] + torch.from_numpy(gen.standard_normal((1, 3, 6, 7))).float()
+            if channels_last:
+                a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
+            metric.update(f"i{i}", {"m": {"x": a[0], "y": b[0]}})
+        return metric.finish("m", "m")
+
+    plain, last = cka_of(False), cka_of(True)
+    assert plain.keys() == last.keys()
+    for key in plain:
+        assert float(last[key]) == pytest.approx(float(plain[key]), abs=1e-12), key
+    assert 0.2 < float(plain[("x", "y")]) < 0.99

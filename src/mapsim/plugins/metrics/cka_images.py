@@ -295,6 +295,10 @@ class CKAImages(_CKAFamily, ImagesMetric):
                 f"images, but layer {layer!r} of model {model!r} is {self._shapes[key]} "
                 f"before image {image_id} and {shape} in it; use pool: avg or max"
             )
+        if not maps.is_contiguous() and maps.permute(1, 2, 0).is_contiguous():
+            # channels-last maps (the GPU's layout): the same features in pixel-major order,
+            # with no copy; every image of a run has the same layout, so the order is shared
+            return maps.permute(1, 2, 0).reshape(-1)
         return maps.reshape(-1)
 
     def _add_batch(self, batch: list[list[torch.Tensor]], lo: int) -> None:
