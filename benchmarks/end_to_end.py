@@ -7,10 +7,8 @@ written as CSV.
 CPU: ``python benchmarks/end_to_end.py --device cpu --depth 6 --layers
 blocks.0,blocks.1,blocks.3,blocks.5 --size 256x256 --images 20`` (``--kernel-size 3`` for fcn's
 default kernels; the study's networks use 7).
-``--host-only`` times the per-image host work of the GPU fast path alone (the metrics from
-one image's precomputed moments, the tables, summaries and writer queueing), one torch thread:
-``python benchmarks/end_to_end.py --host-only --device cpu --depth 10 --kernel-size 3 --size
-64x64 --images 30``.
+The host's share of a run is in ``run.json``'s timings (``similarity``: the metrics and
+tables on the main thread; ``aggregate_behind``: the aggregators in the worker processes).
 ``--memory 1,10,100`` runs the same spec on 1, 10 and 100 images, each in a fresh process, and
 reports peak host memory (max RSS) and peak GPU memory for each. ``--quick`` shrinks everything.
 
@@ -99,48 +97,6 @@ def one_run(args: argparse.Namespace, folder: Path, n: int, out: Path) -> dict:
     return info
 
 
-def host_only(args: argparse.Namespace, folder: Path, out: Path) -> list[str]:
-    """The per-image host work of the GPU fast path, alone: one image's moments are computed
-    once, then the metrics and the queueing of tables to the worker processes are timed per
-    image with one torch thread (as :meth:`Runner._complete` runs them beside the device),
-    and the time until the workers have written everything."""
-    from mapsim.engine.moments import compute_moments
-    from mapsim.runner.writer import ResultsWriter
-    from mapsim.runner.run import Runner, WriterOutput, table_sink
-    from mapsim.engine.similarity import stack_maps
-
-    s = spec(args, folder, 1)
-    runner = Runner(s, folder, device="cpu")
-    item = next(iter(runner.check(folder)))
-    models = runner.groups[0]
-    stack = stack_maps(runner.extract(item), models)
-    moments = compute_moments(stack.z, layers=[(b.start, b.stop) for b in stack.blocks])
-    stack.z = stack.z[:, :0]  # the fast path keeps no pixels on the host
-    writer = ResultsWriter(out, overwrite=True)
-    sink = table_sink(runner, WriterOutput(writer), args.images)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        runner._emit("warm-up", 0, models, stack, moments, sink)
-        start, cpu = time.perf_counter(), time.process_time()
-        for k in range(args.images):
-            runner._emit(f"img-{k:04d}", 0, models, stack, moments, sink)
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        sink.close()
-        total = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
-        writer.discard()
-    names = ", ".join(m.label for m in runner.metrics)
-    return [f"host only: {stack.z.shape[0]} maps, metrics {names}, aggregators "
-            f"{args.aggregators}, {args.images} images: {1000 * seconds / args.images:.1f} "
-            f"ms/image on the main thread, {1000 * cpu / args.images:.1f} ms/image of CPU time "
-            f"in this process ({1000 * total / args.images:.1f} ms/image until the writers are "
-            "done); run.json-style timings (s): " + ", ".join(
-                f"{k} {v:.3f}" for k, v in runner.timings.items())]
-
-
 def growth(runs: list[dict]) -> str:
     """How much the peaks of the larger runs exceed those of the smallest, in percent."""
     first = runs[0]
@@ -194,9 +150,6 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None,
                         help="write a cProfile summary of the measured run to this file")
     parser.add_argument("--results", type=Path, default=None)
-    parser.add_argument("--host-only", action="store_true",
-                        help="time only the per-image host work (metrics from precomputed "
-                        "moments, tables, summaries, queueing to the writers), one thread")
     args = parser.parse_args()
     if args.quick:
         args.size, args.images = "64x80", min(args.images, 4)
@@ -210,19 +163,7 @@ def main() -> None:
     make_images(folder, max([args.images, *counts]), height, width)
 
     lines = []
-    if args.host_only:
-        profiler = None
-        if args.profile:
-            import cProfile
-
-            profiler = cProfile.Profile()
-            profiler.enable()
-        lines = host_only(args, folder, work / "out-host")
-        if profiler is not None:
-            profiler.disable()
-            write_profile(profiler, args.profile)
-        print(lines[0], flush=True)
-    elif counts:
+    if counts:
         runs = []
         for n in counts:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--child", str(n),
@@ -258,7 +199,7 @@ def main() -> None:
             f"{k} {v}" for k, v in info["timings"].items()))
         if "gpu_gib" in info:
             lines.append(f"peak GPU memory {info['gpu_gib']:.2f} GiB")
-    label = " host only" if args.host_only else " memory" if counts else ""
+    label = " memory" if counts else ""
     append("end_to_end" + label, args.device, lines, args.results)
 
 
