@@ -10,7 +10,8 @@ mode: centred float32 chunks, TF32 off, accumulated in float64):
 * ``fp16`` / ``bf16``: autocast to half precision / bfloat16 (on CUDA; bf16 also on the CPU;
   ``fp16`` on a CPU is slow and warned about, see :func:`check_precision`).
 
-Maps always reach the engine as float32. The probe runs the first image once more with the
+The similarity step always works on float32 values (half-precision maps are widened where
+they are written into the moments). The probe runs the first image once more with the
 ``exact`` forward pass and records, per captured layer, the largest |delta r| between the two
 passes over the Pearson correlations of the layer's maps with each other: what the policy
 costs in the numbers a run reports, measured on the run's own data and networks.
