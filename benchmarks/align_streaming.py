@@ -1,6 +1,6 @@
 """Aligned and token runs on the fast path against the plain path (issue 18): the same spec
 (examples/unet.yaml: pretrained U-Net and CNN6, engine.align: smaller; spatial null off, since
-the null keeps maps and so always takes the plain path) run twice in fresh processes per mode,
+with engine.align the null takes the plain path) run twice in fresh processes per mode,
 alternating (stream, plain, stream, plain). Each process prints the wall time, how many images
 streamed, peak host RSS and, on a GPU, peak GPU memory (torch.cuda.max_memory_allocated), and
 the largest |difference| of max.csv's values between the two modes is printed at the end.

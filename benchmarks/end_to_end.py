@@ -139,8 +139,8 @@ def main() -> None:
                         help="engine.precision of the forward pass (default: the spec default, "
                         "tf32)")
     parser.add_argument("--spatial-null", default="off", choices=["on", "off"],
-                        help="statistics.spatial_null (default off here: the chance levels "
-                        "take the ordinary path; issue 21's figures are without them)")
+                        help="statistics.spatial_null (default off here: issue 21's figures are "
+                        "without it)")
     parser.add_argument("--probe", default="on", choices=["on", "off"],
                         help="engine.precision_probe (default on, as in a run): one more "
                         "forward pass of the first image, strict FP32")

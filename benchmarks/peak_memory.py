@@ -2,9 +2,12 @@
 
 ``python benchmarks/peak_memory.py`` (issue 21, item 6): CNN6 (fcn depth 6, width 64, 7x7),
 layers blocks.0, blocks.1, blocks.3, blocks.5 (256 maps), 2 synthetic images per run, at
-``--sizes`` (default 512 and 1024 px square), on the fast path (``statistics.spatial_null:
-false``: moments built in the forward hooks) and on the ordinary path (the spatial null on: the
-maps are stacked). Each run is a fresh process; its peak RSS (``ru_maxrss``) less the peak RSS
+``--sizes`` (default 512 and 1024 px square), on the fast path (moments built in the forward
+hooks) and on the ordinary path (the fast path switched off in the measured process: the maps
+are stacked), both with the spatial null off; then with the spatial null on, on the fast path
+(``null``: the maps taken back from the moments buffer and shifted) and on the ordinary path
+(``plain-null``: how runs with the null went before 2026-12-05). Each run is a fresh
+process; its peak RSS (``ru_maxrss``) less the peak RSS
 of the same process after a 64 x 64 run (imports, models, worker pools: the fixed cost) is
 divided by the captured maps' float32 bytes (maps x pixels x 4).
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 LAYERS = ["blocks.0", "blocks.1", "blocks.3", "blocks.5"]
 
 
-def spec(size: int, fast: bool):
+def spec(size: int, null: bool = False):
     from mapsim.spec.run_spec import validate_spec
 
     return validate_spec({
@@ -34,21 +37,26 @@ def spec(size: int, fast: bool):
         "comparisons": [["cnn", "cnn"]],
         "metrics": ["pearson"],
         "aggregators": ["max"],
-        "statistics": {"spatial_null": not fast},
+        "statistics": {"spatial_null": null},
         "device": "cpu",
     })
 
 
-def child(size: int, fast: bool) -> dict:
+def child(size: int, path: str) -> dict:
+    from mapsim.engine.step import ImageStep
     from mapsim.runner.run import run
 
+    if path.startswith("plain"):  # what a run takes when its metrics or extractors cannot stream
+        ImageStep.streamable = property(lambda self: False)
+
     out = Path(tempfile.mkdtemp())
-    run(spec(64, fast), out_dir=out / "small", progress=False)
+    null = path.endswith("null")
+    run(spec(64, null), out_dir=out / "small", progress=False)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    run(spec(size, fast), out_dir=out / "big", progress=False)
+    run(spec(size, null), out_dir=out / "big", progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     maps = 64 * len(LAYERS) * size * size * 4
-    return {"size": size, "fast": fast, "base": base, "peak": peak, "maps": maps}
+    return {"size": size, "path": path, "base": base, "peak": peak, "maps": maps}
 
 
 def main() -> None:
@@ -58,15 +66,15 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        size, fast = args.child.split(":")
-        print(json.dumps(child(int(size), fast == "fast")))
+        size, path = args.child.split(":")
+        print(json.dumps(child(int(size), path)))
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _report import append
 
     lines = []
     for size in (int(s) for s in args.sizes.split(",")):
-        for path in ("fast", "plain"):
+        for path in ("fast", "plain", "null", "plain-null"):
             done = subprocess.run([sys.executable, __file__, "--child", f"{size}:{path}"],
                                   check=True, capture_output=True, text=True)
             info = json.loads(done.stdout.strip().splitlines()[-1])

@@ -155,29 +155,35 @@ def spec(**overrides):
     return validate_spec(data)
 
 
-@pytest.mark.parametrize("engine,metrics", [
-    ({"pooled": True}, ["pearson"]),
-    ({"pooled": True, "roi": {"dilate": 2}}, ["pearson"]),
-    ({"pooled": True}, ["pearson", "cosine", "euclidean", "cka"]),
+@pytest.mark.parametrize("engine,metrics,null", [
+    ({"pooled": True}, ["pearson"], False),
+    ({"pooled": True, "roi": {"dilate": 2}}, ["pearson"], False),
+    ({"pooled": True}, ["pearson", "cosine", "euclidean", "cka"], False),
+    # the spatial null on the streaming path: the maps back from the moments buffer, shifted
+    ({"pooled": True}, ["pearson"], True),
+    ({"pooled": True}, ["pearson", "cosine", "euclidean", "cka"], True),
 ])
-def test_streamed_run_equals_the_stacked_run(tmp_path, monkeypatch, engine, metrics):
+def test_streamed_run_equals_the_stacked_run(tmp_path, monkeypatch, engine, metrics, null):
     calls = []
     original = ImageStep.launch
 
-    def counting(self, item):
-        launched = original(self, item)
+    def counting(self, item, index=None):
+        launched = original(self, item, index)
         calls.append(launched is not None)
         return launched
 
     monkeypatch.setattr(ImageStep, "launch", counting)
     limits = {"euclidean": 1.5} if "euclidean" in metrics else {}
     aggregators = ["max", "min", {"name": "threshold", "per_metric": limits}, "pivot"]
-    fast = run(spec(engine=engine, metrics=metrics, aggregators=aggregators),
-               out_dir=tmp_path / "fast", progress=False)
+    statistics = {"spatial_null": null}
+    fast = run(spec(engine=engine, metrics=metrics, aggregators=aggregators,
+                    statistics=statistics), out_dir=tmp_path / "fast", progress=False)
     assert all(calls) and len(calls) >= 2  # every image streamed (the first after a probe)
+    if null:
+        assert (tmp_path / "fast" / "null" / "max.csv").is_file()
     monkeypatch.setattr(ImageStep, "streamable", property(lambda self: False))
-    slow = run(spec(engine=engine, metrics=metrics, aggregators=aggregators),
-               out_dir=tmp_path / "slow", progress=False)
+    slow = run(spec(engine=engine, metrics=metrics, aggregators=aggregators,
+                    statistics=statistics), out_dir=tmp_path / "slow", progress=False)
     assert fast.tables == slow.tables
     for csv in sorted((tmp_path / "slow").rglob("*.csv")):
         a = pd.read_csv(csv)
@@ -191,6 +197,24 @@ def test_streamed_run_equals_the_stacked_run(tmp_path, monkeypatch, engine, metr
             assert ((a["value"] - b["value"])[ties].abs() <= 2e-5).all(), csv
             a, b = a.drop(columns="map_b"), b.drop(columns="map_b")
         pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=2e-5, atol=2e-5)
+
+
+def test_the_null_with_an_roi_takes_the_plain_path(tmp_path, monkeypatch):
+    """The moments buffer holds only the ROI's pixels, which cannot be shifted on the grid:
+    such images take the plain path, which shifts the whole maps before masking."""
+    calls = []
+    original = ImageStep.launch
+
+    def counting(self, item, index=None):
+        launched = original(self, item, index)
+        calls.append(launched is not None)
+        return launched
+
+    monkeypatch.setattr(ImageStep, "launch", counting)
+    out = run(spec(engine={"roi": {"dilate": 2}}, statistics={"spatial_null": True}),
+              out_dir=tmp_path / "roi", progress=False).out_dir
+    assert calls and not any(calls)
+    assert len(pd.read_csv(out / "null" / "max.csv")) > 0
 
 
 def test_run_with_writer_processes_equals_the_run_with_a_writer_thread(tmp_path, monkeypatch):

@@ -106,8 +106,8 @@ def test_streamed_run_equals_the_plain_run(folder, monkeypatch, case):
     launched = []
     original = ImageStep.launch
 
-    def counting(self, item):
-        out = original(self, item)
+    def counting(self, item, index=None):
+        out = original(self, item, index)
         launched.append(out is not None)
         return out
 

@@ -409,6 +409,21 @@ class MomentsBuilder:
         self.offset[:, rows] = centre64 - mean  # chunk centre used - map mean
         self.leftover[:, rows] = written64
 
+    def maps(self, centred: bool = False) -> torch.Tensor:
+        """The maps added so far, (rows added x pixels) float32, in row order: the buffer's
+        centred values plus their chunk centres (``centred``: minus each map's mean, i.e.
+        plus the chunk centre's offset from the mean), each value the map's own up to the
+        rounding of two float32 operations (about 1e-7 of it). The streaming path's spatial
+        null shifts these (:mod:`mapsim.engine.null`)."""
+        rows = slice(0, self.filled)
+        centre = self.offset[:, rows] if centred else self.offset[:, rows] + self.mean[rows]
+        centre = centre.to(torch.float32)  # (chunks, rows)
+        out = torch.empty(self.filled, self.n_chunks, self.step, dtype=torch.float32,
+                          device=self.buffer.device)
+        torch.add(self._chunks(slice(0, self.n_chunks), rows).transpose(0, 1),
+                  centre.T.unsqueeze(2), out=out)
+        return out.reshape(self.filled, -1)[:, :self.n_pixels]
+
     def _correction(self, rows: slice, cols: slice) -> torch.Tensor:
         """What the chunk centring took out of the products of ``rows`` and ``cols``."""
         a_rows, a_cols = self.offset[:, rows], self.offset[:, cols]

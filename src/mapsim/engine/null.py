@@ -17,7 +17,9 @@ index])`` (:func:`null_offset`), uniformly between a quarter and three quarters 
 so they do not depend on which process or block computed the image. Without an ROI the
 shifted comparison costs one extra cross product per comparison (the maps' own moments are
 reused: a circular shift leaves them unchanged); with ``engine.roi`` the whole maps are
-shifted before the mask is applied and the moments are computed afresh.
+shifted before the mask is applied and the moments are computed afresh. On the streaming path
+the maps come back, centred, from the moments buffer (:func:`null_comparisons` queues the
+products where the maps are; :func:`null_similarities` reads the moments on the host).
 """
 
 from __future__ import annotations
@@ -91,15 +93,17 @@ def _renamed(blocks: list[Block], model: str) -> list[Block]:
 def null_group(maps: Mapping[str, Mapping[str, torch.Tensor]], stack: MapStack,
                moments: Moments, a: str, b: str, offset: tuple[int, int],
                mask: torch.Tensor | None, settings: NullSettings,
-               centred: dict[str, torch.Tensor] | None = None, keep_z: bool = True
-               ) -> tuple[MapStack, Moments, str]:
+               centred: dict[str, torch.Tensor] | None = None, keep_z: bool = True,
+               z_centred: bool = False) -> tuple[MapStack, Moments, str]:
     """The stack ``[a; b shifted]`` and its moments; the shifted side's model name.
 
     Without a mask the moments of each side are read off the group's (a circular shift does
     not change them) and only the cross block is computed, from a's centred maps (kept in
     ``centred`` for the next comparison of a) and b's, shifted; with a mask the whole maps
     are shifted, masked and their moments computed afresh. ``keep_z``: the stack holds the
-    maps (metrics without a moments path read them), else no pixels.
+    maps (metrics without a moments path read them), else no pixels. ``z_centred``: the
+    stack's maps are already centred on their means (the streaming path's; no mask, no
+    ``keep_z``), so no centred copy is made.
     """
     partner = b + SHIFTED if a == b else b
     rows_a, rows_b = stack.rows(a), stack.rows(b)
@@ -110,12 +114,15 @@ def null_group(maps: Mapping[str, Mapping[str, torch.Tensor]], stack: MapStack,
     shape = stack.blocks[0].shape
     if mask is None:
         centred = {} if centred is None else centred
-        if a not in centred:
+        if z_centred:
+            centred.setdefault(a, stack.z[rows_a])
+        elif a not in centred:
             centred[a] = stack.z[rows_a].to(torch.float32) - \
                 moments.mean[rows_a].to(torch.float32).unsqueeze(1)
         mean = torch.cat([moments.mean[rows_a], moments.mean[rows_b]])
         shifted = shift_rows(stack.z[rows_b].to(torch.float32), shape, offset)
-        shifted -= moments.mean[rows_b].to(torch.float32).unsqueeze(1)
+        if not z_centred:
+            shifted -= moments.mean[rows_b].to(torch.float32).unsqueeze(1)
         cross = cross_gram(centred[a], shifted, settings.chunk_pixels)
         comoment = torch.empty(n_a + n_b, n_a + n_b, dtype=torch.float64,
                                device=stack.z.device)
@@ -164,38 +171,72 @@ def _gram2(a: torch.Tensor, b: torch.Tensor, step: int) -> torch.Tensor:
     return out
 
 
-def null_matrices(maps: Mapping[str, Mapping[str, torch.Tensor]], stack: MapStack,
-                  moments: Moments, metrics: Sequence[Metric],
-                  comparisons: Sequence[tuple[int, tuple[str, str]]], image_index: int,
-                  mask: torch.Tensor | None, settings: NullSettings) -> list[SimilarityMatrix]:
-    """Every map metric's matrices of one group on one image under the spatial null, in the
-    directions the run itself reports (named as the run names them: ``model_b`` is the
-    partner, whose maps were shifted).
+@dataclass
+class NullComparison:
+    """One comparison of one image under the null: the stack ``[a; b shifted]`` (its pixels
+    only when a metric reads them) and its moments; ``partner`` is the shifted side's name."""
 
-    ``comparisons``: ``(index in the run's comparisons, (a, b))`` of this group.
-    """
+    a: str
+    b: str
+    partner: str
+    stack: MapStack
+    moments: Moments
+
+
+def null_comparisons(maps: Mapping[str, Mapping[str, torch.Tensor]], stack: MapStack,
+                     moments: Moments, metrics: Sequence[Metric],
+                     comparisons: Sequence[tuple[int, tuple[str, str]]], image_index: int,
+                     mask: torch.Tensor | None, settings: NullSettings,
+                     z_centred: bool = False) -> list[NullComparison]:
+    """The shifted comparisons of one group on one image, computed where the maps are (no
+    wait for the device): ``comparisons`` are ``(index in the run's comparisons, (a, b))``
+    of this group; empty when no map metric is run. ``z_centred``: see :func:`null_group`."""
     chosen = [m for m in metrics if not m.accumulates and m.info.granularity == "map"]
-    out: list[SimilarityMatrix] = []
     if not chosen:
-        return out
+        return []
     keep_z = not all(m.uses_moments for m in chosen)
     centred: dict[str, torch.Tensor] = {}  # each model's centred maps, for all its comparisons
+    out = []
     for number, (a, b) in comparisons:
         offset = null_offset(settings.seed, image_index, number, stack.blocks[0].shape)
         null_stack, null_moments, partner = null_group(maps, stack, moments, a, b, offset,
-                                                       mask, settings, centred, keep_z)
+                                                       mask, settings, centred, keep_z,
+                                                       z_centred)
+        out.append(NullComparison(a, b, partner, null_stack, null_moments))
+    return out
+
+
+def null_similarities(shifted: Sequence[NullComparison], metrics: Sequence[Metric],
+                      settings: NullSettings) -> list[SimilarityMatrix]:
+    """Every map metric's matrices of the shifted comparisons, in the directions the run
+    itself reports (named as the run names them: ``model_b`` is the partner, whose maps were
+    shifted)."""
+    chosen = [m for m in metrics if not m.accumulates and m.info.granularity == "map"]
+    out: list[SimilarityMatrix] = []
+    for item in shifted:
+        a, b, partner = item.a, item.b, item.partner
         for metric in chosen:
             directions = [(a, partner)]
             if a != b and not metric.info.symmetric:
                 directions.append((partner, a))
             for x, y in directions:
-                sim = map_similarity(metric, null_stack, null_moments, x, y,
+                sim = map_similarity(metric, item.stack, item.moments, x, y,
                                      dead_policy=settings.dead_maps,
                                      dead_std=settings.dead_std)
                 out.append(_named(sim, a, b, partner))
             if a != b and metric.info.symmetric:
                 out.append(out[-1].transposed())
     return out
+
+
+def null_matrices(maps: Mapping[str, Mapping[str, torch.Tensor]], stack: MapStack,
+                  moments: Moments, metrics: Sequence[Metric],
+                  comparisons: Sequence[tuple[int, tuple[str, str]]], image_index: int,
+                  mask: torch.Tensor | None, settings: NullSettings) -> list[SimilarityMatrix]:
+    """:func:`null_comparisons` and their :func:`null_similarities` at once."""
+    shifted = null_comparisons(maps, stack, moments, metrics, comparisons, image_index, mask,
+                               settings)
+    return null_similarities(shifted, metrics, settings)
 
 
 def _named(sim: SimilarityMatrix, a: str, b: str, partner: str) -> SimilarityMatrix:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,16 @@ import torch
 from mapsim.api import ImageItem, Metric
 from mapsim.devices import to_device
 from mapsim.engine.align import align_label
+from mapsim.engine.image_result import (
+    DeadCount,
+    DeadKey,
+    DirectionValues,
+    GroupMoments,
+    ImageResult,
+    LaunchedImage,
+    Maps,
+    PreparedValues,
+)
 from mapsim.engine.moments import compute_moments, variance_moments
 from mapsim.models.tokens import token_maps
 from mapsim.engine.precision import differs_from_exact, forward_precision, probe
@@ -43,100 +52,23 @@ from mapsim.engine.similarity import (
     stack_maps,
     variances_only,
 )
-from mapsim.engine.null import NullSettings, null_matrices
-from mapsim.engine.streaming import Layout, can_stream, probe_layout, stream_group
+from mapsim.engine.null import NullComparison, NullSettings, null_comparisons, null_similarities
+from mapsim.engine.streaming import (
+    Layout,
+    can_stream,
+    probe_layout,
+    stream_group,
+    streamed_maps,
+)
 from mapsim.errors import ExtractionError, ImageError, MapsimError
 from mapsim.io.images import roi_mask
 from mapsim.models.prepare import PreparedModel
-from mapsim.types import LayerValue, Moments, SimilarityMatrix
+from mapsim.types import LayerValue, Moments
 
 #: the image column of the tables computed from the moments pooled over all images
 POOLED_IMAGE = "pooled"
 #: the image column of rows computed across all images (:class:`mapsim.ImagesMetric`)
 ACROSS_IMAGES = "all-images"
-
-Maps = dict[str, dict[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class DeadKey:
-    """Whose dead maps are counted: one metric's flags on one layer of one model."""
-
-    metric: str
-    model: str
-    layer: str
-
-
-@dataclass
-class DeadCount:
-    """Dead maps summed over images, and how many images were counted."""
-
-    dead: int = 0
-    images: int = 0
-
-    def add(self, other: DeadCount) -> None:
-        self.dead += other.dead
-        self.images += other.images
-
-
-@dataclass
-class DirectionValues:
-    """A map metric's values for one direction (model a -> model b), computed where the
-    moments are: the dead-map policy applied, and a flag that a live pair has no value."""
-
-    values: torch.Tensor
-    undefined: torch.Tensor
-
-
-@dataclass
-class PreparedValues:
-    """A group's map-metric values computed ahead (on a GPU: queued behind the forward pass
-    and copied to the host without waiting), by metric index."""
-
-    dead: dict[int, torch.Tensor] = field(default_factory=dict)
-    directions: dict[tuple[int, str, str], DirectionValues] = field(default_factory=dict)
-
-
-@dataclass
-class GroupMoments:
-    """One comparison group's moments for one image."""
-
-    index: int
-    models: list[str]
-    #: the group's layout (blocks of rows; ``z`` holds no pixels on the fast path)
-    stack: MapStack
-    #: where the metrics read them (the host, on the fast path)
-    moments: Moments
-    #: where they were computed (pooled there)
-    device_moments: Moments
-    prepared: PreparedValues | None = None
-
-
-@dataclass
-class ImageResult:
-    """What one image gives: table frames, similarity matrices, its moments per group (to be
-    pooled) and its dead-map counts. ``maps`` only when they were asked for."""
-
-    image_id: str
-    frames: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
-    matrices: list[SimilarityMatrix] = field(default_factory=list)
-    groups: list[GroupMoments] = field(default_factory=list)
-    dead_counts: dict[DeadKey, DeadCount] = field(default_factory=dict)
-    maps: Maps | None = None
-    #: the matrices under the spatial null (:mod:`mapsim.engine.null`), when it is on
-    null: list[SimilarityMatrix] = field(default_factory=list)
-
-
-@dataclass
-class LaunchedImage:
-    """An image on the fast path whose values are on their way to the host."""
-
-    image_id: str
-    groups: list[GroupMoments]
-    #: CUDA events around the image's device work (None on the CPU)
-    began: Any = None
-    ended: Any = None
-
 
 def layer_frame(image_id: str, values: list[LayerValue], aligned: str | None = None
                 ) -> pd.DataFrame:
@@ -147,6 +79,15 @@ def layer_frame(image_id: str, values: list[LayerValue], aligned: str | None = N
     if aligned is not None:
         frame.insert(1, "aligned", aligned)
     return frame
+
+
+def _on_host(item: NullComparison) -> NullComparison:
+    """A shifted comparison with its moments copied to the host without waiting (its stack
+    holds no pixels on the streaming path)."""
+    moments = item.moments
+    return NullComparison(item.a, item.b, item.partner,
+                          MapStack(torch.empty(item.stack.z.shape[0], 0), item.stack.blocks),
+                          Moments(moments.n, _to_host(moments.mean), _to_host(moments.comoment)))
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -283,17 +224,25 @@ class ImageStep:
             self.values(item.id, group, result)
             result.groups.append(group)
             if self.null is not None:
+                shifted = self._shifted(maps, stack, moments, models, index,
+                                        None if mask is None else mask.to(self.device))
                 start = time.perf_counter()
-                mine = [(i, pair) for i, pair in enumerate(self.comparisons)
-                        if pair[0] in models]
-                if index is None:
-                    raise MapsimError("the spatial null needs the image's index in the run")
-                result.null.extend(null_matrices(
-                    maps, stack, moments, self.metrics, mine, index,
-                    None if mask is None else mask.to(self.device), self.null))
-                self._sync()
+                result.null.extend(null_similarities(shifted, self.metrics, self.null))
                 self.timings["null"] += time.perf_counter() - start
         return result
+
+    def _shifted(self, maps: Maps, stack: MapStack, moments: Moments, models: list[str],
+                 index: int | None, mask: torch.Tensor | None, z_centred: bool = False
+                 ) -> list[NullComparison]:
+        """The spatial null's shifted comparisons of one group (queued on the device)."""
+        if index is None:
+            raise MapsimError("the spatial null needs the image's index in the run")
+        start = time.perf_counter()
+        mine = [(i, pair) for i, pair in enumerate(self.comparisons) if pair[0] in models]
+        out = null_comparisons(maps, stack, moments, self.metrics, mine, index, mask, self.null,
+                               z_centred)
+        self.timings["null"] += time.perf_counter() - start
+        return out
 
     # ------------------------------------------------------------------ the fast path
     @property
@@ -301,22 +250,23 @@ class ImageStep:
         """Whether images can take the fast path (every metric reads plain moments and every
         extractor streams; see :mod:`mapsim.engine.streaming`)."""
         # engine.align and token maps stream too: the hooks reshape / resample each output
-        # (mapsim.engine.streaming). The spatial null shifts the maps themselves, which the
-        # fast path does not keep.
-        if self.null is not None:
+        # (mapsim.engine.streaming). The spatial null shifts the maps, which the fast path
+        # takes back from its moments buffer (not resampled ones: align takes the plain path).
+        if self.null is not None and getattr(self.engine, "align", None) is not None:
             return False
         return can_stream([m.extractor for m in self.models.values()], self.metrics)
 
-    def launch(self, item: ImageItem) -> LaunchedImage | None:
-        """Start one image on the fast path; None when it cannot take it."""
+    def launch(self, item: ImageItem, index: int | None = None) -> LaunchedImage | None:
+        """Start one image on the fast path; None when it cannot take it. ``index``: the
+        image's place in the run (seeds the spatial null)."""
         if not self.streamable:
             return None
         try:
-            return self._launch(item)
+            return self._launch(item, index)
         except torch.cuda.OutOfMemoryError as exc:
             raise self._out_of_memory(item) from exc
 
-    def _launch(self, item: ImageItem) -> LaunchedImage | None:
+    def _launch(self, item: ImageItem, place: int | None = None) -> LaunchedImage | None:
         start = time.perf_counter()
         began = None
         if self.device.type == "cuda":
@@ -324,6 +274,8 @@ class ImageStep:
             began.record()
         image = self.input(item)
         mask = self.mask_for(item)
+        if self.null is not None and mask is not None:
+            return None  # the buffer holds the ROI's pixels only: the plain path shifts maps
 
         def run_model(name: str, on_output: Any) -> bool:
             model = self.models[name]
@@ -337,7 +289,7 @@ class ImageStep:
                                                                                  tokens, path)
 
         align = getattr(self.engine, "align", None)
-        groups = []
+        groups, shifted = [], []
         for index, models in enumerate(self.groups):
             labels = {n: {p: lb for lb, p in self.models[n].layers.items()} for n in models}
             key = (index, item.image.shape)
@@ -356,6 +308,10 @@ class ImageStep:
             prepared = self._prepare(models, stack, moments)
             host = Moments(moments.n, _to_host(moments.mean), _to_host(moments.comoment))
             groups.append(GroupMoments(index, models, layout, host, moments, prepared))
+            if self.null is not None:
+                maps = streamed_maps(self.builders[index], self.layouts[key])
+                shifted += [_on_host(c) for c in self._shifted({}, maps, moments, models, place,
+                                                               None, True)]
         ended = None
         if self.device.type == "cuda":
             ended = torch.cuda.Event(enable_timing=True)
@@ -363,7 +319,7 @@ class ImageStep:
         seconds = time.perf_counter() - start
         self.timings["forward_and_moments"] += seconds
         self.timings["launch"] += seconds
-        return LaunchedImage(item.id, groups, began, ended)
+        return LaunchedImage(item.id, groups, began, ended, shifted)
 
     def _probe(self, models: list[str], run_model: Any, labels: Any, convert: Any, align: Any,
                image: torch.Tensor) -> Layout | None:
@@ -419,6 +375,10 @@ class ImageStep:
         try:
             for group in launched.groups:
                 self.values(launched.image_id, group, result)
+            if launched.null:
+                start = time.perf_counter()
+                result.null.extend(null_similarities(launched.null, self.metrics, self.null))
+                self.timings["null"] += time.perf_counter() - start
         finally:
             torch.set_num_threads(threads)
         return result

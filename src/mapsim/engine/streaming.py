@@ -213,14 +213,31 @@ def stream_group(
     return stack, _in_block_order(builder.finish(), layout), builder
 
 
-def _in_block_order(moments: Moments, layout: Layout) -> Moments:
-    """The builder's rows (in hook order) put in the layout's block order."""
+def _block_order(layout: Layout, device: torch.device) -> torch.Tensor | None:
+    """The builder's rows (in hook order) in the layout's block order; None when the hooks
+    fire in block order."""
     if layout.fired == sorted(layout.fired):
-        return moments
+        return None
     start, rows = 0, {}
     for i in layout.fired:
         rows[i] = range(start, start + layout.blocks[i].n_maps)
         start += layout.blocks[i].n_maps
-    perm = torch.tensor([r for i in range(len(layout.blocks)) for r in rows[i]],
-                        device=moments.mean.device)
+    return torch.tensor([r for i in range(len(layout.blocks)) for r in rows[i]], device=device)
+
+
+def _in_block_order(moments: Moments, layout: Layout) -> Moments:
+    """The builder's rows (in hook order) put in the layout's block order."""
+    perm = _block_order(layout, moments.mean.device)
+    if perm is None:
+        return moments
     return Moments(moments.n, moments.mean[perm], moments.comoment[perm][:, perm])
+
+
+def streamed_maps(builder: MomentsBuilder, layout: Layout) -> MapStack:
+    """The group's maps centred on their means, back from the moments buffer
+    (:meth:`MomentsBuilder.maps`), stacked as the plain path stacks them (the layout's block
+    order): what the spatial null shifts when the run streams. Only for maps without an ROI
+    (the buffer holds the masked pixels)."""
+    z = builder.maps(centred=True)
+    perm = _block_order(layout, z.device)
+    return MapStack(z if perm is None else z[perm], list(layout.blocks))

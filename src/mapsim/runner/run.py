@@ -94,7 +94,7 @@ class Runner:
         after its tables, the block's state goes to ``sink.end_block``.
         """
         self._block_ids.append(item.id)
-        launched = self.step.launch(item) if self.streamable else None
+        launched = self.step.launch(item, index) if self.streamable else None
         if launched is not None:
             for group in launched.groups:
                 self._pool(group)  # on the device, queued like the rest
