@@ -155,6 +155,21 @@ def spec(**overrides):
     return validate_spec(data)
 
 
+def count_launches(monkeypatch) -> list[bool]:
+    """Record, per image, whether it took the fast path (``ImageStep.launch`` gave an image
+    in flight) from now on in this test."""
+    calls: list[bool] = []
+    original = ImageStep.launch
+
+    def counting(self, item, index=None):
+        launched = original(self, item, index)
+        calls.append(launched is not None)
+        return launched
+
+    monkeypatch.setattr(ImageStep, "launch", counting)
+    return calls
+
+
 @pytest.mark.parametrize("engine,metrics,null", [
     ({"pooled": True}, ["pearson"], False),
     ({"pooled": True, "roi": {"dilate": 2}}, ["pearson"], False),
@@ -164,15 +179,7 @@ def spec(**overrides):
     ({"pooled": True}, ["pearson", "cosine", "euclidean", "cka"], True),
 ])
 def test_streamed_run_equals_the_stacked_run(tmp_path, monkeypatch, engine, metrics, null):
-    calls = []
-    original = ImageStep.launch
-
-    def counting(self, item, index=None):
-        launched = original(self, item, index)
-        calls.append(launched is not None)
-        return launched
-
-    monkeypatch.setattr(ImageStep, "launch", counting)
+    calls = count_launches(monkeypatch)
     limits = {"euclidean": 1.5} if "euclidean" in metrics else {}
     aggregators = ["max", "min", {"name": "threshold", "per_metric": limits}, "pivot"]
     statistics = {"spatial_null": null}
@@ -202,15 +209,7 @@ def test_streamed_run_equals_the_stacked_run(tmp_path, monkeypatch, engine, metr
 def test_the_null_with_an_roi_takes_the_plain_path(tmp_path, monkeypatch):
     """The moments buffer holds only the ROI's pixels, which cannot be shifted on the grid:
     such images take the plain path, which shifts the whole maps before masking."""
-    calls = []
-    original = ImageStep.launch
-
-    def counting(self, item, index=None):
-        launched = original(self, item, index)
-        calls.append(launched is not None)
-        return launched
-
-    monkeypatch.setattr(ImageStep, "launch", counting)
+    calls = count_launches(monkeypatch)
     out = run(spec(engine={"roi": {"dilate": 2}}, statistics={"spatial_null": True}),
               out_dir=tmp_path / "roi", progress=False).out_dir
     assert calls and not any(calls)

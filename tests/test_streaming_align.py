@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from skimage.io import imsave
+from test_streaming import count_launches
 
 from mapsim.engine.step import ImageStep
 from mapsim.engine.streaming import probe_layout, stream_group
@@ -103,15 +104,7 @@ CASES = {
 def test_streamed_run_equals_the_plain_run(folder, monkeypatch, case):
     models, comparisons, engine = CASES[case]
     metrics = ("pearson", "cosine", "cka")
-    launched = []
-    original = ImageStep.launch
-
-    def counting(self, item, index=None):
-        out = original(self, item, index)
-        launched.append(out is not None)
-        return out
-
-    monkeypatch.setattr(ImageStep, "launch", counting)
+    launched = count_launches(monkeypatch)
     fast = run(spec(folder, models, comparisons, engine, metrics), base_dir=folder,
                out_dir=folder / "fast", progress=False)
     assert launched == [True] * 3  # every image streamed (the first after a probe)
