@@ -35,7 +35,7 @@ from mapsim.engine.step import DeadCount, DeadKey
 from mapsim.runner.distributed import World
 from mapsim.errors import ImageError, MapsimError, OutputError, SpecError
 from mapsim.engine.moments import Moments, compute_moments
-from mapsim.runner.writer import TableFiles, TablePart
+from mapsim.runner.writer import TablePart
 from mapsim.engine.similarity import Block
 
 
@@ -644,21 +644,29 @@ def _interrupted_run(tmp_path: Path, spec) -> None:
     broken.write_bytes(good)
 
 
-def test_cka_over_images_resumes_to_the_values_of_one_pass(tmp_path, synthetic_images):
-    """cka with images as samples is taken in block by block: the resumed run forms the same
-    batches across the blocks (batches of 4 against blocks of 2) as one uninterrupted run."""
+def _resumed_across_images(tmp_path: Path, spec) -> pd.DataFrame:
+    """Run ``spec`` interrupted (:func:`_interrupted_run`), resume it, and run it afresh;
+    check that both wrote the same ``layer_similarity.csv`` bytes and return its rows
+    computed across all images."""
     from mapsim.runner.run import run
-    from mapsim.spec.run_spec import load_spec
 
-    metrics = ["pearson", {"name": "cka", "samples": "images", "size": 2, "batch_size": 4}]
-    spec = load_spec(_workdir(tmp_path, synthetic_images, metrics))
     _interrupted_run(tmp_path, spec)
     run(spec, base_dir=tmp_path, out_dir=tmp_path / "out", progress=False, resume=True)
     run(spec, base_dir=tmp_path, out_dir=tmp_path / "fresh", progress=False)
     got = (tmp_path / "out" / "layer_similarity.csv").read_bytes()
     assert got == (tmp_path / "fresh" / "layer_similarity.csv").read_bytes()
     table = pd.read_csv(tmp_path / "out" / "layer_similarity.csv")
-    across = table[table.image == "all-images"]
+    return table[table.image == "all-images"]
+
+
+def test_cka_over_images_resumes_to_the_values_of_one_pass(tmp_path, synthetic_images):
+    """cka with images as samples is taken in block by block: the resumed run forms the same
+    batches across the blocks (batches of 4 against blocks of 2) as one uninterrupted run."""
+    from mapsim.spec.run_spec import load_spec
+
+    metrics = ["pearson", {"name": "cka", "samples": "images", "size": 2, "batch_size": 4}]
+    spec = load_spec(_workdir(tmp_path, synthetic_images, metrics))
+    across = _resumed_across_images(tmp_path, spec)
     assert len(across) == 2 * 2 + 2 * 2 and across.value.notna().all()
 
 

@@ -154,10 +154,9 @@ def test_the_p_column_of_layer_similarity(tmp_path):
 def test_a_killed_then_resumed_run_gives_the_p_of_one_run(tmp_path):
     """A run killed in its third block (blocks of 2 images, batches of 4: batches cut by
     block ends) and resumed writes the bytes of one uninterrupted run, p included."""
-    from test_blocks import _interrupted_run, _workdir
+    from test_blocks import _resumed_across_images, _workdir
 
     from mapsim.cli import main
-    from mapsim.runner.run import run
     from mapsim.spec.run_spec import load_spec
 
     images = tmp_path / "made" / "imgs"
@@ -168,12 +167,6 @@ def test_a_killed_then_resumed_run_gives_the_p_of_one_run(tmp_path):
     metrics = [{"name": "cka", "samples": "images", "size": 2, "batch_size": 4,
                 "permutations": 199, "seed": 3}]
     spec = load_spec(_workdir(work, images, metrics))
-    _interrupted_run(work, spec)
-    run(spec, base_dir=work, out_dir=work / "out", progress=False, resume=True)
-    run(spec, base_dir=work, out_dir=work / "fresh", progress=False)
-    got = (work / "out" / "layer_similarity.csv").read_bytes()
-    assert got == (work / "fresh" / "layer_similarity.csv").read_bytes()
-    table = pd.read_csv(work / "out" / "layer_similarity.csv")
-    across = table[table.image == "all-images"]
+    across = _resumed_across_images(work, spec)
     assert len(across) == 2 * 2 + 2 * 2 and across.p.between(1 / 200, 1).all()
     assert ((across.p * 200).round(9) % 1 == 0).all()
