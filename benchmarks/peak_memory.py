@@ -6,8 +6,10 @@ layers blocks.0, blocks.1, blocks.3, blocks.5 (256 maps), 2 synthetic images per
 hooks) and on the ordinary path (the fast path switched off in the measured process: the maps
 are stacked), both with the spatial null off; then with the spatial null on, on the fast path
 (``null``: the maps taken back from the moments buffer and shifted) and on the ordinary path
-(``plain-null``: how runs with the null went before 2026-12-05). Each run is a fresh
-process; its peak RSS (``ru_maxrss``) less the peak RSS
+(``plain-null``: how runs with the null went before 2026-12-05); ``--paths probe,fast-bf16``
+runs the fast path with a bf16 forward pass with the precision probe on and off (the probe
+runs once more, after the images; set ``PYTHONPATH`` to another checkout's ``src`` to measure
+its code). Each run is a fresh process; its peak RSS (``ru_maxrss``) less the peak RSS
 of the same process after a 64 x 64 run (imports, models, worker pools: the fixed cost) is
 divided by the captured maps' float32 bytes (maps x pixels x 4).
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 LAYERS = ["blocks.0", "blocks.1", "blocks.3", "blocks.5"]
 
 
-def spec(size: int, null: bool = False):
+def spec(size: int, null: bool = False, probe: bool | None = None):
     from mapsim.spec.run_spec import validate_spec
 
     return validate_spec({
@@ -38,6 +40,7 @@ def spec(size: int, null: bool = False):
         "metrics": ["pearson"],
         "aggregators": ["max"],
         "statistics": {"spatial_null": null},
+        "engine": {} if probe is None else {"precision": "bf16", "precision_probe": probe},
         "device": "cpu",
     })
 
@@ -51,9 +54,10 @@ def child(size: int, path: str) -> dict:
 
     out = Path(tempfile.mkdtemp())
     null = path.endswith("null")
-    run(spec(64, null), out_dir=out / "small", progress=False)
+    probe = {"probe": True, "fast-bf16": False}.get(path)
+    run(spec(64, null, probe), out_dir=out / "small", progress=False)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    run(spec(size, null), out_dir=out / "big", progress=False)
+    run(spec(size, null, probe), out_dir=out / "big", progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     maps = 64 * len(LAYERS) * size * size * 4
     return {"size": size, "path": path, "base": base, "peak": peak, "maps": maps}
@@ -62,6 +66,8 @@ def child(size: int, path: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="512,1024")
+    parser.add_argument("--paths", default="fast,plain,null,plain-null",
+                        help="fast, plain, null, plain-null, probe, fast-bf16")
     parser.add_argument("--results", type=Path, default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -74,7 +80,7 @@ def main() -> None:
 
     lines = []
     for size in (int(s) for s in args.sizes.split(",")):
-        for path in ("fast", "plain", "null", "plain-null"):
+        for path in args.paths.split(","):
             done = subprocess.run([sys.executable, __file__, "--child", f"{size}:{path}"],
                                   check=True, capture_output=True, text=True)
             info = json.loads(done.stdout.strip().splitlines()[-1])

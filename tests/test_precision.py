@@ -125,3 +125,78 @@ def test_the_precision_context_restores_torch_settings():
     with forward_precision("tf32", torch.device("cpu")):
         assert _conv_tf32() is True
     assert _conv_tf32() == before
+
+
+def test_the_probe_runs_after_the_images_and_holds_one_pass_at_a_time(tmp_path, monkeypatch):
+    """The probe is queued when the image loop is over (so that a GPU computes it while the
+    host publishes), and each pass's maps are reduced to correlations before the next pass."""
+    import gc
+    import weakref
+
+    from mapsim.engine.step import ImageStep
+
+    events: list[str] = []
+    alive: list[weakref.ref] = []
+    extract, launch, compute = ImageStep.extract, ImageStep.launch, ImageStep.compute
+
+    def spy_extract(self, item, precision=None):
+        gc.collect()
+        events.append(f"extract {precision or 'policy'} "
+                      f"(earlier maps alive: {sum(r() is not None for r in alive)})")
+        maps = extract(self, item, precision)
+        alive.extend(weakref.ref(t) for layers in maps.values() for t in layers.values())
+        return maps
+
+    def spy_launch(self, item, index=None):
+        events.append("image")
+        return launch(self, item, index)
+
+    def spy_compute(self, item, keep_maps=False, index=None):
+        events.append("image")
+        return compute(self, item, keep_maps, index)
+
+    monkeypatch.setattr(ImageStep, "extract", spy_extract)
+    monkeypatch.setattr(ImageStep, "launch", spy_launch)
+    monkeypatch.setattr(ImageStep, "compute", spy_compute)
+    out = run(_spec("bf16"), out_dir=tmp_path / "o", progress=False).out_dir
+    probe_calls = [e for e in events if e.startswith("extract exact")]
+    assert len(probe_calls) == 1
+    last_image = max(i for i, e in enumerate(events) if e == "image")
+    first_probe = events.index(probe_calls[0]) - 1  # the policy pass comes just before
+    assert events[first_probe].startswith("extract policy") and first_probe > last_image, events
+    assert probe_calls[0].endswith("(earlier maps alive: 0)"), events
+    info = json.loads((out / "run.json").read_text())
+    probe = info["precision"]["forward_probe"]
+    assert set(probe["max_abs_delta_r"]["m"]) == set(LAYERS)
+    timings = info["timings_s"]
+    # queued and read inside the merge and publish phases, so the phases still add up
+    assert 0 < timings["precision_probe"] <= timings["merge"] + timings["publish"] + 1e-3
+
+
+def test_a_probe_that_runs_out_of_memory_keeps_the_run(tmp_path, monkeypatch):
+    from mapsim.engine.step import ImageStep
+
+    def no_memory(self, item):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.9 GiB\nmore")
+
+    monkeypatch.setattr(ImageStep, "probe_precision", no_memory)
+    with pytest.warns(MapsimWarning, match="precision probe ran out of memory on image"):
+        out = run(_spec("bf16"), out_dir=tmp_path / "o", progress=False).out_dir
+    probe = json.loads((out / "run.json").read_text())["precision"]["forward_probe"]
+    assert probe == {"image": probe["image"],
+                     "failed": "OutOfMemoryError: CUDA out of memory. Tried to allocate 3.9 GiB"}
+    assert (out / "max.csv").is_file()
+
+
+def test_the_pending_probe_reads_the_largest_finite_difference():
+    from mapsim.engine.precision import largest_differences
+
+    nan = float("nan")
+    policy = {"m": {"a": torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=torch.float64),
+                    "dead": torch.full((2, 2), nan, dtype=torch.float64)}}
+    exact = {"m": {"a": torch.tensor([[1.0, 0.25], [nan, 1.0]], dtype=torch.float64),
+                   "dead": torch.full((2, 2), nan, dtype=torch.float64)}}
+    from mapsim.engine.precision import PendingProbe
+
+    record = PendingProbe("img-0", largest_differences(policy, exact)).read()
+    assert record == {"image": "img-0", "max_abs_delta_r": {"m": {"a": 0.25, "dead": 0.0}}}

@@ -14,7 +14,10 @@ The similarity step always works on float32 values (half-precision maps are wide
 they are written into the moments). The probe runs the first image once more with the
 ``exact`` forward pass and records, per captured layer, the largest |delta r| between the two
 passes over the Pearson correlations of the layer's maps with each other: what the policy
-costs in the numbers a run reports, measured on the run's own data and networks.
+costs in the numbers a run reports, measured on the run's own data and networks. The probe is
+queued (:func:`largest_differences`) and read (:meth:`PendingProbe.read`) apart: on a GPU the
+device computes it while the host publishes the run's tables; one pass's maps are reduced to
+their correlations before the other pass runs, so it holds one set of maps at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -94,15 +98,48 @@ def correlations(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, g / torch.where(denom > 0, denom, 1.0), torch.nan)
 
 
-def probe(policy_maps: Mapping[str, Mapping[str, torch.Tensor]],
-          exact_maps: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, Any]:
-    """``{model: {layer: largest |delta r|}}`` between two passes' maps of one image (pairs
-    with a dead map in either pass are left out)."""
-    out: dict[str, Any] = {}
-    for model, layers in exact_maps.items():
+def layer_correlations(maps: Mapping[str, Mapping[str, torch.Tensor]]
+                       ) -> dict[str, dict[str, torch.Tensor]]:
+    """``{model: {layer: r}}``: :func:`correlations` of each captured layer of one pass."""
+    return {model: {layer: correlations(m) for layer, m in layers.items()}
+            for model, layers in maps.items()}
+
+
+def largest_differences(policy_r: Mapping[str, Mapping[str, torch.Tensor]],
+                        exact_r: Mapping[str, Mapping[str, torch.Tensor]]
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+    """``{model: {layer: largest |delta r|}}`` between two passes' correlations of one image,
+    as 0-d tensors on their device (nothing waits for the device); pairs with a dead map in
+    either pass are left out, and a layer with no such pair gives 0."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for model, layers in exact_r.items():
         out[model] = {}
         for layer, exact in layers.items():
-            delta = (correlations(policy_maps[model][layer]) - correlations(exact)).abs()
-            finite = delta[torch.isfinite(delta)]
-            out[model][layer] = float(finite.max()) if finite.numel() else 0.0
+            delta = (policy_r[model][layer] - exact).abs()
+            out[model][layer] = torch.where(torch.isfinite(delta), delta, 0.0).amax()
     return out
+
+
+@dataclass
+class PendingProbe:
+    """A precision probe queued on the device: :meth:`read` waits for it and gives what
+    ``run.json`` records as ``precision.forward_probe``."""
+
+    #: the probed image's id (None when the probe did not run)
+    image: str | None = None
+    #: ``{model: {layer: largest |delta r|}}``, 0-d tensors on the device
+    largest: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    #: why the probe did not run, or what stopped it
+    note: dict[str, str] = field(default_factory=dict)
+
+    def read(self) -> dict[str, Any]:
+        """``{"image", "max_abs_delta_r": {model: {layer: float}}}``, or the note."""
+        if self.image is None or self.note:
+            return {**({} if self.image is None else {"image": self.image}), **self.note}
+        keys = [(m, layer) for m, layers in self.largest.items() for layer in layers]
+        values = (torch.stack([self.largest[m][layer] for m, layer in keys]).tolist()
+                  if keys else [])
+        out: dict[str, dict[str, float]] = {m: {} for m in self.largest}
+        for (model, layer), value in zip(keys, values):
+            out[model][layer] = float(value)
+        return {"image": self.image, "max_abs_delta_r": out}

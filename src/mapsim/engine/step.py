@@ -41,7 +41,13 @@ from mapsim.engine.image_result import (
 )
 from mapsim.engine.moments import compute_moments, variance_moments
 from mapsim.models.tokens import token_maps
-from mapsim.engine.precision import differs_from_exact, forward_precision, probe
+from mapsim.engine.precision import (
+    PendingProbe,
+    differs_from_exact,
+    forward_precision,
+    largest_differences,
+    layer_correlations,
+)
 from mapsim.engine.similarity import (
     MapStack,
     comparison_groups,
@@ -169,14 +175,23 @@ class ImageStep:
             )
         return torch.from_numpy(roi_mask(item.label, roi.dilate, source=item.source))
 
-    def probe_precision(self, item: ImageItem) -> dict[str, Any]:
+    def probe_precision(self, item: ImageItem) -> PendingProbe:
         """What the precision policy costs on ``item``: per model and layer, the largest
-        |delta r| against an ``exact`` forward pass (see :mod:`mapsim.engine.precision`)."""
+        |delta r| against an ``exact`` forward pass (see :mod:`mapsim.engine.precision`),
+        queued on the device; :meth:`PendingProbe.read` waits for it."""
         policy = self.engine.precision
         if not differs_from_exact(policy, self.device):
-            return {"skipped": f"{policy} on {self.device.type} computes as exact does"}
-        values = probe(self.extract(item), self.extract(item, precision="exact"))
-        return {"image": item.id, "max_abs_delta_r": values}
+            return PendingProbe(note={"skipped": f"{policy} on {self.device.type} computes "
+                                                 "as exact does"})
+        # each pass is reduced to its correlations before the next runs: one set of maps
+        policy_r = layer_correlations(self.extract(item))
+        exact_r = layer_correlations(self.extract(item, precision="exact"))
+        return PendingProbe(item.id, largest_differences(policy_r, exact_r))
+
+    def release_buffers(self) -> None:
+        """Drop the moments buffers the fast path reuses from image to image (after the
+        last image: the memory goes back to the allocator)."""
+        self.builders.clear()
 
     # ------------------------------------------------------------------ the plain path
     def compute(self, item: ImageItem, keep_maps: bool = False,

@@ -42,12 +42,17 @@ class RunResult:
 
 def merge_and_publish(setup: RunSetup, world: World, partial: PartialRun,
                       blocks: list[ImageBlock], resumed: set[int], overwrite: bool,
-                      started: float, observers: Sequence[RunObserver] = ()) -> RunResult:
+                      started: float, observers: Sequence[RunObserver] = (),
+                      probe_on: Any = None) -> RunResult:
     """The results directory, staged in the partial directory and moved into place: the
     blocks' states merged in block order, the pooled and across-image tables, the summaries,
-    run.json and what the observers write."""
+    run.json and what the observers write. ``probe_on``: the dataset whose first image the
+    precision probe measures; it is queued first, so that a GPU computes it while the host
+    merges, and read for run.json."""
     spec = setup.spec
     start = time.perf_counter()
+    if probe_on is not None:
+        setup.launch_precision_probe(probe_on)
     writer = ResultsWriter(partial.target, overwrite=overwrite, files=partial.rows)
     try:
         merged = partial.merge(blocks, observers, setup.metrics)
@@ -86,6 +91,7 @@ def merge_and_publish(setup: RunSetup, world: World, partial: PartialRun,
         for observer in observers:
             observer.write(writer.staging)
         tables = writer.tables()
+        setup.finish_precision_probe()
         # what is left after this is writing run.json and renaming the staged folder
         setup.timings["publish"] = time.perf_counter() - start
         info = run_info(setup, merged.dead_counts, merged.n_images, time.perf_counter() - started)

@@ -279,8 +279,6 @@ def _blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: Path,
                           runner.timings)
         try:
             runner.setup.prepare_models()
-            if world.main and spec.engine.precision_probe:
-                runner.setup.probe_precision(dataset)
             start = time.perf_counter()
             runner.timings["setup"] = start - started
             ids: set[str] = set()
@@ -322,7 +320,8 @@ def _blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: Path,
             inbox.wait()
             runner.timings["wait_for_ranks"] = time.perf_counter() - waiting
         return merge_and_publish(runner.setup, world, partial, blocks, done, overwrite,
-                                 started, runner.observers)
+                                 started, runner.observers,
+                                 probe_on=dataset if spec.engine.precision_probe else None)
     except BaseException as exc:
         world.fail(exc)  # before the abort: rank 0 then reports this error, not a lost link
         output.abort()

@@ -12,7 +12,7 @@ import torch
 
 from mapsim.api import Aggregator, Metric
 from mapsim.devices import resolve_device
-from mapsim.engine.precision import check_precision
+from mapsim.engine.precision import PendingProbe, check_precision
 from mapsim.engine.null import NullSettings
 from mapsim.engine.step import ImageStep
 from mapsim.errors import MapsimWarning, SpecError
@@ -45,6 +45,7 @@ class RunSetup:
         self.models: dict[str, PreparedModel] = {}
         #: what the forward pass's precision costs (:meth:`probe_precision`)
         self.precision_probe: dict[str, Any] = {"skipped": "engine.precision_probe is off"}
+        self._probe: PendingProbe | None = None
         #: comparisons whose models share starting weights (after :meth:`prepare_models`)
         self.shared_start: list[SharedStart] = []
         self.timings: dict[str, float] = defaultdict(float)
@@ -67,13 +68,35 @@ class RunSetup:
         for finding in self.shared_start:
             warnings.warn(finding.message(), MapsimWarning, stacklevel=2)
 
-    def probe_precision(self, dataset: Any) -> None:
-        """Measure what the precision policy costs on the dataset's first image."""
+    def launch_precision_probe(self, dataset: Any) -> None:
+        """Queue the measurement of what the precision policy costs on the dataset's first
+        image (after the image loop: on a GPU the device computes it while the host merges
+        and publishes; :meth:`finish_precision_probe` reads it). Running out of memory for
+        it is recorded in run.json, with a warning, instead of losing the run."""
         start = time.perf_counter()
         first = next(iter(dataset.slice(0, 1)), None)
         if first is not None:
-            self.precision_probe = self.step.probe_precision(first)
-        self.timings["precision_probe"] = time.perf_counter() - start
+            self.step.release_buffers()
+            try:
+                self._probe = self.step.probe_precision(first)
+            except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+                self._probe = PendingProbe(first.id, note={"failed": _first_line(exc)})
+                warnings.warn(
+                    f"the precision probe ran out of memory on image {first.id} "
+                    f"({_first_line(exc)}); the run's tables are complete, but run.json has no "
+                    "|delta r| for engine.precision. Rerun with engine.precision: exact to "
+                    "compare, or set engine.precision_probe: false.",
+                    MapsimWarning, stacklevel=2)
+        self.timings["precision_probe"] += time.perf_counter() - start
+
+    def finish_precision_probe(self) -> None:
+        """Wait for the probe :meth:`launch_precision_probe` queued and keep its record."""
+        if self._probe is None:
+            return
+        start = time.perf_counter()
+        self.precision_probe = self._probe.read()
+        self._probe = None
+        self.timings["precision_probe"] += time.perf_counter() - start
 
     def _shared_starts(self) -> list[SharedStart]:
         """Comparisons of two models with layers that started from (or are) the same
@@ -148,3 +171,8 @@ class RunSetup:
             base_dir=base_dir,
         )
 
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
