@@ -189,14 +189,12 @@ def test_a_probe_that_runs_out_of_memory_keeps_the_run(tmp_path, monkeypatch):
 
 
 def test_the_pending_probe_reads_the_largest_finite_difference():
-    from mapsim.engine.precision import largest_differences
+    from mapsim.engine.precision import PendingProbe, largest_differences
 
     nan = float("nan")
     policy = {"m": {"a": torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=torch.float64),
                     "dead": torch.full((2, 2), nan, dtype=torch.float64)}}
     exact = {"m": {"a": torch.tensor([[1.0, 0.25], [nan, 1.0]], dtype=torch.float64),
                    "dead": torch.full((2, 2), nan, dtype=torch.float64)}}
-    from mapsim.engine.precision import PendingProbe
-
     record = PendingProbe("img-0", largest_differences(policy, exact)).read()
     assert record == {"image": "img-0", "max_abs_delta_r": {"m": {"a": 0.25, "dead": 0.0}}}
