@@ -5,6 +5,9 @@
 2. The interval computation alone on a study-sized summary (1,331 rows) of 30 images at
    9,999 resamples: mapsim's bootstrap against `scipy.stats.bootstrap` called the same way
    (scipy only with --scipy: it takes about 30 s and 3 GB here).
+3. The interval computation alone on the summary of a 60-image CNN10 run (3,300 rows, as
+   `benchmarks/end_to_end.py` writes it): one thread against the default threads, best of 3
+   each, alternating (`--threads-only` skips 1 and 2).
 
 Run: python benchmarks/intervals.py [--scipy]. Appends to benchmarks/RESULTS.md.
 """
@@ -48,12 +51,41 @@ def study_times(folder: Path, repeats: int = 2) -> dict[object, float]:
     return times
 
 
+def threads_line(rows: int = 3300, n: int = 60, repeats: int = 3) -> str:
+    import os
+
+    from mapsim.tables.intervals import MAX_WORKERS, bootstrap_intervals
+
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"image": np.tile(np.arange(n), rows),
+                          "k": np.repeat(np.arange(rows), n), "x": rng.exponential(1, rows * n)})
+    workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    best: dict[int, float] = {}
+    tables = {}
+    for _ in range(repeats):
+        for count in (1, workers):
+            start = time.perf_counter()
+            tables[count] = bootstrap_intervals(frame, ["k"], 0.95, workers=count)
+            seconds = time.perf_counter() - start
+            best[count] = min(best.get(count, seconds), seconds)
+    same = tables[1].equals(tables[workers])
+    return (f"{rows:,} rows x {n} images, 9,999 resamples: 1 thread {best[1]:.3f} s, "
+            f"{workers} threads {best[workers]:.3f} s (ratio {best[1] / best[workers]:.2f}x; "
+            f"identical intervals: {same}; {os.cpu_count()} CPUs)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scipy", action="store_true", help="also time scipy.stats.bootstrap")
+    parser.add_argument("--threads-only", action="store_true", help="only part 3")
     parser.add_argument("--results", type=Path, help="append to this file instead")
     args = parser.parse_args()
     from mapsim.tables.intervals import bootstrap_intervals
+
+    if args.threads_only:
+        append("confidence intervals over images: threads, CPU", "cpu", [threads_line()],
+               args.results)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         times = study_times(Path(tmp))
@@ -77,6 +109,7 @@ def main() -> None:
         theirs = time.perf_counter() - start
         line += f", scipy.stats.bootstrap {theirs:.2f} s (ratio {theirs / ours:.0f}x)"
     lines.append(line)
+    lines.append(threads_line())
     append("confidence intervals over images (issue 15), CPU", "cpu", lines, args.results)
 
 

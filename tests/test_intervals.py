@@ -64,6 +64,24 @@ def test_memory_and_time_grow_with_rows_times_resamples_not_images():
     assert len(table) == 1331 and set(table.ci_method) == {"BCa"}
 
 
+def test_threads_give_the_same_intervals_as_one(monkeypatch):
+    """Chunks of rows computed by several threads (the default on a machine with several
+    CPUs) give the bytes one thread gives: one draw of resamples serves every chunk."""
+    import mapsim.tables.intervals as intervals
+
+    monkeypatch.setattr(intervals, "MAX_CELLS", 5 * 999)  # 5 rows a chunk: 13 chunks
+    rng = np.random.default_rng(5)
+    values = np.concatenate([rng.exponential(1.0, (40, 12)), rng.normal(0, 1, (24, 12))])
+    values[3] = 0.5  # a constant row, and a few-image table below (percentile)
+    frames = {workers: pd.concat([
+        bootstrap_intervals(_per_image(values), ["trial"], 0.95, resamples=999,
+                            workers=workers),
+        bootstrap_intervals(_per_image(values[:, :6]), ["trial"], 0.95, resamples=999,
+                            workers=workers)]) for workers in (1, 3)}
+    assert set(frames[1].ci_method) == {"BCa", "percentile", "constant"}
+    pd.testing.assert_frame_equal(frames[1], frames[3])
+
+
 def test_edge_cases_say_why():
     frame = pd.DataFrame({
         "image": ["a", "b", "c", "a", "b", "c", "a", "b", "c"],

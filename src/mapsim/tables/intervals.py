@@ -17,7 +17,9 @@ intervals.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -32,9 +34,14 @@ BCA_MIN_IMAGES = 10
 
 
 def bootstrap_intervals(per_image: pd.DataFrame, keys: Sequence[str], level: float,
-                        resamples: int = RESAMPLES, seed: int = SEED) -> pd.DataFrame:
+                        resamples: int = RESAMPLES, seed: int = SEED,
+                        workers: int | None = None) -> pd.DataFrame:
     """``keys + [statistic, ci_low, ci_high, ci_method]`` for every key and numeric column of
-    ``per_image`` (one row per image and key; NaN values are left out, as in the means)."""
+    ``per_image`` (one row per image and key; NaN values are left out, as in the means).
+    ``workers``: threads (default: up to :data:`MAX_WORKERS`, no more than the CPUs); the
+    intervals do not depend on it."""
+    if workers is None:
+        workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1))
     columns = [*keys, "statistic", "ci_low", "ci_high", "ci_method"]
     numeric = [c for c, dtype in per_image.dtypes.items()
                if c not in keys and c != "image" and pd.api.types.is_numeric_dtype(dtype)
@@ -58,19 +65,21 @@ def bootstrap_intervals(per_image: pd.DataFrame, keys: Sequence[str], level: flo
     rng = np.random.default_rng(seed)
     for n, items in pending.items():
         data = np.stack([values for _, _, values in items])
-        low, high, method = _vectorised(data, level, resamples, rng)
+        low, high, method = _vectorised(data, level, resamples, rng, workers)
         rows.extend((*key, stat, lo, hi, m)
                     for (key, stat, _), lo, hi, m in zip(items, low, high, method))
     frame = pd.DataFrame(rows, columns=columns)
     return frame
 
 
-#: bootstrap means held at once (rows x resamples, float64): bounds the memory
+#: bootstrap means held at once by one worker (rows x resamples, float64): bounds the memory
 MAX_CELLS = 2_000_000
+#: threads that compute chunks of rows at once (at most; never more than the CPUs)
+MAX_WORKERS = 4
 
 
-def _vectorised(data: np.ndarray, level: float, resamples: int,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _vectorised(data: np.ndarray, level: float, resamples: int, rng: np.random.Generator,
+                workers: int = 1) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Bootstrap intervals of the mean of each row of ``data`` (rows x images): BCa from
     :data:`BCA_MIN_IMAGES` images on where defined, else percentile.
 
@@ -79,16 +88,18 @@ def _vectorised(data: np.ndarray, level: float, resamples: int,
     resamples every batch element with the same indices): one matrix product per chunk of
     rows, so time and memory grow with rows x resamples, not rows x resamples x images. BCa
     and the percentile interval follow Efron and Tibshirani (1993), as scipy computes them;
-    tests compare both with ``scipy.stats.bootstrap``.
+    tests compare both with ``scipy.stats.bootstrap``. The chunks are independent (one draw
+    for all), so ``workers`` threads give the same intervals as one.
     """
     rows, n = data.shape
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(float)
     alpha = (1.0 - level) / 2.0
     low = np.empty(rows)
     high = np.empty(rows)
-    method = ["percentile"] * rows
+    bca_used = np.zeros(rows, dtype=bool)
     step = max(1, MAX_CELLS // resamples)
-    for start in range(0, rows, step):
+
+    def chunk_intervals(start: int) -> None:
         chunk = data[start:start + step]
         boot = chunk @ counts.T / n  # (chunk rows, resamples)
         theta = chunk.mean(axis=1)
@@ -97,8 +108,7 @@ def _vectorised(data: np.ndarray, level: float, resamples: int,
             bca = _bca_quantiles(chunk, boot, theta, alpha)
             ok = np.all(np.isfinite(bca), axis=1)
             quantiles[ok] = bca[ok]
-            for index in np.flatnonzero(ok):
-                method[start + index] = "BCa"
+            bca_used[start:start + step] = ok
         positions = quantiles * (resamples - 1)
         below = np.floor(positions).astype(int)
         above = np.minimum(below + 1, resamples - 1)
@@ -108,6 +118,16 @@ def _vectorised(data: np.ndarray, level: float, resamples: int,
         picked = picked[:, :2] * (1 - weight) + picked[:, 2:] * weight
         low[start:start + step] = picked[:, 0]
         high[start:start + step] = picked[:, 1]
+
+    starts = range(0, rows, step)
+    workers = min(workers, len(starts))
+    if workers <= 1:
+        for start in starts:
+            chunk_intervals(start)
+    else:  # numpy's products, comparisons and selections release the GIL
+        with ThreadPoolExecutor(workers, thread_name_prefix="mapsim-intervals") as pool:
+            list(pool.map(chunk_intervals, starts))
+    method = ["BCa" if used else "percentile" for used in bca_used]
     return low, high, method
 
 
