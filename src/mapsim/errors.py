@@ -25,6 +25,13 @@ def closest_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[st
     return matches
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (a library's message can run to many lines), or
+    its type's name when it has none: what mapsim quotes inside its own messages."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class UnknownNameError(MapsimError, KeyError):
     """A name (plugin, layer, model, ...) that is not registered or does not exist."""
 

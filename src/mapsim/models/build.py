@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mapsim.errors import ModelError, WeightsError
+from mapsim.errors import ModelError, WeightsError, first_line
 from mapsim.api import Architecture
 from mapsim.models.widths import apply_widths, pruned_widths, weights_card
 
@@ -256,7 +256,7 @@ def _load_torchscript(name: str, path: Path) -> nn.Module:
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(
             f"model {name!r}: {str(path)!r} is not a readable TorchScript file ({first}). "
             "Create one with `torch.jit.save(torch.jit.script(model), path)`."

@@ -15,7 +15,7 @@ from mapsim.devices import resolve_device
 from mapsim.engine.precision import PendingProbe, check_precision
 from mapsim.engine.null import NullSettings
 from mapsim.engine.step import ImageStep
-from mapsim.errors import MapsimWarning, SpecError
+from mapsim.errors import MapsimWarning, SpecError, first_line
 from mapsim.models.prepare import PreparedModel, prepare_model
 from mapsim.models.start import SharedStart, initial_fingerprints, shared_starts
 from mapsim.registry import Registry, load_registry
@@ -80,10 +80,11 @@ class RunSetup:
             try:
                 self._probe = self.step.probe_precision(first)
             except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-                self._probe = PendingProbe(first.id, note={"failed": _first_line(exc)})
+                reason = f"{type(exc).__name__}: {first_line(exc)}"
+                self._probe = PendingProbe(first.id, note={"failed": reason})
                 warnings.warn(
                     f"the precision probe ran out of memory on image {first.id} "
-                    f"({_first_line(exc)}); the run's tables are complete, but run.json has no "
+                    f"({reason}); the run's tables are complete, but run.json has no "
                     "|delta r| for engine.precision. Rerun with engine.precision: exact to "
                     "compare, or set engine.precision_probe: false.",
                     MapsimWarning, stacklevel=2)
@@ -170,9 +171,3 @@ class RunSetup:
             "dataset", self.spec.images.name, self.spec.images.model_dump(exclude={"name"}),
             base_dir=base_dir,
         )
-
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
