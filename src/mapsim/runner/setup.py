@@ -43,7 +43,8 @@ class RunSetup:
         for aggregator in self.aggregators:
             aggregator.prepare(self.metrics)
         self.models: dict[str, PreparedModel] = {}
-        #: what the forward pass's precision costs (:meth:`probe_precision`)
+        #: what the forward pass's precision costs (:meth:`launch_precision_probe`, after the
+        #: images)
         self.precision_probe: dict[str, Any] = {"skipped": "engine.precision_probe is off"}
         self._probe: PendingProbe | None = None
         #: comparisons whose models share starting weights (after :meth:`prepare_models`)
