@@ -1,12 +1,13 @@
 """The fast path learns a new input size's layout without an extra forward pass: one forward
-pass per model and image in all (the layout comes from the shapes of a run on the meta
-device), with the values of the ordinary path; a model that cannot run on the meta device is
-probed with a real forward pass."""
+pass per model and image in all (the layout comes from the shapes of a run on an empty batch,
+or else on the meta device), with the values of the ordinary path; a model that can run on
+neither is probed with a real forward pass."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from mapsim.plugins.fcn import FCN
@@ -46,14 +47,20 @@ def test_one_forward_pass_per_model_and_image(tmp_path, monkeypatch):
     forward = FCN.forward
 
     def counted(self, x):
-        if x.device.type != "meta":  # shapes only: no arithmetic
+        if x.device.type != "meta" and x.shape[0] > 0:  # else shapes only: no arithmetic
             calls.append(tuple(x.shape[-2:]))
+        else:
+            shapes_only.append(x.device.type)
         return forward(self, x)
+
+    shapes_only = []
 
     monkeypatch.setattr(FCN, "forward", counted)
     out = run(_spec(paths, fast=True), out_dir=tmp_path / "fast", progress=False).out_dir
     assert len(calls) == 2 * len(sizes), calls  # two models, one pass each per image
     assert all(calls[2 * k][0] == sizes[k][0] for k in range(len(sizes)))
+    # an empty batch on the CPU gave every layout: 3 sizes x 2 groups, and no meta run
+    assert shapes_only == ["cpu"] * 6, shapes_only
     # the same values as the ordinary path (an across-images metric keeps every image there)
     plain = run(_spec(paths, fast=False), out_dir=tmp_path / "plain", progress=False).out_dir
     fast_max = pd.read_csv(out / "max.csv")
@@ -63,18 +70,31 @@ def test_one_forward_pass_per_model_and_image(tmp_path, monkeypatch):
     np.testing.assert_allclose(fast_max.value, plain_max.value, atol=2e-5)
 
 
-def test_a_model_that_cannot_run_on_meta_is_probed_for_real(tmp_path, monkeypatch):
+@pytest.mark.parametrize("refuses", [("empty",), ("empty", "meta")])
+def test_a_model_that_cannot_run_without_values_is_probed_another_way(tmp_path, monkeypatch,
+                                                                        refuses):
+    """A model that fails on an empty batch is probed on the meta device; one that also fails
+    there (it reads values on the way) gets a real forward pass per new size and group."""
     sizes = [(32, 40), (32, 40), (24, 24)]
     paths = _images(tmp_path, sizes)
-    calls = []
+    calls, meta_runs = [], []
     forward = FCN.forward
 
     def needs_values(self, x):
+        if x.shape[0] == 0 and "empty" in refuses:
+            raise RuntimeError("cannot reshape tensor of 0 elements")
         if x.device.type == "meta":
-            raise NotImplementedError("reads values")
-        calls.append(tuple(x.shape[-2:]))
+            if "meta" in refuses:
+                raise NotImplementedError("reads values")
+            meta_runs.append(tuple(x.shape[-2:]))
+        else:
+            calls.append(tuple(x.shape[-2:]))
         return forward(self, x)
 
     monkeypatch.setattr(FCN, "forward", needs_values)
-    run(_spec(paths, fast=True), out_dir=tmp_path / "out", progress=False)
-    assert len(calls) == 2 * len(sizes) + 2 * 2  # a real probe per model and new size
+    out = run(_spec(paths, fast=True), out_dir=tmp_path / "out", progress=False).out_dir
+    if "meta" in refuses:
+        assert len(calls) == 2 * len(sizes) + 2 * 2  # a real probe per model and new size
+    else:
+        assert len(calls) == 2 * len(sizes) and len(meta_runs) == 2 * 2
+    assert len(pd.read_csv(out / "max.csv")) > 0

@@ -338,25 +338,36 @@ class ImageStep:
 
     def _probe(self, models: list[str], run_model: Any, labels: Any, convert: Any, align: Any,
                image: torch.Tensor) -> Layout | None:
-        """A group's layout at ``image``'s size: from the output shapes alone, the models run
-        on PyTorch's ``meta`` device (no arithmetic, no memory for maps: no extra forward
-        pass); for a model that cannot run there (it reads values on the way), from one
-        streamed forward pass that keeps only the shapes."""
+        """A group's layout at ``image``'s size, from output shapes alone (no extra forward
+        pass): first the models run on an empty batch on their own device (no arithmetic and
+        no imports), then, for a model that cannot take an empty batch, a copy of it on
+        PyTorch's ``meta`` device (whose first use imports parts of torch: about 1.3 s on a
+        2-core CPU); for a model that runs on neither (it reads values on the way), from one
+        streamed forward pass that keeps only the shapes. A wrong layout cannot give wrong
+        numbers: the streaming pass checks every output against it."""
         start = time.perf_counter()
         meta_image = torch.empty(image.shape, dtype=image.dtype, device="meta")
+
+        def run_empty(name: str, on_output: Any) -> bool:
+            model = self.models[name]
+            return model.extractor.stream(model.loaded.module, list(model.layers.values()),
+                                          image[:0], on_output)
 
         def run_meta(name: str, on_output: Any) -> bool:
             model = self.models[name]
             return model.extractor.stream(self._meta_module(name), list(model.layers.values()),
                                           meta_image, on_output)
 
-        try:
-            layout = probe_layout(models, run_meta, labels, convert, align)
-        except Exception:  # noqa: BLE001 - any failure on meta tensors: probe for real
-            layout = None
-        if layout is None:
-            layout = probe_layout(models, run_model, labels, convert, align)
-            self.timings["layout_forward"] += time.perf_counter() - start
+        layout = None
+        for run_shapes, batch in ((run_empty, 0), (run_meta, 1)):
+            try:
+                layout = probe_layout(models, run_shapes, labels, convert, align, batch)
+            except Exception:  # noqa: BLE001 - any failure without values: try the next way
+                layout = None
+            if layout is not None:
+                return layout
+        layout = probe_layout(models, run_model, labels, convert, align)
+        self.timings["layout_forward"] += time.perf_counter() - start
         return layout
 
     def _meta_module(self, name: str) -> torch.nn.Module:

@@ -79,8 +79,10 @@ def probe_layout(
     labels: Mapping[str, Mapping[str, str]],
     convert: Convert | None = None,
     align: Any = None,
+    batch: int = 1,
 ) -> Layout | None:
-    """The layout of a group from one streamed forward pass that keeps only output shapes.
+    """The layout of a group from one streamed forward pass that keeps only output shapes
+    (of an input of ``batch`` images: 1, or 0 for an empty batch).
 
     ``convert`` makes token outputs maps; with ``align`` (an ``AlignSpec``) the blocks get the
     grid that :func:`mapsim.engine.align.target_size` picks from all layers' sizes. None when
@@ -91,7 +93,7 @@ def probe_layout(
     for model in models:
         def on_output(path: str, output: torch.Tensor, model: str = model) -> None:
             output = _converted(convert, model, path, output)
-            if output.dim() != 4 or output.shape[0] != 1:
+            if output.dim() != 4 or output.shape[0] != batch:
                 raise _LayoutChanged
             shape = (int(output.shape[2]), int(output.shape[3]))
             if align is None and found and shape != found[0][3]:
