@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from mapsim.plugins.fcn import FCN
@@ -25,7 +26,7 @@ def _images(folder, sizes):
     return paths
 
 
-def _spec(paths, fast: bool):
+def _spec(paths, fast: bool, device: str = "cpu"):
     return validate_spec({
         "name": "forwards",
         "models": {"a": {"architecture": {"name": "fcn", "depth": 3, "width": 6}, "seed": 1},
@@ -36,7 +37,7 @@ def _spec(paths, fast: bool):
         "metrics": ["pearson"] if fast else ["pearson", {"name": "cka", "samples": "images"}],
         "aggregators": ["max"],
         "statistics": {"spatial_null": False},
-        "device": "cpu",
+        "device": device,
     })
 
 
@@ -98,3 +99,24 @@ def test_a_model_that_cannot_run_without_values_is_probed_another_way(tmp_path, 
     else:
         assert len(calls) == 2 * len(sizes) and len(meta_runs) == 2 * 2
     assert len(pd.read_csv(out / "max.csv")) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_an_empty_batch_gives_the_layout_on_a_gpu(tmp_path, monkeypatch):
+    """On CUDA (channels-last models) the empty batch runs without kernels and gives every
+    layout: no meta run and no real probe."""
+    sizes = [(32, 40), (48, 24), (32, 40)]
+    paths = _images(tmp_path, sizes)
+    shapes_only = []
+    forward = FCN.forward
+
+    def counted(self, x):
+        if x.device.type == "meta" or x.shape[0] == 0:
+            shapes_only.append(x.device.type)
+        return forward(self, x)
+
+    monkeypatch.setattr(FCN, "forward", counted)
+    result = run(_spec(paths, fast=True, device="cuda"), out_dir=tmp_path / "gpu",
+                 progress=False)
+    assert shapes_only == ["cuda"] * 4, shapes_only  # 2 sizes x 2 groups
+    assert "layout_forward" not in result.info["timings_s"]
