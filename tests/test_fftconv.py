@@ -55,6 +55,17 @@ def test_equals_float64_direct_convolution(n, c, o, h, w, kh, kw, padding) -> No
     assert fft_err <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("padding", [3, 0])
+def test_an_empty_batch_gives_an_empty_output_of_the_right_shape(padding) -> None:
+    """As F.conv2d does (the fast path learns layouts from an empty batch)."""
+    x = torch.empty(0, 4, 20, 23)
+    weight, bias = torch.randn(6, 4, 7, 7), torch.randn(6)
+    with torch.inference_mode():
+        got = fft_conv2d(x, weight, bias, padding)
+    assert got.shape == F.conv2d(x, weight, bias, padding=padding).shape
+    assert got.dtype == x.dtype
+
+
 def test_kernel_is_not_flipped_and_padding_is_zero() -> None:
     """A one-hot kernel shifts the image (cross-correlation), filling with zeros."""
     x = torch.arange(1.0, 26.0).view(1, 1, 5, 5)

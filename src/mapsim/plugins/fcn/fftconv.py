@@ -119,6 +119,8 @@ def fft_conv2d(
             f"fft_conv2d: padding {padding} with a {kh}x{kw} kernel on a {h}x{w} input gives no "
             "output; use a padding >= 0 that leaves at least one output pixel"
         )
+    if n == 0:  # an empty batch (as F.conv2d takes it; MKL's FFT refuses zero transforms)
+        return torch.empty(0, o, out_h, out_w, dtype=x.dtype, device=x.device)
     k = max(kh, kw)
     t = tile_size(k, out_h, out_w)
     vh, vw = t - kh + 1, t - kw + 1  # valid outputs per tile
