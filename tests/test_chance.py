@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from mapsim.engine.null import null_offset
+from mapsim.engine.null import null_offset, shift_rows
 from mapsim.tables.chance import (
     BASELINE_COLUMNS,
     PVALUE_COLUMNS,
@@ -290,3 +290,17 @@ def test_the_study_reread_spec_is_valid_and_its_table_script_reads_a_run(tmp_pat
                    & (summary.statistic == "pct_well")].iloc[0]
     assert row.startswith(f"| a blocks.0 → a blocks.0 | {want['mean']:.1f} [")
     assert " / " in row.split("|")[4]  # the untrained mean / p95
+
+
+@pytest.mark.parametrize("shape, offset", [((7, 9), (3, 4)), ((7, 9), (0, 5)), ((7, 9), (2, 0)),
+                                           ((6, 5), (-2, 13)), ((1, 8), (0, 3)),
+                                           ((4, 1), (2, 0))])
+def test_shift_rows_is_a_circular_roll_of_each_map(shape, offset):
+    """Against numpy's roll of each map, including zero, negative and wrapped offsets."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((3, shape[0] * shape[1])).astype(np.float32)
+    got = shift_rows(torch.from_numpy(z), shape, offset).numpy()
+    expected = np.roll(z.reshape(3, *shape), offset, axis=(1, 2)).reshape(3, -1)
+    np.testing.assert_array_equal(got, expected)
