@@ -130,11 +130,18 @@ def compare_csv(name: str, want_text: str, got_text: str) -> None:
 
 
 class KeepsMaps(RunObserver):
-    """Asks for the maps and does nothing with them: the run takes the path that the pictures
-    make it take (no streaming), without drawing."""
+    """Asks for the maps the pictures ask for (the first ``plot_images`` images) and does
+    nothing with them: the run takes the paths that the pictures make it take, without
+    drawing."""
 
     key = "golden"
     needs_maps = True
+
+    def __init__(self, n_images: int) -> None:
+        self.n_images = n_images
+
+    def wants_maps(self, index: int) -> bool:
+        return index < self.n_images
 
 
 def run_example(name: str, out: Path) -> Path:
@@ -145,7 +152,7 @@ def run_example(name: str, out: Path) -> Path:
     output = spec.output.model_copy(update={"plots": False, "report": False})
     spec = spec.model_copy(update={"output": output, "device": "cpu"})
     run(spec, base_dir=spec_path.parent, out_dir=out, progress=False,
-        observers=[KeepsMaps()] if pictures else [])
+        observers=[KeepsMaps(spec.output.plot_images)] if pictures else [])
     return out
 
 

@@ -444,3 +444,37 @@ def test_forked_drawing_gives_the_same_files_as_one_process(out, tmp_path, monke
             copies["alone"] / "plots" / name).read_bytes(), name
     assert (copies["forked"] / "report.html").read_bytes() == (
         copies["alone"] / "report.html").read_bytes()
+
+
+def test_pictures_keep_the_maps_of_their_images_only_and_the_rest_stream(tmp_path,
+                                                                         monkeypatch):
+    """With output.plot_images: 1 the first image takes the path that keeps the maps (its
+    thumbnails); the others stream, with the tables the plain path gives."""
+    from mapsim.engine.step import ImageStep
+
+    calls: list[tuple[str, int]] = []
+    launch, compute = ImageStep.launch, ImageStep.compute
+
+    def spy_launch(self, item, index=None):
+        calls.append(("stream", index))
+        return launch(self, item, index)
+
+    def spy_compute(self, item, keep_maps=False, index=None):
+        calls.append(("keep maps" if keep_maps else "plain", index))
+        return compute(self, item, keep_maps, index)
+
+    monkeypatch.setattr(ImageStep, "launch", spy_launch)
+    monkeypatch.setattr(ImageStep, "compute", spy_compute)
+    data = {**spec_data(plots=True), "engine": {}}
+    data["images"] = {"name": "files", "paths": [str(DATA / "vessels-1.png"),
+                                                 str(DATA / "vessels-2.png"),
+                                                 str(DATA / "vessels-3.png")]}
+    out = run(validate_spec(data), out_dir=tmp_path / "pictures", progress=False).out_dir
+    assert calls == [("keep maps", 0), ("stream", 1), ("stream", 2)], calls
+    calls.clear()
+    monkeypatch.setattr(ImageStep, "streamable", property(lambda self: False))
+    plain = run(validate_spec(data), out_dir=tmp_path / "plain", progress=False).out_dir
+    assert [c[0] for c in calls] == ["keep maps", "plain", "plain"], calls
+    got, want = pd.read_csv(out / "max.csv"), pd.read_csv(plain / "max.csv")
+    pd.testing.assert_frame_equal(got.drop(columns="value"), want.drop(columns="value"))
+    np.testing.assert_allclose(got.value, want.value, atol=2e-5)  # the two paths: float32

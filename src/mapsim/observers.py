@@ -30,14 +30,19 @@ class RunObserver(ABC):
     #: the name of this observer's part of a block's state
     key: ClassVar[str] = "observer"
 
-    #: True when :meth:`on_maps` needs the maps: the run then keeps every image's maps
-    #: instead of streaming their moments (the fast path)
+    #: True when :meth:`on_maps` needs the maps: the run then keeps the maps of the images
+    #: :meth:`wants_maps` names instead of streaming their moments (the fast path)
     needs_maps: ClassVar[bool] = False
+
+    def wants_maps(self, index: int) -> bool:
+        """Whether :meth:`on_maps` needs the maps of the run's image ``index`` (default:
+        every image when ``needs_maps``). The other images stream."""
+        return self.needs_maps
 
     def on_maps(self, index: int, item: ImageItem,
                 maps: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """One image's captured maps ``{model: {layer: (C, H, W)}}`` (``needs_maps`` only);
-        ``index`` is the image's place in the run."""
+        """One image's captured maps ``{model: {layer: (C, H, W)}}`` (the images
+        :meth:`wants_maps` names); ``index`` is the image's place in the run."""
 
     def on_matrix(self, image_id: str, sim: SimilarityMatrix) -> None:
         """One similarity matrix of one image (each direction of a comparison)."""

@@ -42,9 +42,13 @@ class PlotObserver(RunObserver):
         #: the pictures drawn by :meth:`finished`
         self.drawn: list[Path] = []
 
+    def wants_maps(self, index: int) -> bool:
+        """Only the first ``n_images`` images' maps are kept: the others stream."""
+        return index < self.capture.n_images
+
     def on_maps(self, index: int, item: ImageItem,
                 maps: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        if index < self.capture.n_images:
+        if self.wants_maps(index):
             self.capture.add_maps(item, maps)
 
     def on_matrix(self, image_id: str, sim: SimilarityMatrix) -> None:

@@ -80,10 +80,11 @@ class Runner:
         """Everything short of running: build models, resolve layers, find the images."""
         return self.setup.check(base_dir)
 
-    @property
-    def streamable(self) -> bool:
-        """Whether images take the fast path: not when an observer needs the maps."""
-        return self.step.streamable and not any(o.needs_maps for o in self.observers)
+    def streams(self, index: int | None) -> bool:
+        """Whether image ``index`` takes the fast path: not when an observer needs its maps
+        (the pictures keep only the first ``output.plot_images`` images' maps)."""
+        place = 0 if index is None else index
+        return self.step.streamable and not any(o.wants_maps(place) for o in self.observers)
 
     def submit(self, item: ImageItem, sink: Sink, index: int | None = None,
                closes: ImageBlock | None = None) -> None:
@@ -94,7 +95,7 @@ class Runner:
         after its tables, the block's state goes to ``sink.end_block``.
         """
         self._block_ids.append(item.id)
-        launched = self.step.launch(item, index) if self.streamable else None
+        launched = self.step.launch(item, index) if self.streams(index) else None
         if launched is not None:
             for group in launched.groups:
                 self._pool(group)  # on the device, queued like the rest
@@ -104,11 +105,12 @@ class Runner:
                 self._complete(previous, sink)
             return
         self.flush(sink)  # keep the images' tables in order
-        needs_maps = any(o.needs_maps for o in self.observers)
+        place = 0 if index is None else index
+        needs_maps = any(o.wants_maps(place) for o in self.observers)
         result = self.step.compute(item, keep_maps=needs_maps, index=index)
         if result.maps is not None:
             for observer in self.observers:
-                observer.on_maps(0 if index is None else index, item, result.maps)
+                observer.on_maps(place, item, result.maps)
             result.maps = None
         self._deliver(result, sink)
         for group in result.groups:
