@@ -74,7 +74,7 @@ LAYERS = {"u": {"E0": "encoder.0", "B": "bottleneck", "D1": "decoder.1"},
           "d": {"D0": "decoder.0", "B": "bottleneck", "D1": "decoder.1", "E1": "encoder.1"}}
 
 
-def spec(folder: Path, models, comparisons, engine, metrics=("pearson",)):
+def spec(folder: Path, models, comparisons, engine, metrics=("pearson",), null=False):
     return validate_spec({
         "name": "s", "models": {m: MODELS[m] for m in models},
         "layers": {m: LAYERS[m] for m in models},
@@ -83,7 +83,7 @@ def spec(folder: Path, models, comparisons, engine, metrics=("pearson",)):
         "comparisons": comparisons, "metrics": list(metrics),
         "aggregators": ["max", "min", "pivot"], "engine": {"pooled": True, **engine},
         "output": {"pairs": True},
-        "statistics": {"spatial_null": False},  # the spatial null shifts kept maps: the plain path
+        "statistics": {"spatial_null": null},
     })
 
 
@@ -100,16 +100,20 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("null", [False, True], ids=["", "null"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_streamed_run_equals_the_plain_run(folder, monkeypatch, case):
+def test_streamed_run_equals_the_plain_run(folder, monkeypatch, case, null):
+    """Every table (with the spatial null: the null's tables, baselines and p-values too)."""
     models, comparisons, engine = CASES[case]
+    if null and "roi" in engine:
+        pytest.skip("the null with an ROI takes the plain path (test_streaming.py)")
     metrics = ("pearson", "cosine", "cka")
     launched = count_launches(monkeypatch)
-    fast = run(spec(folder, models, comparisons, engine, metrics), base_dir=folder,
+    fast = run(spec(folder, models, comparisons, engine, metrics, null), base_dir=folder,
                out_dir=folder / "fast", progress=False)
     assert launched == [True] * 3  # every image streamed (the first after a probe)
     monkeypatch.setattr(ImageStep, "streamable", property(lambda self: False))
-    slow = run(spec(folder, models, comparisons, engine, metrics), base_dir=folder,
+    slow = run(spec(folder, models, comparisons, engine, metrics, null), base_dir=folder,
                out_dir=folder / "slow", progress=False)
     assert launched == [True] * 3  # the plain run never launched
     assert fast.tables == slow.tables

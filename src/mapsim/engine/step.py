@@ -266,9 +266,8 @@ class ImageStep:
         extractor streams; see :mod:`mapsim.engine.streaming`)."""
         # engine.align and token maps stream too: the hooks reshape / resample each output
         # (mapsim.engine.streaming). The spatial null shifts the maps, which the fast path
-        # takes back from its moments buffer (not resampled ones: align takes the plain path).
-        if self.null is not None and getattr(self.engine, "align", None) is not None:
-            return False
+        # takes back from its moments buffer (resampled onto the aligned grid, as the plain
+        # path stacks and shifts them).
         return can_stream([m.extractor for m in self.models.values()], self.metrics)
 
     def launch(self, item: ImageItem, index: int | None = None) -> LaunchedImage | None:
