@@ -31,6 +31,7 @@ def _spec(precision, **engine):
         "layers": {"m": LAYERS},
         "images": {"name": "synthetic-vessels", "count": 2, "size": [48, 56], "seed": 3},
         "engine": {"precision": precision, "fuse_batchnorm": False, **engine},
+        "device": "cpu",  # the CPU's behaviour (and its float64 references), on any machine
     })
 
 
