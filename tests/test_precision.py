@@ -174,18 +174,28 @@ def test_the_probe_runs_after_the_images_and_holds_one_pass_at_a_time(tmp_path, 
     assert 0 < timings["precision_probe"] <= timings["merge"] + timings["publish"] + 1e-3
 
 
-def test_a_probe_that_runs_out_of_memory_keeps_the_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error, words, record", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.9 GiB\nmore"),
+     "ran out of memory", "OutOfMemoryError: CUDA out of memory. Tried to allocate 3.9 GiB"),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"), "failed",
+     "RuntimeError: cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"),
+])
+@pytest.mark.parametrize("when", ["queued", "read"])
+def test_a_probe_that_fails_keeps_the_run(tmp_path, monkeypatch, error, words, record, when):
+    from mapsim.engine.precision import PendingProbe
     from mapsim.engine.step import ImageStep
 
-    def no_memory(self, item):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.9 GiB\nmore")
+    def fails(*args):
+        raise error
 
-    monkeypatch.setattr(ImageStep, "probe_precision", no_memory)
-    with pytest.warns(MapsimWarning, match="precision probe ran out of memory on image"):
+    if when == "queued":
+        monkeypatch.setattr(ImageStep, "probe_precision", fails)
+    else:
+        monkeypatch.setattr(PendingProbe, "read", fails)
+    with pytest.warns(MapsimWarning, match=f"precision probe {words} on image"):
         out = run(_spec("bf16"), out_dir=tmp_path / "o", progress=False).out_dir
     probe = json.loads((out / "run.json").read_text())["precision"]["forward_probe"]
-    assert probe == {"image": probe["image"],
-                     "failed": "OutOfMemoryError: CUDA out of memory. Tried to allocate 3.9 GiB"}
+    assert probe["failed"] == record and probe["image"]
     assert (out / "max.csv").is_file()
 
 

@@ -72,23 +72,17 @@ class RunSetup:
     def launch_precision_probe(self, dataset: Any) -> None:
         """Queue the measurement of what the precision policy costs on the dataset's first
         image (after the image loop: on a GPU the device computes it while the host merges
-        and publishes; :meth:`finish_precision_probe` reads it). Running out of memory for
-        it is recorded in run.json, with a warning, instead of losing the run."""
+        and publishes; :meth:`finish_precision_probe` reads it). A probe that fails (e.g.
+        runs out of memory) is recorded in run.json, with a warning, and the run's tables
+        are kept."""
         start = time.perf_counter()
         first = next(iter(dataset.slice(0, 1)), None)
         if first is not None:
             self.step.release_buffers()
             try:
                 self._probe = self.step.probe_precision(first)
-            except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-                reason = f"{type(exc).__name__}: {first_line(exc)}"
-                self._probe = PendingProbe(first.id, note={"failed": reason})
-                warnings.warn(
-                    f"the precision probe ran out of memory on image {first.id} "
-                    f"({reason}); the run's tables are complete, but run.json has no "
-                    "|delta r| for engine.precision. Rerun with engine.precision: exact to "
-                    "compare, or set engine.precision_probe: false.",
-                    MapsimWarning, stacklevel=2)
+            except Exception as exc:  # noqa: BLE001 - the images are done: keep the run
+                self._probe = PendingProbe(first.id, note=_probe_failure(first.id, exc))
         self.timings["precision_probe"] += time.perf_counter() - start
 
     def finish_precision_probe(self) -> None:
@@ -96,7 +90,11 @@ class RunSetup:
         if self._probe is None:
             return
         start = time.perf_counter()
-        self.precision_probe = self._probe.read()
+        try:
+            self.precision_probe = self._probe.read()
+        except Exception as exc:  # noqa: BLE001 - the images are done: keep the run
+            image = self._probe.image
+            self.precision_probe = {"image": image, **_probe_failure(image, exc)}
         self._probe = None
         self.timings["precision_probe"] += time.perf_counter() - start
 
@@ -172,3 +170,15 @@ class RunSetup:
             "dataset", self.spec.images.name, self.spec.images.model_dump(exclude={"name"}),
             base_dir=base_dir,
         )
+
+
+def _probe_failure(image: str | None, exc: Exception) -> dict[str, str]:
+    """What run.json records of a precision probe that failed, with a warning."""
+    reason = f"{type(exc).__name__}: {first_line(exc)}"
+    memory = isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError))
+    warnings.warn(
+        f"the precision probe {'ran out of memory' if memory else 'failed'} on image {image} "
+        f"({reason}); the run's tables are complete, but run.json has no |delta r| for "
+        "engine.precision. Rerun with engine.precision: exact to compare, or set "
+        "engine.precision_probe: false.", MapsimWarning, stacklevel=3)
+    return {"failed": reason}
