@@ -155,6 +155,36 @@ def test_a_killed_run_leaves_no_process_and_can_resume(tmp_path, sig):
     assert (tmp_path / "out" / "summary.csv").is_file()
 
 
+def test_the_error_that_stops_a_run_is_the_one_reported(tmp_path, monkeypatch):
+    """An interrupt (here: a failing image) can cut a table job short, and closing the table
+    workers then reports that too: the error that stopped the run must stay the one raised,
+    and the finished blocks are kept for --resume."""
+    from mapsim.engine.step import ImageStep
+    from mapsim.errors import ImageError, OutputError
+    from mapsim.runner.pipeline import ProcessSink
+    from mapsim.runner.run import run
+    from mapsim.spec.run_spec import load_spec
+
+    launch, close = ImageStep.launch, ProcessSink.close
+
+    def fails_at_the_fifth(self, item, index=None):
+        if index == 4:
+            raise ImageError("image 4 could not be read")
+        return launch(self, item, index)
+
+    def close_reports(self):
+        close(self)
+        raise OutputError("a results writer process stopped unexpectedly")
+
+    monkeypatch.setattr(ProcessSink, "close", close_reports)
+    monkeypatch.setattr(ImageStep, "launch", fails_at_the_fifth)
+    spec = load_spec(_spec(tmp_path, count=10))
+    with pytest.raises(ImageError, match="image 4 could not be read"):
+        run(spec, base_dir=tmp_path, progress=False)
+    kept = sorted(p.name for p in (tmp_path / ".out.partial" / "blocks").iterdir())
+    assert kept[:2] == ["000000", "000001"], kept
+
+
 # --------------------------------------------------------------------------- --overwrite
 def test_overwrite_refuses_a_folder_that_is_not_results(tmp_path):
     spec = _spec(tmp_path)

@@ -123,6 +123,29 @@ def test_process_sink_delivers_in_queue_order_when_jobs_finish_out_of_order(tmp_
         assert (tmp_path / f"{name}.txt").read_text().split() == [f"{name}{k}" for k in range(40)]
 
 
+def test_an_interrupt_just_after_a_job_is_queued_loses_no_later_job(tmp_path):
+    """An interrupt that lands after a job went into the queue, before the sink counted it:
+    the next job must not take the same number (one of the two results would be dropped)."""
+    from mapsim.runner.pipeline import ProcessSink
+
+    sink = ProcessSink(_line, _append, workers=2)
+    queue_put = sink._jobs.put
+    interrupted = []
+
+    def put_then_interrupt(job):
+        queue_put(job)
+        if not interrupted:
+            interrupted.append(job)
+            raise KeyboardInterrupt
+
+    sink._jobs.put = put_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        sink.put((tmp_path / "a.txt", "first"))
+    sink.put((tmp_path / "a.txt", "second"))
+    sink.close()
+    assert (tmp_path / "a.txt").read_text().split() == ["first", "second"]
+
+
 def test_process_sink_raises_the_error_of_a_job_and_writes_nothing_after_it(tmp_path):
     from mapsim.runner.pipeline import ProcessSink
 

@@ -226,8 +226,11 @@ class ProcessSink(_ErrorKeeper):
             dead = [p.name for p in self._procs if not p.is_alive()]
             if dead:
                 raise OutputError(f"the results writer process {dead[0]} stopped unexpectedly")
-        self._jobs.put((self._seq, job))
-        self._seq += 1
+        # the number is taken before the job is queued: an interrupt between the two can then
+        # leave a gap (the later results wait, and their block is not kept), never two jobs
+        # with one number (one result would be dropped and its block kept without it)
+        seq, self._seq = self._seq, self._seq + 1
+        self._jobs.put((seq, job))
 
     def close(self) -> None:
         """Wait until every job is done and delivered; raise the first error, if any."""

@@ -307,11 +307,14 @@ def _blocks(spec: Any, world: World, runner: Runner, dataset: Any, target: Path,
             # it, so that the block is kept for --resume
             with contextlib.suppress(Exception):
                 runner.flush(sink)
+            # the table workers finish what is queued; what they report then (e.g. a job cut
+            # short by the interrupt) must not hide the error that stopped the run
+            with contextlib.suppress(Exception):
+                sink.close()
             raise
-        finally:
-            closing = time.perf_counter()
-            sink.close()  # the table workers finish what is queued
-            runner.timings["wait_for_workers"] += time.perf_counter() - closing
+        closing = time.perf_counter()
+        sink.close()  # the table workers finish what is queued
+        runner.timings["wait_for_workers"] += time.perf_counter() - closing
         output.finish()
         runner.timings["images"] = time.perf_counter() - start
         if not world.main:
