@@ -103,17 +103,23 @@ def local_correction(a: torch.Tensor, s: torch.Tensor, counts: torch.Tensor) -> 
 def gram(
     centred: torch.Tensor, rows: slice, cols: slice, step: int
 ) -> torch.Tensor:
-    """float64 sum over pixel chunks of the float32 products ``centred[rows] @ centred[cols].T``.
+    """float64 sum over pixel chunks of the float32 products ``centred[rows] @ centred[cols].T``
+    (:func:`chunked_products`)."""
+    return chunked_products(centred[rows], centred[cols], step)
+
+
+def chunked_products(a_all: torch.Tensor, b_all: torch.Tensor, step: int) -> torch.Tensor:
+    """float64 sum over pixel chunks of the float32 products ``a_all @ b_all.T`` (both maps x
+    pixels).
 
     The pixel axis is cut into chunks of ``step`` pixels; all whole chunks are multiplied in one
     batched product (a strided view, no copy), each chunk's float32 result is summed in float64,
     and a last partial chunk is added the same way. TF32 must be off (see
     :func:`exact_float32_matmul`).
     """
-    a_all, b_all = centred[rows], centred[cols]
-    n_pixels = centred.shape[1]
+    n_pixels = a_all.shape[1]
     whole = (n_pixels // step) * step
-    out = torch.zeros(a_all.shape[0], b_all.shape[0], dtype=torch.float64, device=centred.device)
+    out = torch.zeros(a_all.shape[0], b_all.shape[0], dtype=torch.float64, device=a_all.device)
     if whole:
         k = whole // step
         a = a_all[:, :whole].unflatten(1, (k, step)).transpose(0, 1)  # (k, rows, step)

@@ -35,6 +35,7 @@ from mapsim.api import Metric
 from mapsim.engine.moments import (
     Moments,
     chunk_size,
+    chunked_products,
     compute_moments,
     exact_float32_matmul,
     row_sums,
@@ -154,30 +155,15 @@ def null_group(maps: Mapping[str, Mapping[str, torch.Tensor]], stack: MapStack,
 
 def cross_gram(a: torch.Tensor, b: torch.Tensor, chunk_pixels: int | None) -> torch.Tensor:
     """float64 ``a @ b.T`` of two centred float32 (maps x pixels) matrices, summed over
-    pixel chunks as :func:`mapsim.engine.moments.gram` does, with the small residual mean the
+    pixel chunks (:func:`mapsim.engine.moments.chunked_products`), with the small residual mean the
     float32 centring leaves taken out (``- n r_a r_b^T``)."""
     n = a.shape[1]
     step = chunk_size(a.shape[0] + b.shape[0], n, chunk_pixels)
     with exact_float32_matmul():
-        out = _gram2(a, b, step)
+        out = chunked_products(a, b, step)
     res_a = row_sums(a) / n  # on the CPU through numpy: torch's float64 sums were 10x slower
     res_b = row_sums(b) / n
     return out - n * torch.outer(res_a, res_b)
-
-
-def _gram2(a: torch.Tensor, b: torch.Tensor, step: int) -> torch.Tensor:
-    """float64 sum over chunks of ``step`` pixels of the float32 products a_chunk @ b_chunk.T."""
-    n = a.shape[1]
-    whole = (n // step) * step
-    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
-    if whole:
-        k = whole // step
-        x = a[:, :whole].unflatten(1, (k, step)).transpose(0, 1)
-        y = b[:, :whole].unflatten(1, (k, step)).transpose(0, 1)
-        out += torch.bmm(x, y.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
-    if whole < n:
-        out += (a[:, whole:] @ b[:, whole:].T).to(torch.float64)
-    return out
 
 
 @dataclass

@@ -345,20 +345,18 @@ class ImageStep:
         streamed forward pass that keeps only the shapes. A wrong layout cannot give wrong
         numbers: the streaming pass checks every output against it."""
         start = time.perf_counter()
-        meta_image = torch.empty(image.shape, dtype=image.dtype, device="meta")
 
-        def run_empty(name: str, on_output: Any) -> bool:
-            model = self.models[name]
-            return model.extractor.stream(model.loaded.module, list(model.layers.values()),
-                                          image[:0], on_output)
+        def shapes_only(module_of: Any, inputs: torch.Tensor) -> Any:
+            def run(name: str, on_output: Any) -> bool:
+                model = self.models[name]
+                return model.extractor.stream(module_of(name), list(model.layers.values()),
+                                              inputs, on_output)
+            return run
 
-        def run_meta(name: str, on_output: Any) -> bool:
-            model = self.models[name]
-            return model.extractor.stream(self._meta_module(name), list(model.layers.values()),
-                                          meta_image, on_output)
-
-        layout = None
-        for run_shapes, batch in ((run_empty, 0), (run_meta, 1)):
+        empty = shapes_only(lambda name: self.models[name].loaded.module, image[:0])
+        meta = shapes_only(self._meta_module,
+                           torch.empty(image.shape, dtype=image.dtype, device="meta"))
+        for run_shapes, batch in ((empty, 0), (meta, 1)):
             try:
                 layout = probe_layout(models, run_shapes, labels, convert, align, batch)
             except Exception:  # noqa: BLE001 - any failure without values: try the next way
